@@ -1,0 +1,295 @@
+"""Reading checkpoints in the official Hugging Face layout.
+
+* `SafetensorsFile`: one .safetensors file, memory-mapped; tensors are zero-copy views of the page cache,
+  so loading a weight costs one copy (into its final dtype and device), never two.
+* `Checkpoint`: a directory; walks `model.safetensors.index.json` or a single `model.safetensors`.
+* `NAME_MAP` and `map_name`: the ONE table from on-disk names to our parameter names. Every exception
+  to "keep the checkpoint's name" lives there.
+* `load_text_weights`: every expected tensor present with its shape, nothing unexpected; errors name
+  the file and the tensor.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# safetensors dtype strings -> torch dtypes we can read
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint on disk is incomplete, corrupt, or does not match config.json."""
+
+
+class SafetensorsFile:
+    """One safetensors file: 8-byte little-endian header length, JSON header, raw data."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file not found") from None
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: truncated or corrupt safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(
+                    f"{self.path}: truncated or corrupt safetensors file (header claims {n} bytes, file has {size})")
+            try:
+                header = json.loads(f.read(n).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype, shape, (begin, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}") from None
+            if end < begin or self.data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated or corrupt file: tensor {name!r} needs bytes up to "
+                    f"{self.data_start + end}, the file has {size}")
+            self.entries[name] = (dtype, shape, begin, end)
+        self._mm = None
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def dtype_str(self, name: str) -> str:
+        return self.entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy view of the tensor's bytes (copy-on-write mapping: writing never reaches the file)."""
+        dtype_s, shape, begin, end = self.entries[name]
+        if dtype_s not in DTYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has unsupported dtype {dtype_s}; readable: {sorted(DTYPES)}")
+        dtype = DTYPES[dtype_s]
+        count = 1
+        for s in shape:
+            count *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if (end - begin) != count * itemsize:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has {end - begin} bytes but shape {list(shape)} of {dtype_s} "
+                f"needs {count * itemsize}")
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(self._mm, dtype=dtype, count=count, offset=self.data_start + begin).view(shape)
+
+
+class Checkpoint:
+    """A checkpoint directory: which file holds each tensor, opened lazily."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory")
+        index = self.path / INDEX_FILE
+        single = self.path / SINGLE_FILE
+        self.where: dict[str, str] = {}
+        self._files: dict[str, SafetensorsFile] = {}
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {e}") from None
+            missing = sorted({f for f in weight_map.values() if not (self.path / f).exists()})
+            if missing:
+                some = [n for n, f in weight_map.items() if f == missing[0]][:3]
+                raise CheckpointError(
+                    f"{self.path}: missing shard file(s) {missing} named in {INDEX_FILE} "
+                    f"(it should hold e.g. {some})")
+            for name, file in weight_map.items():
+                self.where[name] = file
+                if name not in self._open(file).entries:
+                    raise CheckpointError(
+                        f"{self.path / file}: {INDEX_FILE} says tensor {name!r} is in this file, but it is not")
+        elif single.exists():
+            for name in self._open(SINGLE_FILE).names():
+                self.where[name] = SINGLE_FILE
+        else:
+            raise CheckpointError(f"{self.path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+
+    def _open(self, file: str) -> SafetensorsFile:
+        if file not in self._files:
+            self._files[file] = SafetensorsFile(self.path / file)
+        return self._files[file]
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def file_of(self, name: str) -> Path:
+        return self.path / self.where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._open(self.where[name]).shape(name)
+
+    def dtype_str(self, name: str) -> str:
+        return self._open(self.where[name]).dtype_str(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._open(self.where[name]).tensor(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# The one name-mapping table. Our text-model parameters keep the checkpoint's names minus the prefix.
+# --------------------------------------------------------------------------------------------------
+NAME_MAP = (
+    # (on-disk pattern, our name template); tried in order, first match wins
+    (re.compile(r"^model\.language_model\.(.+)$"), r"\1"),      # VL wrapper (official layout)
+    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),       # untied output head
+    (re.compile(r"^model\.(?!visual\.|language_model\.)(.+)$"), r"\1"),  # text-only checkpoints
+)
+# Recognised but owned by other parts of the model (vision tower, MTP head): not text weights.
+OTHER_PARTS = (re.compile(r"^model\.visual\."), re.compile(r"^mtp\."))
+# Per-expert layout: layers.L.mlp.experts.E.{gate,up,down}_proj.weight -> fused gate_up_proj / down_proj.
+PER_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def map_name(disk_name: str) -> str | None:
+    """Our parameter name for an on-disk text tensor, '' for tensors of other parts, None if unknown."""
+    if any(p.match(disk_name) for p in OTHER_PARTS):
+        return ""
+    for pattern, template in NAME_MAP:
+        if pattern.match(disk_name):
+            return pattern.sub(template, disk_name)
+    return None
+
+
+@dataclass
+class _Expert:
+    disk_name: str
+    expert: int
+    proj: str
+
+
+def load_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], num_experts: int,
+                      dtype: torch.dtype, device: torch.device | str,
+                      keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Load every tensor of `expected` (our name -> shape) from `ckpt`.
+
+    Tensors are converted to `dtype` on `device` one at a time (the source stays a memory-mapped view);
+    names ending in one of `keep_fp32` that are float32 on disk stay float32. Fused experts are used as
+    they are; per-expert tensors are copied into fused [E, 2I, H] / [E, H, I] tensors.
+    """
+    found: dict[str, str] = {}                      # our name -> disk name
+    experts: dict[str, list[_Expert]] = {}          # "layers.L.mlp.experts" -> pieces
+    unexpected: list[str] = []
+    for disk in ckpt.names():
+        ours = map_name(disk)
+        if ours == "":
+            continue
+        m = PER_EXPERT.match(ours) if ours else None
+        if m:
+            experts.setdefault(m.group(1), []).append(_Expert(disk, int(m.group(2)), m.group(3)))
+        elif ours is not None and ours in expected:
+            if ours in found:
+                raise CheckpointError(f"{ckpt.path}: tensor {ours!r} appears twice: {found[ours]!r} and {disk!r}")
+            found[ours] = disk
+        else:
+            unexpected.append(disk)
+    if unexpected:
+        shown = ", ".join(f"{n!r} (in {ckpt.where[n]})" for n in unexpected[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) not used by this model: {shown}{more}")
+
+    out: dict[str, torch.Tensor] = {}
+
+    def convert(disk: str, t_dtype: torch.dtype) -> torch.Tensor:
+        ds = ckpt.dtype_str(disk)
+        if ds not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{ckpt.file_of(disk)}: tensor {disk!r} has unsupported dtype {ds}; weights must be one of "
+                f"{list(FLOAT_DTYPES)} (quantized checkpoints are loaded with quantization=...)")
+        return ckpt.tensor(disk).to(device=device, dtype=t_dtype, copy=True)
+
+    for prefix, pieces in experts.items():
+        gu, dn = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+        if gu not in expected:
+            raise CheckpointError(f"{ckpt.path}: unexpected tensor(s): {pieces[0].disk_name!r} (in {ckpt.where[pieces[0].disk_name]})")
+        if gu in found or dn in found:
+            raise CheckpointError(f"{ckpt.path}: {prefix} has both fused and per-expert tensors (e.g. {pieces[0].disk_name!r})")
+        by_key = {(p.expert, p.proj): p.disk_name for p in pieces}
+        E, two_i, H = expected[gu]
+        I = two_i // 2
+        want = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+        for e in range(num_experts):
+            for proj in want:
+                if (e, proj) not in by_key:
+                    example = pieces[0].disk_name
+                    disk = re.sub(r"experts\.\d+\.\w+_proj", f"experts.{e}.{proj}", example)
+                    raise CheckpointError(f"{ckpt.path}: missing tensor {disk!r} (per-expert layout)")
+        extra = [p.disk_name for p in pieces if p.expert >= num_experts]
+        if extra:
+            raise CheckpointError(f"{ckpt.path}: unexpected tensor {extra[0]!r}: the config has {num_experts} experts")
+        fused_gu = torch.empty((E, two_i, H), dtype=dtype, device=device)
+        fused_dn = torch.empty((E, H, I), dtype=dtype, device=device)
+        for e in range(num_experts):
+            for proj, shape in want.items():
+                disk = by_key[(e, proj)]
+                _check_shape(ckpt, disk, shape)
+                t = convert(disk, dtype)
+                if proj == "gate_proj":
+                    fused_gu[e, :I] = t
+                elif proj == "up_proj":
+                    fused_gu[e, I:] = t
+                else:
+                    fused_dn[e] = t
+        out[gu], out[dn] = fused_gu, fused_dn
+
+    for ours, shape in expected.items():
+        if ours in out:
+            continue
+        if ours not in found:
+            raise CheckpointError(f"{ckpt.path}: missing tensor {_disk_name_for(ckpt, ours)!r}")
+        disk = found[ours]
+        _check_shape(ckpt, disk, shape)
+        keep = ckpt.dtype_str(disk) == "F32" and ours.endswith(keep_fp32)
+        out[ours] = convert(disk, torch.float32 if keep else dtype)
+    return out
+
+
+def _check_shape(ckpt: Checkpoint, disk: str, shape: tuple[int, ...]) -> None:
+    got = ckpt.shape(disk)
+    if tuple(got) != tuple(shape):
+        raise CheckpointError(
+            f"{ckpt.file_of(disk)}: tensor {disk!r} has shape {list(got)}, config.json implies {list(shape)}")
+
+
+def _disk_name_for(ckpt: Checkpoint, ours: str) -> str:
+    """The on-disk name we looked for, in the prefix style this checkpoint uses."""
+    if ours == "lm_head.weight":
+        return ours
+    vl = any(n.startswith("model.language_model.") for n in ckpt.names()) or not any(
+        n.startswith("model.") for n in ckpt.names())
+    return ("model.language_model." if vl else "model.") + ours

@@ -1,0 +1,243 @@
+"""config.json -> frozen dataclasses, parsed once.
+
+Two on-disk forms are accepted:
+  * the VL wrapper (`model_type: qwen3_5_moe`, `text_config` + `vision_config`), as shipped by Qwen;
+  * text-only (`model_type: qwen3_5_moe_text`), the text config at the top level.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+class ConfigError(ValueError):
+    """config.json is missing, malformed, or describes a model we do not run."""
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    layer_types: tuple[str, ...]
+    rms_norm_eps: float
+    # gated full attention
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    attention_bias: bool
+    rope_theta: float
+    partial_rotary_factor: float
+    mrope_section: tuple[int, int, int]
+    max_position_embeddings: int
+    # gated DeltaNet
+    linear_conv_kernel_dim: int
+    linear_num_key_heads: int
+    linear_key_head_dim: int
+    linear_num_value_heads: int
+    linear_value_head_dim: int
+    # MoE
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    tie_word_embeddings: bool
+    mtp_num_hidden_layers: int
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:  # channels of the causal conv: [q | k | v]
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+    def is_full_attention(self, layer: int) -> bool:
+        return self.layer_types[layer] == "full_attention"
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    in_channels: int
+    patch_size: int
+    spatial_merge_size: int
+    temporal_patch_size: int
+    out_hidden_size: int
+    num_position_embeddings: int
+    hidden_act: str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str                     # as written in config.json
+    text: TextConfig
+    vision: VisionConfig | None         # None for text-only checkpoints
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+
+
+def _get(d: dict, key: str, default, where: str):
+    value = d.get(key, default)
+    if value is None and default is None:
+        raise ConfigError(f"config.json: {where}{key} is required")
+    return value
+
+
+def _layer_types(tc: dict, n_layers: int) -> tuple[str, ...]:
+    types = tc.get("layer_types")
+    if types is None:
+        interval = int(tc.get("full_attention_interval", 4))
+        if interval < 1:
+            raise ConfigError(f"config.json: full_attention_interval must be >= 1, got {interval}")
+        types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
+    types = tuple(types)
+    if len(types) != n_layers:
+        raise ConfigError(f"config.json: layer_types has {len(types)} entries but num_hidden_layers is {n_layers}")
+    bad = sorted({t for t in types if t not in LAYER_TYPES})
+    if bad:
+        raise ConfigError(f"config.json: unknown layer type(s) {bad}; supported: {list(LAYER_TYPES)}")
+    return types
+
+
+def _rope(tc: dict) -> tuple[float, float, tuple[int, int, int]]:
+    rp = dict(tc.get("rope_parameters") or tc.get("rope_scaling") or {})
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"config.json: rope_type {rope_type!r} is not supported yet; supported: ['default']")
+    theta = float(rp.get("rope_theta", tc.get("rope_theta", 10_000_000.0)))
+    partial = float(rp.get("partial_rotary_factor", tc.get("partial_rotary_factor", 0.25)))
+    section = tuple(int(s) for s in rp.get("mrope_section", (11, 11, 10)))
+    if len(section) != 3:
+        raise ConfigError(f"config.json: mrope_section must have 3 entries, got {list(section)}")
+    return theta, partial, section
+
+
+def parse_text_config(tc: dict, where: str = "") -> TextConfig:
+    act = tc.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"config.json: {where}hidden_act {act!r} is not supported; qwen3_5_moe uses 'silu'")
+    n_layers = int(_get(tc, "num_hidden_layers", 40, where))
+    theta, partial, section = _rope(tc)
+    cfg = TextConfig(
+        vocab_size=int(_get(tc, "vocab_size", 248320, where)),
+        hidden_size=int(_get(tc, "hidden_size", 2048, where)),
+        num_hidden_layers=n_layers,
+        layer_types=_layer_types(tc, n_layers),
+        rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
+        num_attention_heads=int(tc.get("num_attention_heads", 16)),
+        num_key_value_heads=int(tc.get("num_key_value_heads", 2)),
+        head_dim=int(tc.get("head_dim", 256)),
+        attention_bias=bool(tc.get("attention_bias", False)),
+        rope_theta=theta,
+        partial_rotary_factor=partial,
+        mrope_section=section,
+        max_position_embeddings=int(tc.get("max_position_embeddings", 262144)),
+        linear_conv_kernel_dim=int(tc.get("linear_conv_kernel_dim", 4)),
+        linear_num_key_heads=int(tc.get("linear_num_key_heads", 16)),
+        linear_key_head_dim=int(tc.get("linear_key_head_dim", 128)),
+        linear_num_value_heads=int(tc.get("linear_num_value_heads", 32)),
+        linear_value_head_dim=int(tc.get("linear_value_head_dim", 128)),
+        num_experts=int(tc.get("num_experts", 256)),
+        num_experts_per_tok=int(tc.get("num_experts_per_tok", 8)),
+        moe_intermediate_size=int(tc.get("moe_intermediate_size", 512)),
+        shared_expert_intermediate_size=int(tc.get("shared_expert_intermediate_size", 512)),
+        tie_word_embeddings=bool(tc.get("tie_word_embeddings", False)),
+        mtp_num_hidden_layers=int(tc.get("mtp_num_hidden_layers", 0)),
+    )
+    _check_text(cfg, where)
+    return cfg
+
+
+def _check_text(c: TextConfig, where: str) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(f"config.json: {where}{msg}")
+
+    need(c.num_attention_heads % c.num_key_value_heads == 0,
+         f"num_attention_heads ({c.num_attention_heads}) must be a multiple of num_key_value_heads ({c.num_key_value_heads})")
+    need(c.linear_num_value_heads % c.linear_num_key_heads == 0,
+         f"linear_num_value_heads ({c.linear_num_value_heads}) must be a multiple of linear_num_key_heads ({c.linear_num_key_heads})")
+    need(0 < c.num_experts_per_tok <= c.num_experts,
+         f"num_experts_per_tok ({c.num_experts_per_tok}) must be in 1..num_experts ({c.num_experts})")
+    need(c.rotary_dim % 2 == 0 and 0 < c.rotary_dim <= c.head_dim,
+         f"rotary dim head_dim*partial_rotary_factor = {c.rotary_dim} must be even and in 1..head_dim")
+    need(c.linear_conv_kernel_dim >= 1, "linear_conv_kernel_dim must be >= 1")
+
+
+def parse_vision_config(vc: dict) -> VisionConfig:
+    def one(x):  # patch sizes may be written as [p, p]
+        return int(x[0]) if isinstance(x, (list, tuple)) else int(x)
+
+    return VisionConfig(
+        depth=int(vc.get("depth", 27)),
+        hidden_size=int(vc.get("hidden_size", 1152)),
+        intermediate_size=int(vc.get("intermediate_size", 4304)),
+        num_heads=int(vc.get("num_heads", 16)),
+        in_channels=int(vc.get("in_channels", 3)),
+        patch_size=one(vc.get("patch_size", 16)),
+        spatial_merge_size=int(vc.get("spatial_merge_size", 2)),
+        temporal_patch_size=one(vc.get("temporal_patch_size", 2)),
+        out_hidden_size=int(vc.get("out_hidden_size", 3584)),
+        num_position_embeddings=int(vc.get("num_position_embeddings", 2304)),
+        hidden_act=str(vc.get("hidden_act", "gelu_pytorch_tanh")),
+    )
+
+
+def parse_config(raw: dict) -> ModelConfig:
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"config.json: model_type {model_type!r} is not supported; qwen36 runs {list(SUPPORTED_MODEL_TYPES)} "
+            "(Qwen3.6-35B-A3B, Qwen3.5-35B-A3B and fine-tunes with that architecture)")
+    if model_type == "qwen3_5_moe":
+        tc = raw.get("text_config")
+        if not isinstance(tc, dict):
+            raise ConfigError("config.json: model_type 'qwen3_5_moe' needs a 'text_config' object")
+        text = parse_text_config(tc, "text_config.")
+        vc = raw.get("vision_config")
+        vision = parse_vision_config(vc) if isinstance(vc, dict) else None
+    else:
+        text = parse_text_config(raw)
+        vision = None
+    return ModelConfig(
+        model_type=model_type,
+        text=text,
+        vision=vision,
+        image_token_id=int(raw.get("image_token_id", 248056)),
+        video_token_id=int(raw.get("video_token_id", 248057)),
+        vision_start_token_id=int(raw.get("vision_start_token_id", 248053)),
+        vision_end_token_id=int(raw.get("vision_end_token_id", 248054)),
+    )
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Parse `path/config.json` (or `path` itself if it is the file)."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.exists():
+        raise ConfigError(f"{file}: no config.json (is {path} a Hugging Face checkpoint directory?)")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a JSON object")
+    return parse_config(raw)

@@ -1,0 +1,1 @@
+"""Modules with weights. Parameter names equal the checkpoint's names (minus the text-model prefix)."""

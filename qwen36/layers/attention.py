@@ -1,0 +1,44 @@
+"""Gated full attention: per-head [query | gate] from q_proj, (1+w) q/k norms, partial mRoPE, GQA,
+sigmoid output gate, o_proj."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..batch import ForwardBatch
+from ..config import TextConfig
+from ..ops.attention import attention
+from .linear import Linear
+from .norm import RMSNorm
+from .rotary import apply_rotary
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_q, self.n_kv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = Linear(H, self.n_q * self.d * 2, bias)                   # per head: [query D | gate D]
+        self.k_proj = Linear(H, self.n_kv * self.d, bias)
+        self.v_proj = Linear(H, self.n_kv * self.d, bias)
+        self.o_proj = Linear(self.n_q * self.d, H, bias)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.scale = self.d ** -0.5
+
+    def forward(self, x: torch.Tensor, rope, batch: ForwardBatch, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        N = x.shape[0]
+        q, gate = self.q_proj(x).view(N, self.n_q, 2 * self.d).chunk(2, dim=-1)  # [N, Hq, D] each
+        q = apply_rotary(self.q_norm(q), *rope)
+        k = apply_rotary(self.k_norm(self.k_proj(x).view(N, self.n_kv, self.d)), *rope)
+        v = self.v_proj(x).view(N, self.n_kv, self.d)
+        kc, vc = cache["k"], cache["v"]                                        # [slots, Hkv, L, D]
+        out = torch.empty_like(q)
+        for i, (slot, start, n) in enumerate(zip(batch.slots, batch.starts, batch.lens)):
+            a, b = batch.cu[i], batch.cu[i + 1]
+            kc[slot, :, start:start + n] = k[a:b].transpose(0, 1)
+            vc[slot, :, start:start + n] = v[a:b].transpose(0, 1)
+            o = attention(q[a:b].transpose(0, 1), kc[slot, :, :start + n], vc[slot, :, :start + n], self.scale)
+            out[a:b] = o.transpose(0, 1)
+        out = out.reshape(N, -1) * torch.sigmoid(gate.reshape(N, -1))
+        return self.o_proj(out)

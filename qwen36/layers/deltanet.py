@@ -1,0 +1,91 @@
+"""Gated DeltaNet (linear attention with a fixed-size recurrent state per sequence).
+
+in_proj_qkv -> depthwise causal conv (W taps) + SiLU -> q, k [Hk, Dk], v [Hv, Dv]; value head i reads
+q/k head i // (Hv/Hk). q, k L2-normalised (fp32), q scaled by Dk^-0.5; beta = sigmoid(b);
+g = -exp(A_log) * softplus(a + dt_bias). Gated delta rule (chunked for prefill, recurrent for decode),
+gated RMSNorm with z, out_proj.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..batch import ForwardBatch
+from ..config import TextConfig
+from ..ops.conv1d import causal_conv1d
+from ..ops.gated_delta import gated_delta_chunked, gated_delta_recurrent
+from .linear import Linear
+from .norm import GatedRMSNorm
+
+
+class Conv1dWeight(nn.Module):
+    """Holds `conv1d.weight` [C, 1, W] under the checkpoint's name."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, width), requires_grad=False)
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.n_k, self.d_k = cfg.linear_num_key_heads, cfg.linear_key_head_dim
+        self.n_v, self.d_v = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = cfg.linear_key_dim, cfg.linear_value_dim
+        self.in_proj_qkv = Linear(H, cfg.linear_conv_dim)
+        self.in_proj_z = Linear(H, self.value_dim)
+        self.in_proj_b = Linear(H, self.n_v)
+        self.in_proj_a = Linear(H, self.n_v)
+        self.conv1d = Conv1dWeight(cfg.linear_conv_dim, cfg.linear_conv_kernel_dim)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_v), requires_grad=False)
+        self.A_log = nn.Parameter(torch.empty(self.n_v), requires_grad=False)
+        self.norm = GatedRMSNorm(self.d_v, cfg.rms_norm_eps)
+        self.out_proj = Linear(self.value_dim, H)
+
+    def _mix(self, m: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, conv: torch.Tensor, state: torch.Tensor,
+             decode: bool):
+        """m [B, T, C] pre-conv; g, beta [B, T, Hv]; conv [B, W-1, C]; state [B, Hv, Dk, Dv].
+        Returns o [B, T, Hv, Dv], new conv, new state."""
+        B, T, _ = m.shape
+        y, conv = causal_conv1d(m, self.conv1d.weight[:, 0].to(m.dtype), conv)
+        y = F.silu(y)
+        q, k, v = y.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        rep = self.n_v // self.n_k
+        q = q.reshape(B, T, self.n_k, self.d_k).repeat_interleave(rep, dim=2)
+        k = k.reshape(B, T, self.n_k, self.d_k).repeat_interleave(rep, dim=2)
+        v = v.reshape(B, T, self.n_v, self.d_v)
+        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))               # [B, Hv, T, D]
+        q = l2norm(q) * self.d_k ** -0.5
+        k = l2norm(k)
+        rule = gated_delta_recurrent if decode else gated_delta_chunked
+        o, state = rule(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)
+        return o.transpose(1, 2), conv, state
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        N = x.shape[0]
+        m = self.in_proj_qkv(x)                                                # [N, C]
+        z = self.in_proj_z(x).view(N, self.n_v, self.d_v)
+        beta = torch.sigmoid(self.in_proj_b(x)).float()                        # [N, Hv]
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        conv_c, state_c = cache["conv"], cache["state"]
+        if batch.is_decode:  # one token per sequence: all sequences in one recurrent step
+            slots = torch.tensor(batch.slots, device=x.device)
+            o, conv, state = self._mix(m[:, None], g[:, None], beta[:, None], conv_c[slots], state_c[slots], True)
+            conv_c[slots], state_c[slots] = conv.to(conv_c.dtype), state
+            o = o[:, 0]
+        else:
+            o = torch.empty(N, self.n_v, self.d_v, dtype=torch.float32, device=x.device)
+            for i, slot in enumerate(batch.slots):
+                a, b = batch.cu[i], batch.cu[i + 1]
+                oi, conv, state = self._mix(m[None, a:b], g[None, a:b], beta[None, a:b], conv_c[slot:slot + 1],
+                                            state_c[slot:slot + 1], b - a == 1)
+                conv_c[slot], state_c[slot] = conv[0].to(conv_c.dtype), state[0]
+                o[a:b] = oi[0]
+        o = self.norm(o.to(x.dtype), z)
+        return self.out_proj(o.reshape(N, self.value_dim))

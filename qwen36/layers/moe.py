@@ -1,0 +1,53 @@
+"""Sparse MoE block: fp32 softmax router over all experts, top-k, renormalised; routed experts plus a
+sigmoid-gated shared expert."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from ..ops.moe import moe
+from .linear import Linear
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = Linear(hidden, inter)
+        self.up_proj = Linear(hidden, inter)
+        self.down_proj = Linear(inter, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """Fused expert weights, as on disk: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+
+    def __init__(self, n: int, hidden: int, inter: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, inter), requires_grad=False)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = Linear(H, cfg.num_experts)                                 # router
+        self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size)
+        self.shared_expert = MLP(H, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = Linear(H, 1)
+
+    def route(self, x: torch.Tensor):
+        """x [N, H] -> (expert ids [N, k], weights [N, k] in x's dtype)."""
+        logits = self.gate(x)
+        w, ids = torch.topk(logits.float().softmax(-1), self.top_k, dim=-1)
+        return ids, (w / w.sum(-1, keepdim=True)).to(logits.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, w = self.route(x)
+        routed = moe(x, ids, w, self.experts.gate_up_proj, self.experts.down_proj)
+        return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

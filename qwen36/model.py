@@ -1,0 +1,113 @@
+"""The qwen3_5_moe text decoder, top to bottom.
+
+  x = embed_tokens[ids]
+  for each layer:  x = x + Mixer(RMSNorm(x))        Mixer = GatedDeltaNet or GatedAttention (layer_types)
+                   x = x + SparseMoE(RMSNorm(x))
+  logits = lm_head(RMSNorm(x))                      untied head, no scaling
+All RMSNorms here are zero-centred (1 + w). Shapes: N flattened tokens of the step, H hidden size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import ForwardBatch
+from .cache import HybridCache
+from .checkpoint import Checkpoint, load_text_weights
+from .config import ModelConfig, TextConfig, load_config
+from .layers.attention import GatedAttention
+from .layers.deltanet import GatedDeltaNet
+from .layers.linear import Linear
+from .layers.moe import SparseMoE
+from .layers.norm import RMSNorm
+from .layers.rotary import MRotary
+
+# fp32 on disk and tiny: kept in fp32 whatever the storage dtype (the decay and the gated norm)
+KEEP_FP32 = ("linear_attn.A_log", "linear_attn.norm.weight")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.full_attention = cfg.is_full_attention(index)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if self.full_attention:
+            self.self_attn = GatedAttention(cfg)
+        else:
+            self.linear_attn = GatedDeltaNet(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SparseMoE(cfg)
+
+    def forward(self, x, rope, batch: ForwardBatch, cache: dict[str, torch.Tensor]):
+        h = self.input_layernorm(x)
+        h = self.self_attn(h, rope, batch, cache) if self.full_attention else self.linear_attn(h, batch, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.rotary: MRotary | None = None                                     # set once weights are on a device
+        self.compute_dtype = torch.float32
+
+    def cache_layout(self) -> dict[int, dict[str, tuple[tuple[int, ...], torch.dtype | None]]]:
+        """Per layer: name -> (shape without the slot axis, dtype or None for the compute dtype); -1 = max_len."""
+        c = self.cfg
+        layout = {}
+        for i, layer in enumerate(self.layers):
+            if layer.full_attention:
+                kv = (c.num_key_value_heads, -1, c.head_dim)
+                layout[i] = {"k": (kv, None), "v": (kv, None)}
+            else:
+                layout[i] = {
+                    "conv": ((c.linear_conv_kernel_dim - 1, c.linear_conv_dim), None),
+                    "state": ((c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim), torch.float32),
+                }
+        return layout
+
+    def new_cache(self, max_seqs: int, max_len: int) -> HybridCache:
+        return HybridCache(self.cache_layout(), max_seqs, max_len, self.compute_dtype, self.embed_tokens.weight.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_tokens.weight).to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: HybridCache) -> torch.Tensor:
+        """x [N, H] input embeddings -> logits [len(batch.logits_index), V] in fp32."""
+        rope = self.rotary.cos_sin(batch.positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, batch, cache[i])
+        x = self.norm(x[batch.logits_index])
+        return self.lm_head(x).float()
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+               compute_dtype: torch.dtype | None = None) -> tuple[ModelConfig, TextModel]:
+    """Build the text model on the meta device and fill it from the checkpoint: one copy per tensor."""
+    cfg = load_config(path)
+    ckpt = Checkpoint(path)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = TextModel(cfg.text)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if cfg.text.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    tensors = load_text_weights(ckpt, expected, cfg.text.num_experts, dtype, device, keep_fp32=KEEP_FP32)
+    if cfg.text.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.requires_grad_(False)
+    model.rotary = MRotary(cfg.text, device)
+    if compute_dtype is None:  # CPU: fp32 activations whatever the storage (bf16 matmul is ~500x slower)
+        compute_dtype = torch.float32 if device.type == "cpu" else dtype
+    model.compute_dtype = compute_dtype
+    return cfg, model

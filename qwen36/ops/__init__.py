@@ -1,0 +1,1 @@
+"""Stateless tensor functions. Each fast path has a plain reference beside it with the same signature."""

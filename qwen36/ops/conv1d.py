@@ -1,0 +1,26 @@
+"""Depthwise causal 1-D convolution with a carried state (DeltaNet's short conv; no bias, no activation).
+
+  x      [B, T, C]     new inputs
+  weight [C, W]        tap W-1 multiplies the current token
+  state  [B, W-1, C]   the previous W-1 inputs (zeros at sequence start)
+returns y [B, T, C] and the new state [B, W-1, C].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d_reference(x, weight, state):
+    W = weight.shape[1]
+    xs = torch.cat([state.to(x.dtype), x], dim=1)                              # [B, W-1+T, C]
+    T = x.shape[1]
+    y = sum(xs[:, j:j + T] * weight[:, j] for j in range(W))
+    return y, xs[:, xs.shape[1] - (W - 1):]
+
+
+def causal_conv1d(x, weight, state):
+    W = weight.shape[1]
+    xs = torch.cat([state.to(x.dtype), x], dim=1)
+    y = F.conv1d(xs.transpose(1, 2), weight.unsqueeze(1), groups=weight.shape[0]).transpose(1, 2)
+    return y, xs[:, xs.shape[1] - (W - 1):]

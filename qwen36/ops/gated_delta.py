@@ -1,0 +1,74 @@
+"""The gated delta rule (Gated DeltaNet's recurrence). Derivation: gated_delta.md beside this file.
+
+Shapes (B batch, H value heads, T tokens, K key dim, V value dim):
+  q, k   [B, H, T, K]  fp32, already expanded to the value heads, L2-normalised, q scaled by K^-0.5
+  v      [B, H, T, V]  fp32
+  g      [B, H, T]     fp32 log-decay (<= 0);  beta [B, H, T] fp32 in (0, 1)
+  state  [B, H, K, V]  fp32 recurrent state S; o_t = S_t^T q_t
+Every function returns (o [B, H, T, V], new_state [B, H, K, V]) and never writes its inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def gated_delta_reference(q, k, v, g, beta, state):
+    """Plain per-token form: S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,  o_t = S_t^T q_t."""
+    B, H, T, K = k.shape
+    eye = torch.eye(K, dtype=state.dtype, device=state.device)
+    S = state.clone()
+    outs = []
+    for t in range(T):
+        kt, vt, qt = k[:, :, t], v[:, :, t], q[:, :, t]                       # [B, H, K|V]
+        a, b = g[:, :, t].exp()[..., None, None], beta[:, :, t][..., None, None]
+        S = a * (eye - b * kt[..., :, None] * kt[..., None, :]) @ S + b * kt[..., :, None] * vt[..., None, :]
+        outs.append((S * qt[..., :, None]).sum(-2))
+    return torch.stack(outs, dim=2), S
+
+
+def gated_delta_recurrent(q, k, v, g, beta, state):
+    """Token-by-token form used for decode (T is usually 1): decay, predict, correct, read."""
+    S = state
+    outs = []
+    for t in range(k.shape[2]):
+        S = S * g[:, :, t].exp()[..., None, None]
+        kt = k[:, :, t].unsqueeze(-2)                                          # [B, H, 1, K]
+        pred = (kt @ S).squeeze(-2)                                            # S^T k   [B, H, V]
+        delta = (v[:, :, t] - pred) * beta[:, :, t, None]                      # [B, H, V]
+        S = S + kt.transpose(-1, -2) * delta.unsqueeze(-2)                     # + k delta^T
+        outs.append((q[:, :, t].unsqueeze(-2) @ S).squeeze(-2))
+    return torch.stack(outs, dim=2), S
+
+
+def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = 64):
+    """Chunked (WY / UT-transform) form used for prefill: one triangular solve and a few matmuls per chunk."""
+    B, H, T, K = k.shape
+    V = v.shape[-1]
+    pad = (-T) % chunk
+    if pad:  # zero keys, values, beta and decay leave the state untouched
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (torch.nn.functional.pad(x, (0, pad)) for x in (g, beta))
+    n = (T + pad) // chunk
+    q, k, v = (x.reshape(B, H, n, chunk, x.shape[-1]) for x in (q, k, v))
+    g, beta = g.reshape(B, H, n, chunk), beta.reshape(B, H, n, chunk)
+
+    gam = g.cumsum(-1)                                                         # [B, H, n, C]
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
+    decay = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # Γ [.., C, C]
+    kb = k * beta[..., None]
+    lower = (kb @ k.transpose(-1, -2)) * decay                                 # diag(β) K K^T ⊙ Γ
+    rhs = torch.cat([v * beta[..., None], kb * gam.exp()[..., None]], dim=-1)  # [βV | β e^γ K]
+    uw = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
+    U, W = uw[..., :V], uw[..., V:]
+    q_read = q * gam.exp()[..., None]                                          # reads the state at chunk start
+    k_write = k * (gam[..., -1:] - gam).exp()[..., None]                       # decayed to chunk end
+    intra = (q @ k.transpose(-1, -2)) * decay                                  # [.., C, C]
+    last = gam[..., -1].exp()[..., None, None]                                 # [B, H, n, 1, 1]
+
+    S = state
+    out = torch.empty(B, H, n, chunk, V, dtype=v.dtype, device=v.device)
+    for i in range(n):
+        Vn = U[:, :, i] - W[:, :, i] @ S                                       # corrected values
+        out[:, :, i] = q_read[:, :, i] @ S + intra[:, :, i] @ Vn
+        S = last[:, :, i] * S + k_write[:, :, i].transpose(-1, -2) @ Vn
+    return out.reshape(B, H, n * chunk, V)[:, :, :T], S

@@ -1,0 +1,42 @@
+"""Routed experts: y = sum_i w_i * down_e( silu(gate_e x) * up_e x ) over each token's top-k experts.
+
+  x        [N, H]        tokens
+  topk_ids [N, k] int64, topk_w [N, k] (already renormalised)
+  gate_up  [E, 2I, H]    rows 0..I-1 gate, I..2I-1 up;  down [E, H, I]
+Weights may be stored in a lower precision than x; they are cast per used expert.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def moe_reference(x, topk_ids, topk_w, gate_up, down):
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for slot in range(topk_ids.shape[1]):
+            e = int(topk_ids[n, slot])
+            g, u = (gate_up[e].to(x.dtype) @ x[n]).chunk(2)
+            out[n] += topk_w[n, slot].to(x.dtype) * (down[e].to(x.dtype) @ (F.silu(g) * u))
+    return out
+
+
+def moe(x, topk_ids, topk_w, gate_up, down):
+    """Group tokens by expert and run each used expert once (no loop over unused experts)."""
+    N, k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    token = order // k                                                         # token of each sorted pair
+    weight = topk_w.reshape(-1)[order].to(x.dtype)
+    out = torch.zeros_like(x)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        idx = token[start:start + c]
+        g, u = F.linear(x[idx], gate_up[e].to(x.dtype)).chunk(2, dim=-1)
+        y = F.linear(F.silu(g) * u, down[e].to(x.dtype))
+        out.index_add_(0, idx, y * weight[start:start + c, None])
+        start += c
+    return out

@@ -1,0 +1,110 @@
+"""Sampling parameters and the per-sequence sampler (penalties, temperature, top-k, top-p, min-p, seed)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0            # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1                     # -1 (or 0) = off
+    min_p: float = 0.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] | list[str] | str | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] | list[int] | None = None
+
+    def __post_init__(self):
+        def bad(name: str, why: str):
+            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                          "repetition_penalty") and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                bad(f.name, "must be a number")
+        if not self.temperature >= 0:
+            bad("temperature", "must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", "must be an integer, -1 or 0 to disable, else >= 1")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", "must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", "must be in [-2, 2]")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "must be > 0")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", "must be an integer or None")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if stop is not None and not all(isinstance(s, str) and s for s in stop):
+            bad("stop", "must be a non-empty string or a list of them")
+        object.__setattr__(self, "stop", tuple(stop or ()))
+        ids = self.stop_token_ids
+        if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            bad("stop_token_ids", "must be a list of token ids")
+        object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Picks the next token of one sequence from its logits [V] (fp32)."""
+
+    def __init__(self, params: SamplingParams, device="cpu"):
+        self.p = params
+        self.gen = torch.Generator(device=device)
+        if params.seed is not None:
+            self.gen.manual_seed(params.seed)
+        else:
+            self.gen.seed()
+
+    def penalize(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+        p = self.p
+        if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
+            seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
+            x = logits[seen]
+            logits[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and output_ids:
+            ids = torch.tensor(output_ids, device=logits.device)
+            counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
+            logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature, then top-k, top-p and min-p filters; returns the distribution sampled from."""
+        p = self.p
+        logits = logits / p.temperature
+        if p.top_k > 0 and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            cum = sorted_p.cumsum(-1)
+            drop = (cum - sorted_p) > p.top_p                                  # keep the smallest prefix reaching top_p
+            probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return probs / probs.sum()
+
+    def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> int:
+        logits = self.penalize(logits.float().clone(), prompt_ids, output_ids)
+        if self.p.greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(self.probs(logits), 1, generator=self.gen))

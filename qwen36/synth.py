@@ -1,0 +1,220 @@
+"""Synthesize checkpoints in the official Hugging Face layout (random weights, deterministic per seed).
+
+The layout is written from the published tensor list (shared/reference/checkpoint_layout.md), not from
+our model's module tree, so loading it is a real test of the loader: VL-wrapper config.json,
+`model.language_model.*` text weights in bf16 (A_log and the gated-norm weight in fp32), fused experts
+`mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] (or per-expert tensors), `lm_head.weight`,
+optional `model.visual.*` tower and per-expert `mtp.*` block, sharded safetensors + index.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# Text geometries, written as config.json's text_config keys.
+DEMO = dict(
+    vocab_size=248320, hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=32, linear_num_key_heads=2, linear_key_head_dim=16, linear_num_value_heads=4,
+    linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=16, num_experts_per_tok=4,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, full_attention_interval=4,
+)
+# The published Qwen3.6-35B-A3B text geometry.
+REAL = dict(
+    vocab_size=248320, hidden_size=2048, num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2,
+    head_dim=256, linear_num_key_heads=16, linear_key_head_dim=128, linear_num_value_heads=32,
+    linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=256, num_experts_per_tok=8,
+    moe_intermediate_size=512, shared_expert_intermediate_size=512, full_attention_interval=4,
+)
+TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, in_channels=3, patch_size=4,
+                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                   hidden_act="gelu_pytorch_tanh", model_type="qwen3_5_moe")
+SPECIAL_IDS = dict(image_token_id=248056, video_token_id=248057, vision_start_token_id=248053,
+                   vision_end_token_id=248054)
+
+
+def text_config(geometry: dict) -> dict:
+    """A full text_config in the published form (layer_types spelled out, rope_parameters)."""
+    g = dict(geometry)
+    n = g["num_hidden_layers"]
+    interval = g.pop("full_attention_interval", 4)
+    layer_types = g.pop("layer_types", None) or [
+        "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
+    tc = dict(
+        model_type="qwen3_5_moe_text", attention_bias=False, attention_dropout=0.0, attn_output_gate=True,
+        bos_token_id=248044, eos_token_id=248044, dtype="bfloat16", hidden_act="silu", initializer_range=0.02,
+        layer_types=layer_types, mamba_ssm_dtype="float32", max_position_embeddings=262144,
+        mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False, output_router_logits=False,
+        pad_token_id=None, partial_rotary_factor=0.25, rms_norm_eps=1e-6, router_aux_loss_coef=0.001,
+        tie_word_embeddings=False, use_cache=True,
+        rope_parameters=dict(mrope_interleaved=True, mrope_section=[11, 11, 10], partial_rotary_factor=0.25,
+                             rope_theta=10000000, rope_type="default"),
+    )
+    tc.update(g)
+    return tc
+
+
+def model_config(geometry: dict, vision: dict | None = TINY_VISION, text_only: bool = False) -> dict:
+    tc = text_config(geometry)
+    if text_only:
+        return {**tc, "architectures": ["Qwen3_5MoeForCausalLM"]}
+    cfg = dict(architectures=["Qwen3_5MoeForConditionalGeneration"], model_type="qwen3_5_moe",
+               text_config=tc, tie_word_embeddings=False, transformers_version="4.57.1", **SPECIAL_IDS)
+    if vision is not None:
+        cfg["vision_config"] = {**vision, "out_hidden_size": tc["hidden_size"]}
+    return cfg
+
+
+class _Rand:
+    """Deterministic random tensors; projections scaled by fan-in so activations stay O(1)."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def normal(self, shape, std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=self.g) * std
+
+    def proj(self, out_f: int, in_f: int) -> torch.Tensor:
+        return self.normal((out_f, in_f), 1.0 / math.sqrt(in_f))
+
+    def uniform(self, shape, lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(shape, generator=self.g)
+
+
+def _moe(r: _Rand, p: str, tc: dict, fused: bool) -> dict[str, torch.Tensor]:
+    H, E, I, S = tc["hidden_size"], tc["num_experts"], tc["moe_intermediate_size"], tc["shared_expert_intermediate_size"]
+    t = {f"{p}.gate.weight": r.proj(E, H) * 4}                              # spread router logits
+    if fused:
+        t[f"{p}.experts.gate_up_proj"] = r.normal((E, 2 * I, H), 1 / math.sqrt(H))
+        t[f"{p}.experts.down_proj"] = r.normal((E, H, I), 1 / math.sqrt(I))
+    else:
+        for e in range(E):
+            t[f"{p}.experts.{e}.gate_proj.weight"] = r.proj(I, H)
+            t[f"{p}.experts.{e}.up_proj.weight"] = r.proj(I, H)
+            t[f"{p}.experts.{e}.down_proj.weight"] = r.proj(H, I)
+    t[f"{p}.shared_expert.gate_proj.weight"] = r.proj(S, H)
+    t[f"{p}.shared_expert.up_proj.weight"] = r.proj(S, H)
+    t[f"{p}.shared_expert.down_proj.weight"] = r.proj(H, S)
+    t[f"{p}.shared_expert_gate.weight"] = r.proj(1, H)
+    return t
+
+
+def _attention(r: _Rand, p: str, tc: dict) -> dict[str, torch.Tensor]:
+    H, nq, nkv, d = tc["hidden_size"], tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
+    return {
+        f"{p}.q_proj.weight": r.proj(nq * d * 2, H), f"{p}.k_proj.weight": r.proj(nkv * d, H),
+        f"{p}.v_proj.weight": r.proj(nkv * d, H), f"{p}.o_proj.weight": r.proj(H, nq * d),
+        f"{p}.q_norm.weight": r.normal(d, 0.1), f"{p}.k_norm.weight": r.normal(d, 0.1),
+    }
+
+
+def _deltanet(r: _Rand, p: str, tc: dict) -> dict[str, torch.Tensor]:
+    H = tc["hidden_size"]
+    nk, dk, nv, dv = (tc[k] for k in ("linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads",
+                                      "linear_value_head_dim"))
+    conv = 2 * nk * dk + nv * dv
+    return {
+        f"{p}.in_proj_qkv.weight": r.proj(conv, H), f"{p}.in_proj_z.weight": r.proj(nv * dv, H),
+        f"{p}.in_proj_b.weight": r.proj(nv, H), f"{p}.in_proj_a.weight": r.proj(nv, H),
+        f"{p}.conv1d.weight": r.normal((conv, 1, tc["linear_conv_kernel_dim"]), 0.5),
+        f"{p}.dt_bias": r.normal(nv, 0.5),
+        f"{p}.A_log": r.uniform(nv, 0.0, 2.5).float(),                          # fp32 on disk
+        f"{p}.norm.weight": (1.0 + r.normal(dv, 0.1)).float(),                  # fp32 on disk, plain w
+        f"{p}.out_proj.weight": r.proj(H, nv * dv),
+    }
+
+
+def text_tensors(tc: dict, seed: int, fused_experts: bool = True, prefix: str = "model.language_model.",
+                 mtp: bool = True) -> dict[str, torch.Tensor]:
+    r = _Rand(seed)
+    H, V = tc["hidden_size"], tc["vocab_size"]
+    t = {f"{prefix}embed_tokens.weight": r.normal((V, H), 1.0)}
+    for i, kind in enumerate(tc["layer_types"]):
+        p = f"{prefix}layers.{i}"
+        t[f"{p}.input_layernorm.weight"] = r.normal(H, 0.1)
+        t[f"{p}.post_attention_layernorm.weight"] = r.normal(H, 0.1)
+        t.update(_attention(r, f"{p}.self_attn", tc) if kind == "full_attention" else _deltanet(r, f"{p}.linear_attn", tc))
+        t.update(_moe(r, f"{p}.mlp", tc, fused_experts))
+    t[f"{prefix}norm.weight"] = r.normal(H, 0.1)
+    t["lm_head.weight"] = r.normal((V, H), 2.0 / math.sqrt(H))
+    if mtp:  # as in the official checkpoint: one full-attention layer with per-expert MoE
+        t["mtp.fc.weight"] = r.proj(H, 2 * H)
+        for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            t[f"mtp.{n}.weight"] = r.normal(H, 0.1)
+        t["mtp.layers.0.input_layernorm.weight"] = r.normal(H, 0.1)
+        t["mtp.layers.0.post_attention_layernorm.weight"] = r.normal(H, 0.1)
+        t.update(_attention(r, "mtp.layers.0.self_attn", tc))
+        t.update(_moe(r, "mtp.layers.0.mlp", tc, fused=False))
+    return t
+
+
+def vision_tensors(vc: dict, out_hidden: int, seed: int) -> dict[str, torch.Tensor]:
+    r = _Rand(seed + 1)
+    D, F_, P, T, C = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"], vc["temporal_patch_size"], vc["in_channels"]
+    M = D * vc["spatial_merge_size"] ** 2
+    p = "model.visual"
+    t = {f"{p}.patch_embed.proj.weight": r.normal((D, C, T, P, P), 1 / math.sqrt(C * T * P * P)),
+         f"{p}.patch_embed.proj.bias": r.normal(D, 0.02),
+         f"{p}.pos_embed.weight": r.normal((vc["num_position_embeddings"], D), 0.5)}
+    for b in range(vc["depth"]):
+        q = f"{p}.blocks.{b}"
+        for n in ("norm1", "norm2"):
+            t[f"{q}.{n}.weight"], t[f"{q}.{n}.bias"] = 1 + r.normal(D, 0.1), r.normal(D, 0.1)
+        t[f"{q}.attn.qkv.weight"], t[f"{q}.attn.qkv.bias"] = r.proj(3 * D, D), r.normal(3 * D, 0.02)
+        t[f"{q}.attn.proj.weight"], t[f"{q}.attn.proj.bias"] = r.proj(D, D), r.normal(D, 0.02)
+        t[f"{q}.mlp.linear_fc1.weight"], t[f"{q}.mlp.linear_fc1.bias"] = r.proj(F_, D), r.normal(F_, 0.02)
+        t[f"{q}.mlp.linear_fc2.weight"], t[f"{q}.mlp.linear_fc2.bias"] = r.proj(D, F_), r.normal(D, 0.02)
+    t[f"{p}.merger.norm.weight"], t[f"{p}.merger.norm.bias"] = 1 + r.normal(D, 0.1), r.normal(D, 0.1)
+    t[f"{p}.merger.linear_fc1.weight"], t[f"{p}.merger.linear_fc1.bias"] = r.proj(M, M), r.normal(M, 0.02)
+    t[f"{p}.merger.linear_fc2.weight"], t[f"{p}.merger.linear_fc2.bias"] = r.proj(out_hidden, M), r.normal(out_hidden, 0.02)
+    return t
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, shards: int) -> None:
+    """Shard by bytes into model-0000i-of-0000n.safetensors plus the index (or one model.safetensors)."""
+    names = list(tensors)
+    if shards <= 1:
+        save_file({n: tensors[n].contiguous() for n in names}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    per = total / shards
+    weight_map, groups, acc = {}, [[] for _ in range(shards)], 0
+    for n in names:
+        k = min(int(acc // per), shards - 1)
+        groups[k].append(n)
+        acc += tensors[n].numel() * tensors[n].element_size()
+    for k, group in enumerate(groups):
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in group}, str(out / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in group})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_experts: bool = True,
+                     vision: dict | None = TINY_VISION, mtp: bool = True, shards: int = 2,
+                     text_only: bool = False, dtype: torch.dtype = torch.bfloat16,
+                     tokenizer: bool = False) -> Path:
+    """Write a random checkpoint in the official layout; returns its directory."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(geometry, None if text_only else vision, text_only)
+    tc = cfg if text_only else cfg["text_config"]
+    tensors = text_tensors(tc, seed, fused_experts, "model." if text_only else "model.language_model.",
+                           mtp and not text_only)
+    if vision is not None and not text_only:
+        tensors.update(vision_tensors(vision, tc["hidden_size"], seed))
+    tensors = {n: (t if t.dtype == torch.float32 and n.endswith(("A_log", "linear_attn.norm.weight")) else t.to(dtype))
+               for n, t in tensors.items()}
+    write_safetensors(tensors, out, shards)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = dict(bos_token_id=248044, eos_token_id=[248046, 248044], pad_token_id=248044, do_sample=True,
+               temperature=1.0, top_k=20, top_p=0.95, transformers_version="4.57.1")
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer:
+        from .tokenizer import write_tokenizer_files
+        write_tokenizer_files(out)
+    return out
