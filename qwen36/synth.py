@@ -87,14 +87,14 @@ class _Rand:
 def _moe(r: _Rand, p: str, tc: dict, fused: bool) -> dict[str, torch.Tensor]:
     H, E, I, S = tc["hidden_size"], tc["num_experts"], tc["moe_intermediate_size"], tc["shared_expert_intermediate_size"]
     t = {f"{p}.gate.weight": r.proj(E, H) * 4}                              # spread router logits
+    gate_up, down = r.normal((E, 2 * I, H), 1 / math.sqrt(H)), r.normal((E, H, I), 1 / math.sqrt(I))
     if fused:
-        t[f"{p}.experts.gate_up_proj"] = r.normal((E, 2 * I, H), 1 / math.sqrt(H))
-        t[f"{p}.experts.down_proj"] = r.normal((E, H, I), 1 / math.sqrt(I))
-    else:
+        t[f"{p}.experts.gate_up_proj"], t[f"{p}.experts.down_proj"] = gate_up, down
+    else:  # the same weights, one tensor per expert and projection
         for e in range(E):
-            t[f"{p}.experts.{e}.gate_proj.weight"] = r.proj(I, H)
-            t[f"{p}.experts.{e}.up_proj.weight"] = r.proj(I, H)
-            t[f"{p}.experts.{e}.down_proj.weight"] = r.proj(H, I)
+            t[f"{p}.experts.{e}.gate_proj.weight"] = gate_up[e, :I].clone()
+            t[f"{p}.experts.{e}.up_proj.weight"] = gate_up[e, I:].clone()
+            t[f"{p}.experts.{e}.down_proj.weight"] = down[e].clone()
     t[f"{p}.shared_expert.gate_proj.weight"] = r.proj(S, H)
     t[f"{p}.shared_expert.up_proj.weight"] = r.proj(S, H)
     t[f"{p}.shared_expert.down_proj.weight"] = r.proj(H, S)

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random checkpoints in the official on-disk layout, and the transformers reference."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from qwen36.synth import write_checkpoint  # noqa: E402
+
+BASE = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, linear_num_key_heads=2, linear_key_head_dim=16, linear_num_value_heads=4,
+            linear_value_head_dim=24, linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2,
+            moe_intermediate_size=32, shared_expert_intermediate_size=48, full_attention_interval=4)
+
+GEOMETRIES = {
+    # value/key head ratio 2, key dim != value dim, shared-expert width != expert width
+    "ratio2": BASE,
+    # value/key head ratio 4, an irregular layer pattern, GQA 4:1, more experts
+    "ratio4-irregular": {**BASE, "num_hidden_layers": 5, "num_attention_heads": 8, "num_key_value_heads": 2,
+                         "head_dim": 16, "linear_num_key_heads": 1, "linear_key_head_dim": 32,
+                         "linear_num_value_heads": 4, "linear_value_head_dim": 8, "num_experts": 16,
+                         "num_experts_per_tok": 4, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 40,
+                         "layer_types": ["full_attention", "linear_attention", "linear_attention", "full_attention",
+                                         "linear_attention"]},
+    # equal heads (ratio 1), wide rotary head, conv kernel 3, top-1 routing
+    "ratio1-k3": {**BASE, "num_hidden_layers": 3, "head_dim": 64, "linear_num_key_heads": 3,
+                  "linear_num_value_heads": 3, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+                  "linear_conv_kernel_dim": 3, "num_experts_per_tok": 1, "full_attention_interval": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name, **options) -> directory; written once per distinct request in a session."""
+    made = {}
+
+    def make(name: str = "ratio2", seed: int = 0, **options):
+        key = (name, seed, tuple(sorted(options.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"ckpt-{name}")
+            made[key] = write_checkpoint(out, GEOMETRIES[name], seed=seed, **{"tokenizer": True, **options})
+        return made[key]
+
+    return make
+
+
+def load_reference(path, text_only: bool = False):
+    """The same checkpoint in transformers' Qwen3_5Moe classes, fp32, eval mode."""
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+
+    cls = Qwen3_5MoeForCausalLM if text_only else Qwen3_5MoeForConditionalGeneration
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|"""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())

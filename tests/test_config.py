@@ -1,0 +1,76 @@
+"""config.json in both forms, layer patterns, and clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwen36.config import ConfigError, load_config, parse_config
+from qwen36.synth import DEMO, REAL, model_config
+
+
+
+def test_published_config(request):
+    path = request.config.rootpath.parent / "shared" / "reference" / "qwen36_config.json"
+    if not path.exists():  # the steering repo's shared/ sits beside the checkout in CI and here
+        pytest.fail(f"reference config not found at {path}")
+    cfg = load_config(path)
+    t = cfg.text
+    assert cfg.model_type == "qwen3_5_moe" and cfg.vision is not None
+    assert (t.hidden_size, t.num_hidden_layers, t.vocab_size) == (2048, 40, 248320)
+    assert t.layer_types.count("full_attention") == 10 and t.is_full_attention(3) and not t.is_full_attention(4)
+    assert (t.rotary_dim, t.rope_theta, t.mrope_section) == (64, 1e7, (11, 11, 10))
+    assert (t.linear_conv_dim, t.num_experts, t.num_experts_per_tok) == (8192, 256, 8)
+    assert (cfg.vision.depth, cfg.vision.hidden_size, cfg.vision.out_hidden_size) == (27, 1152, 2048)
+    assert cfg.image_token_id == 248056
+
+
+def test_text_only_form():
+    raw = model_config(DEMO, text_only=True)
+    cfg = parse_config(raw)
+    assert cfg.model_type == "qwen3_5_moe_text" and cfg.vision is None
+    assert cfg.text.hidden_size == DEMO["hidden_size"]
+
+
+def test_interval_when_no_layer_types():
+    raw = model_config(REAL)
+    del raw["text_config"]["layer_types"]
+    raw["text_config"]["full_attention_interval"] = 3
+    t = parse_config(raw).text
+    assert [i for i, k in enumerate(t.layer_types) if k == "full_attention"] == list(range(2, 40, 3))
+
+
+def test_layer_types_win_over_interval():
+    raw = model_config({**DEMO, "layer_types": ["full_attention"] + ["linear_attention"] * 7})
+    raw["text_config"]["full_attention_interval"] = 4
+    assert parse_config(raw).text.layer_types[0] == "full_attention"
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda r: r.update(model_type="llama"), "'llama' is not supported"),
+    (lambda r: r.pop("model_type"), "None is not supported"),
+    (lambda r: r.pop("text_config"), "text_config"),
+    (lambda r: r["text_config"].update(layer_types=["linear_attention"]), "layer_types has 1 entries"),
+    (lambda r: r["text_config"]["layer_types"].__setitem__(0, "sliding_attention"), "sliding_attention"),
+    (lambda r: r["text_config"].update(num_key_value_heads=3), "num_key_value_heads"),
+    (lambda r: r["text_config"].update(linear_num_key_heads=3), "linear_num_key_heads"),
+    (lambda r: r["text_config"].update(hidden_act="gelu"), "hidden_act"),
+    (lambda r: r["text_config"]["rope_parameters"].update(rope_type="yarn"), "rope_type 'yarn'"),
+])
+def test_errors(mutate, needle):
+    raw = model_config(DEMO)
+    mutate(raw)
+    with pytest.raises(ConfigError, match="config.json") as e:
+        parse_config(raw)
+    assert needle in str(e.value)
+
+
+def test_missing_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps([1]))
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_config(tmp_path)

@@ -1,0 +1,83 @@
+"""Each fast op against the plain reference beside it, across shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen36.ops.attention import attention, attention_reference
+from qwen36.ops.conv1d import causal_conv1d, causal_conv1d_reference
+from qwen36.ops.gated_delta import gated_delta_chunked, gated_delta_recurrent, gated_delta_reference
+from qwen36.ops.moe import moe, moe_reference
+
+
+def delta_inputs(B, H, T, K, V, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, H, T, K, generator=g), dim=-1) * K ** -0.5
+    k = F.normalize(torch.randn(B, H, T, K, generator=g), dim=-1)
+    v = torch.randn(B, H, T, V, generator=g)
+    decay = -torch.rand(B, H, T, generator=g) * 2                             # log-decay <= 0
+    beta = torch.rand(B, H, T, generator=g)
+    state = torch.randn(B, H, K, V, generator=g) * 0.5
+    return q, k, v, decay, beta, state
+
+
+@pytest.mark.parametrize("B,H,T,K,V,chunk", [(1, 2, 1, 8, 8, 64), (2, 3, 17, 16, 8, 4), (1, 4, 70, 8, 12, 64),
+                                             (2, 1, 135, 16, 16, 64), (1, 2, 64, 8, 8, 64), (1, 2, 40, 8, 8, 7)])
+def test_gated_delta_forms_agree(B, H, T, K, V, chunk):
+    q, k, v, g, beta, state = delta_inputs(B, H, T, K, V, seed=T)
+    o_ref, s_ref = gated_delta_reference(q, k, v, g, beta, state)
+    for fn in (gated_delta_recurrent, lambda *a: gated_delta_chunked(*a, chunk=chunk)):
+        o, s = fn(q, k, v, g, beta, state)
+        torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gated_delta_does_not_write_inputs():
+    q, k, v, g, beta, state = delta_inputs(1, 2, 9, 8, 8, seed=0)
+    before = state.clone()
+    gated_delta_chunked(q, k, v, g, beta, state)
+    gated_delta_recurrent(q, k, v, g, beta, state)
+    assert torch.equal(state, before)
+
+
+def test_gated_delta_split_sequence_equals_whole():
+    """Carrying the state across calls is the same as one call (what chunked prefill and decode rely on)."""
+    q, k, v, g, beta, state = delta_inputs(1, 2, 100, 8, 8, seed=1)
+    o_all, s_all = gated_delta_chunked(q, k, v, g, beta, state)
+    o1, s1 = gated_delta_chunked(q[:, :, :37], k[:, :, :37], v[:, :, :37], g[:, :, :37], beta[:, :, :37], state)
+    o2, s2 = gated_delta_recurrent(q[:, :, 37:], k[:, :, 37:], v[:, :, 37:], g[:, :, 37:], beta[:, :, 37:], s1)
+    torch.testing.assert_close(torch.cat([o1, o2], 2), o_all, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s2, s_all, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("B,T,C,W", [(1, 1, 8, 4), (2, 2, 5, 4), (1, 33, 16, 4), (3, 7, 4, 2), (1, 5, 6, 1)])
+def test_causal_conv1d(B, T, C, W):
+    g = torch.Generator().manual_seed(T)
+    x, w, s = torch.randn(B, T, C, generator=g), torch.randn(C, W, generator=g), torch.randn(B, W - 1, C, generator=g)
+    y, ns = causal_conv1d(x, w, s)
+    y_ref, ns_ref = causal_conv1d_reference(x, w, s)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ns, ns_ref)
+    # state = the last W-1 inputs of the concatenated stream
+    torch.testing.assert_close(ns, torch.cat([s, x], 1)[:, -(W - 1):] if W > 1 else ns_ref)
+
+
+@pytest.mark.parametrize("Hq,Hkv,T,S,D", [(4, 2, 1, 1, 8), (4, 2, 1, 9, 8), (8, 2, 13, 13, 16), (4, 4, 5, 12, 8),
+                                          (6, 3, 70, 70, 32)])
+def test_attention(Hq, Hkv, T, S, D):
+    g = torch.Generator().manual_seed(S)
+    q, k, v = torch.randn(Hq, T, D, generator=g), torch.randn(Hkv, S, D, generator=g), torch.randn(Hkv, S, D, generator=g)
+    torch.testing.assert_close(attention(q, k, v, D ** -0.5), attention_reference(q, k, v, D ** -0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("N,E,k,H,I,wdtype", [(1, 8, 2, 16, 8, torch.float32), (13, 8, 3, 16, 12, torch.float32),
+                                              (40, 16, 4, 8, 4, torch.bfloat16)])
+def test_moe(N, E, k, H, I, wdtype):
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(N, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    w = torch.rand(N, k, generator=g)
+    gu, dn = torch.randn(E, 2 * I, H, generator=g).to(wdtype), torch.randn(E, H, I, generator=g).to(wdtype)
+    torch.testing.assert_close(moe(x, ids, w, gu, dn), moe_reference(x, ids, w, gu, dn), rtol=1e-4, atol=1e-4)
