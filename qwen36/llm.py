@@ -65,7 +65,7 @@ class LLM:
     def _check_ids(self, ids) -> list[int]:
         ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
         if not ids:
-            raise ValueError("token_ids is empty: give at least one token")
+            raise ValueError("the prompt has no tokens: give at least one")
         V = self.config.text.vocab_size
         bad = [i for i in ids if not 0 <= i < V]
         if bad:
@@ -84,9 +84,7 @@ class LLM:
     @torch.inference_mode()
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
         params = params or self.default_sampling_params()
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
-        if not prompt_ids:
-            raise ValueError("prompt is empty: give at least one token")
+        prompt_ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
         stop_ids = set(self.eos_token_ids) | set(params.stop_token_ids)
         cache = self.model.new_cache(1, len(prompt_ids) + params.max_tokens)
         sampler = Sampler(params, self.device)

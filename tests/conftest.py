@@ -9,7 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from qwen36.synth import write_checkpoint  # noqa: E402
+from qwen36.synth import DEMO, write_checkpoint  # noqa: E402
 
 BASE = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, linear_num_key_heads=2, linear_key_head_dim=16, linear_num_value_heads=4,
@@ -31,6 +31,7 @@ GEOMETRIES = {
                   "linear_num_value_heads": 3, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
                   "linear_conv_kernel_dim": 3, "num_experts_per_tok": 1, "full_attention_interval": 2},
 }
+CHECKPOINTS = {**GEOMETRIES, "demo": DEMO}  # demo: the real 248,320-row vocabulary, for text prompts
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +43,7 @@ def checkpoint(tmp_path_factory):
         key = (name, seed, tuple(sorted(options.items())))
         if key not in made:
             out = tmp_path_factory.mktemp(f"ckpt-{name}")
-            made[key] = write_checkpoint(out, GEOMETRIES[name], seed=seed, **{"tokenizer": True, **options})
+            made[key] = write_checkpoint(out, CHECKPOINTS[name], seed=seed, **{"tokenizer": True, **options})
         return made[key]
 
     return make

@@ -1,0 +1,108 @@
+"""LLM.generate / logits behaviour and SamplingParams."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen36 import LLM, SamplingParams
+from qwen36.sampling import Sampler
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return LLM(checkpoint("ratio2", seed=9))
+
+
+def test_greedy_is_argmax_of_full_forward(llm):
+    ids = [5, 17, 300, 2, 44]
+    out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=12))
+    seq = list(ids)
+    for tok in out.token_ids:
+        assert tok == int(llm.logits(seq)[-1].argmax())
+        seq.append(tok)
+    assert len(out.token_ids) == 12 and out.finish_reason == "length" and out.prompt_token_ids == ids
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    p = SamplingParams(temperature=1.0, max_tokens=20, seed=1234)
+    a, b = llm.generate([1, 2, 3], p), llm.generate([1, 2, 3], p)
+    c = llm.generate([1, 2, 3], SamplingParams(temperature=1.0, max_tokens=20, seed=99))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_stop_token_id(llm):
+    greedy = llm.generate([7, 8, 9], SamplingParams(temperature=0, max_tokens=10)).token_ids
+    stop_at = greedy[4]
+    first = greedy.index(stop_at)
+    out = llm.generate([7, 8, 9], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_at]))
+    assert out.token_ids == greedy[:first] and out.finish_reason == "stop"
+
+
+def test_stop_string_across_tokens(llm):
+    full = llm.generate([7, 8, 9], SamplingParams(temperature=0, max_tokens=10))
+    text = full.text
+    cut = len(llm.tokenizer.decode(full.token_ids[:3]))
+    stop = text[cut - 2:cut + 2]                                               # straddles a token boundary
+    out = llm.generate([7, 8, 9], SamplingParams(temperature=0, max_tokens=10, stop=[stop]))
+    assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
+
+
+def test_text_prompt(checkpoint):
+    demo = LLM(checkpoint("demo"))
+    out = demo.generate("Hello there, 世界!", SamplingParams(temperature=0, max_tokens=6))
+    assert out.prompt_token_ids == demo.tokenizer.encode("Hello there, 世界!")
+    assert len(out.token_ids) == 6 and out.text == demo.tokenizer.decode(out.token_ids)
+
+
+def test_text_prompt_outside_small_vocab(llm):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=3))
+
+
+def test_generation_config_defaults(llm):
+    p = llm.default_sampling_params(max_tokens=5)
+    assert (p.temperature, p.top_k, p.top_p, p.max_tokens) == (1.0, 20, 0.95, 5)
+    assert llm.eos_token_ids == (248046, 248044)
+
+
+@pytest.mark.parametrize("bad", [[], [512], [-1]])  # empty, past the vocabulary, negative
+def test_bad_token_ids(llm, bad):
+    with pytest.raises(ValueError, match="token"):
+        llm.logits(bad)
+
+
+def test_bad_constructor_arguments(checkpoint):
+    path = checkpoint("ratio2", seed=9)
+    with pytest.raises(ValueError, match="dtype='float64'"):
+        LLM(path, dtype="float64")
+    with pytest.raises(ValueError, match="quantization='int3'"):
+        LLM(path, quantization="int3")
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("top_k", -2),
+                                         ("min_p", 2), ("max_tokens", 0), ("repetition_penalty", 0),
+                                         ("presence_penalty", 3), ("stop", [""]), ("seed", "x")])
+def test_sampling_params_validation(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_sampler_filters():
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    def probs(**kw):
+        return Sampler(SamplingParams(**kw)).probs(logits.clone())
+    torch.testing.assert_close(probs(), torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    assert probs(top_k=2)[2:].sum() == 0 and torch.isclose(probs(top_k=2)[0], torch.tensor(0.5 / 0.7))
+    assert (probs(top_p=0.6) > 0).tolist() == [True, True, False, False, False]
+    assert (probs(top_p=0.45) > 0).tolist() == [True, False, False, False, False]
+    assert (probs(min_p=0.25) > 0).tolist() == [True, True, True, False, False]
+    assert probs(temperature=0.5)[0] > 0.5
+
+
+def test_sampler_penalties():
+    s = Sampler(SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25))
+    logits = torch.tensor([1.0, -1.0, 2.0, 0.0])
+    out = s.penalize(logits.clone(), prompt_ids=[0], output_ids=[1, 1, 2])
+    # rep: 0 -> 0.5, 1 -> -2, 2 -> 1; then presence/frequency on outputs 1 (x2) and 2 (x1)
+    torch.testing.assert_close(out, torch.tensor([0.5, -2.0 - 0.5 - 0.5, 1.0 - 0.5 - 0.25, 0.0]))
