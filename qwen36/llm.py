@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,18 +9,31 @@ import torch
 from .batch import ForwardBatch
 from .model import load_model
 from .sampling import Sampler, SamplingParams
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, TokenizerError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = (None,)
 
 
-@dataclass
 class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str                  # "stop" | "length"
-    prompt_token_ids: list[int]
+    """One generated sequence. `text` is decoded on first use, so id-in/id-out generation works with
+    checkpoints that ship no tokenizer files."""
+
+    def __init__(self, token_ids: list[int], finish_reason: str, prompt_token_ids: list[int], decode,
+                 text: str | None = None):
+        self.token_ids = token_ids
+        self.finish_reason = finish_reason              # "stop" | "length"
+        self.prompt_token_ids = prompt_token_ids
+        self._decode, self._text = decode, text
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self._decode(self.token_ids)
+        return self._text
+
+    def __repr__(self) -> str:
+        return f"Completion(token_ids={self.token_ids!r}, finish_reason={self.finish_reason!r})"
 
 
 class LLM:
@@ -46,10 +58,14 @@ class LLM:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
+        """generation_config.json's eos_token_id, else <|im_end|> and <|endoftext|> if a tokenizer ships."""
         eos = self.generation_config.get("eos_token_id")
-        if eos is None:
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (int(eos),)
+        try:
             return self.tokenizer.eos_ids
-        return tuple(eos) if isinstance(eos, list) else (int(eos),)
+        except TokenizerError:
+            return ()
 
     def default_sampling_params(self, **overrides) -> SamplingParams:
         """SamplingParams with the checkpoint's generation_config.json defaults (temperature, top_k, top_p)."""
@@ -104,9 +120,9 @@ class LLM:
                 text = self.tokenizer.decode(out)
                 cut = _find_stop(text, params.stop)
                 if cut is not None:
-                    return Completion(text[:cut], out, "stop", prompt_ids)
+                    return Completion(out, "stop", prompt_ids, self.tokenizer.decode, text[:cut])
             step_ids = [tok]
-        return Completion(self.tokenizer.decode(out), out, finish, prompt_ids)
+        return Completion(out, finish, prompt_ids, lambda ids: self.tokenizer.decode(ids))
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -60,3 +60,33 @@ def test_bf16_storage_close_to_fp32(checkpoint):
     a = LLM(path, dtype="float32").logits(ids)
     b = LLM(path, dtype="bfloat16").logits(ids)
     assert rel_err(b, a) < 1e-5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_checkpoint_saved_by_transformers(tmp_path, tied):
+    """A model built and saved by transformers itself (its own names, dtypes, single file, no tokenizer):
+    attention biases, 3 KV heads, value/key ratio 3, odd dims, tied or untied embeddings."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=300, hidden_size=48, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3,
+                head_dim=16, linear_num_key_heads=2, linear_key_head_dim=12, linear_num_value_heads=6,
+                linear_value_head_dim=10, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=20,
+                shared_expert_intermediate_size=28, attention_bias=True, tie_word_embeddings=tied,
+                layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=48, patch_size=4,
+                  num_position_embeddings=16)
+    ref = Qwen3_5MoeForConditionalGeneration(
+        Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():  # move every weight off its init value (zero norms, ones, ...)
+            p.add_(torch.randn_like(p) * 0.1)
+    ref.save_pretrained(tmp_path)
+    ours = LLM(tmp_path)
+    ids = prompt(80, 300, seed=4)
+    with torch.no_grad():
+        want_logits = ref(input_ids=torch.tensor([ids])).logits[0]
+        x = torch.tensor([ids])
+        want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)[0, 80:].tolist()
+    assert rel_err(ours.logits(ids), want_logits) < 1e-4
+    assert ours.generate(ids, SamplingParams(temperature=0, max_tokens=12)).token_ids == want
