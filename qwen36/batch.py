@@ -1,11 +1,14 @@
 """ForwardBatch: everything one model step needs to know about its sequences, passed down explicitly.
 
-The step's tokens are flattened: sequence i owns tokens [cu[i], cu[i+1]) of the N tokens. Sequence i
-lives in cache slot `slots[i]`, already holds `starts[i]` tokens there, and adds `lens[i]` new ones.
+The step's tokens are flattened: sequence i owns tokens [cu[i], cu[i+1]) of the N tokens. Sequence i keeps
+its DeltaNet state in slot `slots[i]`, already has `starts[i]` tokens in the cache and adds `lens[i]`.
+Attention KV lives in fixed-size blocks; `kv_rows[i]` lists the flat cache rows of its positions
+0 .. starts[i] + lens[i] - 1 (row = block * block_size + offset), the last lens[i] of which are written.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -17,6 +20,7 @@ class ForwardBatch:
     lens: tuple[int, ...]
     positions: torch.Tensor            # [3, N] int64 mRoPE (T, H, W) position of every new token
     logits_index: torch.Tensor         # [M] int64: rows of the N tokens whose logits are wanted
+    kv_rows: tuple[torch.Tensor, ...]  # per sequence: [starts[i] + lens[i]] int64 KV-cache rows
     cu: tuple[int, ...] = field(init=False)
 
     def __post_init__(self):
@@ -35,9 +39,23 @@ class ForwardBatch:
         return all(n == 1 for n in self.lens)
 
     @staticmethod
-    def text(slots, starts, lens, all_logits: bool = False, device="cpu") -> "ForwardBatch":
-        """Plain text: T = H = W = absolute position. Logits for every token or the last of each sequence."""
-        pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
-        cu = torch.tensor(lens).cumsum(0)
-        idx = torch.arange(int(cu[-1])) if all_logits else cu - 1
-        return ForwardBatch(tuple(slots), tuple(starts), tuple(lens), pos.expand(3, -1).to(device), idx.to(device))
+    def build(slots: Sequence[int], starts: Sequence[int], lens: Sequence[int],
+              block_tables: Sequence[Sequence[int]], block_size: int, logits: str | Sequence[int] = "last",
+              positions: torch.Tensor | None = None, device="cpu") -> "ForwardBatch":
+        """logits: "last" (last new token of each sequence), "all", or explicit row indices.
+        positions default to plain text positions (T = H = W = absolute index)."""
+        if positions is None:
+            positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]).expand(3, -1)
+        cu = torch.tensor([0, *lens]).cumsum(0)
+        if logits == "last":
+            idx = cu[1:] - 1
+        elif logits == "all":
+            idx = torch.arange(int(cu[-1]))
+        else:
+            idx = torch.tensor(list(logits), dtype=torch.long)
+        rows = []
+        for s, n, table in zip(starts, lens, block_tables):
+            p = torch.arange(s + n)
+            rows.append((torch.tensor(list(table), dtype=torch.long)[p // block_size] * block_size
+                         + p % block_size).to(device))
+        return ForwardBatch(tuple(slots), tuple(starts), tuple(lens), positions.to(device), idx.to(device), tuple(rows))

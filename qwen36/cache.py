@@ -1,32 +1,63 @@
-"""Hybrid cache: plain preallocated tensors, one slot per running sequence.
+"""Hybrid cache: plain preallocated tensors.
 
-  attention layers: k, v   [slots, Hkv, max_len, D]       (compute dtype)
-  DeltaNet layers:  conv   [slots, W-1, conv_dim]           (compute dtype; the last W-1 pre-conv inputs)
-                    state  [slots, Hv, Dk, Dv]              (fp32 recurrent state, as the reference keeps it)
-The layout is declared by the model (`model.cache_layout`); this file only allocates and resets.
+  attention layers: k, v   [num_blocks * block_size, Hkv, D]   KV rows in fixed-size blocks (compute dtype)
+  DeltaNet layers:  conv   [slots, W-1, conv_dim]               last W-1 pre-conv inputs (compute dtype)
+                    state  [slots, Hv, Dk, Dv]                  recurrent state (fp32, as the reference keeps it)
+A sequence owns one state slot and a list of KV blocks (its block table). The layout is declared by the
+model (`TextModel.cache_layout`); this file only allocates and resets.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .batch import ForwardBatch
+
+# name -> (shape, dtype or None for the compute dtype); "per_token" tensors get num_blocks*block_size rows,
+# "per_slot" tensors get one row per sequence slot.
+Layout = dict[int, dict[str, tuple[str, tuple[int, ...], torch.dtype | None]]]
 
 
 class HybridCache:
-    def __init__(self, layout: dict[int, dict[str, tuple[tuple[int, ...], torch.dtype | None]]],
-                 max_seqs: int, max_len: int, dtype: torch.dtype, device):
-        self.max_seqs, self.max_len = max_seqs, max_len
+    def __init__(self, layout: Layout, num_slots: int, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+        self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
         self.layers: dict[int, dict[str, torch.Tensor]] = {}
         for layer, tensors in layout.items():
             self.layers[layer] = {}
-            for name, (shape, own_dtype) in tensors.items():
-                shape = tuple(max_len if s == -1 else s for s in shape)        # -1 marks the sequence axis
-                self.layers[layer][name] = torch.zeros((max_seqs, *shape), dtype=own_dtype or dtype, device=device)
+            for name, (kind, shape, own_dtype) in tensors.items():
+                rows = num_blocks * block_size if kind == "per_token" else num_slots
+                self.layers[layer][name] = torch.zeros((rows, *shape), dtype=own_dtype or dtype, device=device)
+
+    @classmethod
+    def contiguous(cls, layout: Layout, num_slots: int, max_len: int, dtype, device, block_size: int = 64):
+        """Every slot owns a fixed run of blocks (see `table`): for offline use without a scheduler."""
+        per_slot = math.ceil(max_len / block_size)
+        cache = cls(layout, num_slots, num_slots * per_slot, block_size, dtype, device)
+        cache.blocks_per_slot = per_slot
+        return cache
+
+    def table(self, slot: int) -> list[int]:
+        """The block table of `slot` in a cache made by `contiguous`."""
+        n = self.blocks_per_slot
+        return list(range(slot * n, (slot + 1) * n))
+
+    def batch(self, slots, starts, lens, logits="last", positions=None) -> ForwardBatch:
+        """A ForwardBatch over slots of a `contiguous` cache."""
+        device = next(iter(next(iter(self.layers.values())).values())).device
+        return ForwardBatch.build(slots, starts, lens, [self.table(s) for s in slots], self.block_size, logits,
+                                  positions, device)
 
     def __getitem__(self, layer: int) -> dict[str, torch.Tensor]:
         return self.layers[layer]
 
     def reset(self, slot: int) -> None:
-        """Start a new sequence in `slot`: recurrent and conv states to zero (KV is overwritten as it grows)."""
+        """Start a new sequence in `slot`: recurrent and conv states to zero (KV rows are overwritten)."""
         for tensors in self.layers.values():
-            for name, t in tensors.items():
-                if name in ("conv", "state"):
-                    t[slot].zero_()
+            for name in ("conv", "state"):
+                if name in tensors:
+                    tensors[name][slot].zero_()
+
+    def bytes_per_block(self) -> int:
+        return sum(t[: self.block_size].numel() * t.element_size()
+                   for tensors in self.layers.values() for name, t in tensors.items() if name in ("k", "v"))

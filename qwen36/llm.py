@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from .batch import ForwardBatch
+from .engine import Engine, StepOutput
 from .model import load_model
-from .sampling import Sampler, SamplingParams
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer, TokenizerError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +38,8 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", quantization: str | None = None):
+    def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", quantization: str | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_bytes: int = 1 << 30):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)}")
         if quantization not in QUANTIZATIONS:
@@ -49,6 +51,8 @@ class LLM:
         self.config, self.model = load_model(self.path, DTYPES[dtype], self.device)
         self.generation_config = _read_optional_json(self.path / "generation_config.json")
         self._tokenizer: Tokenizer | None = None
+        self.max_model_len, self.max_num_seqs, self.kv_cache_bytes = max_model_len, max_num_seqs, kv_cache_bytes
+        self._engine: Engine | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -93,41 +97,65 @@ class LLM:
         """float32 [len(token_ids), vocab_size]: one full forward of one sequence, no cache reuse."""
         ids = self._check_ids(token_ids)
         cache = self.model.new_cache(1, len(ids))
-        batch = ForwardBatch.text([0], [0], [len(ids)], all_logits=True, device=self.device)
         x = self.model.embed(torch.tensor(ids, device=self.device))
-        return self.model(x, batch, cache)
+        return self.model(x, cache.batch([0], [0], [len(ids)], logits="all"), cache)
 
-    @torch.inference_mode()
-    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
+    def engine(self) -> Engine:
+        """The continuous-batching engine behind generate/chat (made on first use)."""
+        if self._engine is None:
+            try:
+                tokenizer = self.tokenizer
+            except TokenizerError:
+                tokenizer = None                               # id-in/id-out still works
+            self._engine = Engine(self.model, tokenizer, self.eos_token_ids, num_slots=self.max_num_seqs,
+                                  max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes)
+        return self._engine
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        return self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+
+    def generate(self, prompt, params: SamplingParams | None = None):
+        """prompt: str | list[int] -> Completion; a list of those -> list[Completion], run as one batch."""
         params = params or self.default_sampling_params()
-        prompt_ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
-        stop_ids = set(self.eos_token_ids) | set(params.stop_token_ids)
-        cache = self.model.new_cache(1, len(prompt_ids) + params.max_tokens)
-        sampler = Sampler(params, self.device)
-        out: list[int] = []
-        step_ids, start = prompt_ids, 0
-        finish = "length"
-        while len(out) < params.max_tokens:
-            batch = ForwardBatch.text([0], [start], [len(step_ids)], device=self.device)
-            logits = self.model(self.model.embed(torch.tensor(step_ids, device=self.device)), batch, cache)[-1]
-            start += len(step_ids)
-            tok = sampler(logits, prompt_ids, out)
-            if tok in stop_ids:
-                finish = "stop"
-                break
-            out.append(tok)
-            if params.stop:
-                text = self.tokenizer.decode(out)
-                cut = _find_stop(text, params.stop)
-                if cut is not None:
-                    return Completion(out, "stop", prompt_ids, self.tokenizer.decode, text[:cut])
-            step_ids = [tok]
-        return Completion(out, finish, prompt_ids, lambda ids: self.tokenizer.decode(ids))
+        single = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int))
+        prompts = [prompt] if single else list(prompt)
+        engine = self.engine()
+        rids, ids = [], []
+        try:
+            for p in prompts:
+                ids.append(self._prompt_ids(p))
+                rids.append(engine.add_request(ids[-1], params))
+            results = {rid: ([], [], None) for rid in rids}
+            while any(r[2] is None for r in results.values()):
+                for out in engine.step():
+                    toks, texts, _ = results[out.request_id]
+                    toks.extend(out.token_ids)
+                    texts.append(out.text)
+                    if out.finished:
+                        results[out.request_id] = (toks, texts, out.finish_reason)
+        finally:
+            for rid in rids:
+                engine.abort(rid)                              # no-op for finished requests
+        done = [Completion(results[r][0], results[r][2], i, lambda t: self.tokenizer.decode(t),
+                           "".join(results[r][1]) if engine.tokenizer is not None else None)
+                for r, i in zip(rids, ids)]
+        return done[0] if single else done
 
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+    def generate_stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StepOutput]:
+        """Yield StepOutputs (token ids, released text, finish) of one prompt as they are produced.
+        Closing the iterator early (break, Ctrl-C) aborts the request and frees its cache at once."""
+        params = params or self.default_sampling_params()
+        engine = self.engine()
+        rid = engine.add_request(self._prompt_ids(prompt), params)
+        try:
+            while True:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            engine.abort(rid)
 
 
 def _read_optional_json(file: Path) -> dict:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch import ForwardBatch
-from .cache import HybridCache
+from .cache import HybridCache, Layout
 from .checkpoint import Checkpoint, load_text_weights
 from .config import ModelConfig, TextConfig, load_config
 from .layers.attention import GatedAttention
@@ -60,23 +60,26 @@ class TextModel(nn.Module):
         self.rotary: MRotary | None = None                                     # set once weights are on a device
         self.compute_dtype = torch.float32
 
-    def cache_layout(self) -> dict[int, dict[str, tuple[tuple[int, ...], torch.dtype | None]]]:
-        """Per layer: name -> (shape without the slot axis, dtype or None for the compute dtype); -1 = max_len."""
+    def cache_layout(self) -> Layout:
+        """Per layer: name -> (kind, shape of one row, dtype or None for the compute dtype)."""
         c = self.cfg
         layout = {}
         for i, layer in enumerate(self.layers):
             if layer.full_attention:
-                kv = (c.num_key_value_heads, -1, c.head_dim)
-                layout[i] = {"k": (kv, None), "v": (kv, None)}
+                kv = ("per_token", (c.num_key_value_heads, c.head_dim), None)
+                layout[i] = {"k": kv, "v": kv}
             else:
                 layout[i] = {
-                    "conv": ((c.linear_conv_kernel_dim - 1, c.linear_conv_dim), None),
-                    "state": ((c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim), torch.float32),
+                    "conv": ("per_slot", (c.linear_conv_kernel_dim - 1, c.linear_conv_dim), None),
+                    "state": ("per_slot", (c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim),
+                              torch.float32),
                 }
         return layout
 
-    def new_cache(self, max_seqs: int, max_len: int) -> HybridCache:
-        return HybridCache(self.cache_layout(), max_seqs, max_len, self.compute_dtype, self.embed_tokens.weight.device)
+    def new_cache(self, num_slots: int, max_len: int) -> HybridCache:
+        """A cache where each slot owns room for max_len tokens (offline use; the engine pages blocks)."""
+        return HybridCache.contiguous(self.cache_layout(), num_slots, max_len, self.compute_dtype,
+                                      self.embed_tokens.weight.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_tokens.weight).to(self.compute_dtype)

@@ -19,6 +19,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] | list[int] | None = None
+    logprobs: int | None = None         # None: none; k >= 0: the sampled token's logprob and the top k
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -57,6 +58,9 @@ class SamplingParams:
         if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             bad("stop_token_ids", "must be a list of token ids")
         object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            bad("logprobs", "must be None or an integer in [0, 20]")
 
     @property
     def greedy(self) -> bool:

@@ -252,3 +252,21 @@ def write_tokenizer_files(out: str | Path) -> None:
     out = Path(out)
     for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
         (out / name).write_bytes((cached / name).read_bytes())
+
+
+class StreamDecoder:
+    """Token ids in, text out, as the tokens arrive: a multi-byte character split across tokens is held
+    back until complete (never broken UTF-8), and nothing is dropped: the concatenated output equals
+    `tokenizer.decode(all_ids)`."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        import codecs
+
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        return self._utf8.decode(self.tokenizer.decode_bytes([token_id]))
+
+    def finish(self) -> str:
+        return self._utf8.decode(b"", final=True)

@@ -11,7 +11,6 @@ import tempfile
 
 import torch
 
-from qwen36.batch import ForwardBatch
 from qwen36.model import load_model
 from qwen36.synth import DEMO, write_checkpoint
 
@@ -22,10 +21,15 @@ TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_h
 N = 200
 
 
+def _batch_and_cache(m, n):
+    cache = m.new_cache(1, n)
+    return cache.batch([0], [0], [n], logits="all"), cache
+
+
 @torch.inference_mode()
 def run(path, storage, compute, ids):
     _, m = load_model(path, storage, "cpu", compute_dtype=compute)
-    return m(m.embed(ids), ForwardBatch.text([0], [0], [len(ids)], all_logits=True), m.new_cache(1, len(ids)))
+    return m(m.embed(ids), *_batch_and_cache(m, len(ids)))
 
 
 def report(name, tag, got, ref):

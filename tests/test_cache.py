@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from qwen36 import LLM
-from qwen36.batch import ForwardBatch
 
 from conftest import rel_err
 
@@ -18,7 +17,7 @@ def run_in_pieces(llm: LLM, ids: list[int], piece: int) -> torch.Tensor:
     out = []
     for s in range(0, len(ids), piece):
         chunk = ids[s:s + piece]
-        batch = ForwardBatch.text([0], [s], [len(chunk)], all_logits=True)
+        batch = cache.batch([0], [s], [len(chunk)], logits="all")
         out.append(m(m.embed(torch.tensor(chunk)), batch, cache))
     return torch.cat(out)
 
@@ -44,17 +43,17 @@ def test_batch_equals_alone(checkpoint):
     slots = (3, 0, 2)
     # step 1: prefill all but the last token of sequences 0 and 1, the first 40 of sequence 2
     lens1 = (29, 6, 40)
-    b = ForwardBatch.text(slots, (0, 0, 0), lens1, all_logits=True)
+    b = cache.batch(slots, (0, 0, 0), lens1, logits="all")
     x = torch.cat([torch.tensor(s[:n]) for s, n in zip(seqs, lens1)])
     out1 = m(m.embed(x), b, cache)
     # step 2: sequences 0 and 1 decode one token each while sequence 2 prefills the rest
     lens2 = (1, 1, 26)
-    b = ForwardBatch.text(slots, lens1, lens2, all_logits=True)
+    b = cache.batch(slots, lens1, lens2, logits="all")
     x = torch.cat([torch.tensor(s[a:a + n]) for s, a, n in zip(seqs, lens1, lens2)])
     out2 = m(m.embed(x), b, cache)
     # step 3: pure decode batch (the batched recurrent path) for sequences 0 and 2 only, after new tokens
     extra = [5, 9]
-    b = ForwardBatch.text((3, 2), (30, 66), (1, 1), all_logits=True)
+    b = cache.batch((3, 2), (30, 66), (1, 1), logits="all")
     out3 = m(m.embed(torch.tensor(extra)), b, cache)
 
     cu1 = [0, 29, 35, 75]
@@ -71,7 +70,7 @@ def test_reset_slot_starts_fresh(checkpoint):
     m = llm.model
     cache = m.new_cache(1, 32)
     a, b = [1, 2, 3, 4, 5], [9, 8, 7]
-    m(m.embed(torch.tensor(a)), ForwardBatch.text([0], [0], [5]), cache)
+    m(m.embed(torch.tensor(a)), cache.batch([0], [0], [5]), cache)
     cache.reset(0)
-    got = m(m.embed(torch.tensor(b)), ForwardBatch.text([0], [0], [3], all_logits=True), cache)
+    got = m(m.embed(torch.tensor(b)), cache.batch([0], [0], [3], logits="all"), cache)
     assert rel_err(got, llm.logits(b)) < 1e-5

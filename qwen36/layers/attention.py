@@ -32,13 +32,13 @@ class GatedAttention(nn.Module):
         q = apply_rotary(self.q_norm(q), *rope)
         k = apply_rotary(self.k_norm(self.k_proj(x).view(N, self.n_kv, self.d)), *rope)
         v = self.v_proj(x).view(N, self.n_kv, self.d)
-        kc, vc = cache["k"], cache["v"]                                        # [slots, Hkv, L, D]
+        kc, vc = cache["k"], cache["v"]                                        # [rows, Hkv, D]
         out = torch.empty_like(q)
-        for i, (slot, start, n) in enumerate(zip(batch.slots, batch.starts, batch.lens)):
+        for i, rows in enumerate(batch.kv_rows):
             a, b = batch.cu[i], batch.cu[i + 1]
-            kc[slot, :, start:start + n] = k[a:b].transpose(0, 1)
-            vc[slot, :, start:start + n] = v[a:b].transpose(0, 1)
-            o = attention(q[a:b].transpose(0, 1), kc[slot, :, :start + n], vc[slot, :, :start + n], self.scale)
+            kc[rows[-(b - a):]] = k[a:b]
+            vc[rows[-(b - a):]] = v[a:b]
+            o = attention(q[a:b].transpose(0, 1), kc[rows].transpose(0, 1), vc[rows].transpose(0, 1), self.scale)
             out[a:b] = o.transpose(0, 1)
         out = out.reshape(N, -1) * torch.sigmoid(gate.reshape(N, -1))
         return self.o_proj(out)

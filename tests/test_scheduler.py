@@ -1,0 +1,96 @@
+"""The scheduler alone (pure Python, no model)."""
+from __future__ import annotations
+
+import pytest
+
+from qwen36.scheduler import BlockAllocator, Scheduler, SeqState
+
+
+def seq(i, prompt, max_tokens):
+    return SeqState(seq_id=i, prompt_len=prompt, max_tokens=max_tokens)
+
+
+def test_block_allocator():
+    a = BlockAllocator(4)
+    x = a.allocate(3)
+    assert sorted(x) == [0, 1, 2] and a.num_free == 1
+    assert a.allocate(2) is None and a.num_free == 1
+    a.free(x)
+    assert a.num_free == 4
+
+
+def test_prefill_chunks_within_budget_then_decode():
+    s = Scheduler(num_slots=2, num_blocks=16, block_size=4, token_budget=10, max_model_len=64)
+    a = seq(0, 23, 5)
+    s.add(a)
+    work, admitted = s.schedule()
+    assert admitted == [a] and [(w.num_new, w.samples) for w in work] == [(10, False)]
+    a.num_computed += 10
+    work, _ = s.schedule()
+    assert [(w.num_new, w.samples) for w in work] == [(10, False)]
+    a.num_computed += 10
+    work, _ = s.schedule()
+    assert [(w.num_new, w.samples) for w in work] == [(3, True)]
+    a.num_computed += 3
+    a.num_tokens += 1                                  # the sampled token
+    work, _ = s.schedule()
+    assert [(w.num_new, w.samples) for w in work] == [(1, True)]
+
+
+def test_decodes_first_and_share_budget():
+    s = Scheduler(num_slots=3, num_blocks=64, block_size=4, token_budget=8, max_model_len=64)
+    a, b = seq(0, 2, 4), seq(1, 30, 4)
+    s.add(a)
+    s.add(b)
+    work, admitted = s.schedule()
+    assert admitted == [a, b]
+    assert [(w.seq.seq_id, w.num_new) for w in work] == [(0, 2), (1, 6)]
+    a.num_computed, a.num_tokens, b.num_computed = 2, 3, 6
+    work, _ = s.schedule()
+    assert [(w.seq.seq_id, w.num_new, w.samples) for w in work] == [(0, 1, True), (1, 7, False)]
+
+
+def test_admission_waits_for_blocks_and_slots_in_order():
+    s = Scheduler(num_slots=2, num_blocks=6, block_size=4, token_budget=64, max_model_len=64)
+    a, b, c = seq(0, 10, 6), seq(1, 4, 4), seq(2, 1, 1)      # a needs 4 blocks, b 2, c 1
+    for x in (a, b, c):
+        s.add(x)
+    _, admitted = s.schedule()
+    assert admitted == [a, b]                                  # slots full: c waits
+    assert s.blocks.num_free == 0
+    s.finish(b)
+    assert s.blocks.num_free == 2 and b.slot == -1
+    _, admitted = s.schedule()
+    assert admitted == [c]
+
+
+def test_no_overtaking_when_head_does_not_fit():
+    s = Scheduler(num_slots=4, num_blocks=4, block_size=4, token_budget=64, max_model_len=64)
+    big, small1, small2 = seq(0, 8, 8), seq(1, 12, 4), seq(2, 1, 1)
+    s.add(big)
+    s.add(small1)
+    s.add(small2)
+    _, admitted = s.schedule()
+    assert admitted == [big]                                   # small1 needs 4 blocks, 0 left: small2 waits too
+    s.finish(big)
+    _, admitted = s.schedule()
+    assert admitted == [small1]
+
+
+def test_requests_that_can_never_fit_are_rejected():
+    s = Scheduler(num_slots=2, num_blocks=4, block_size=4, token_budget=64, max_model_len=20)
+    with pytest.raises(ValueError, match=r"prompt \(18 tokens\) \+ max_tokens \(3\) = 21 exceeds .* 20 tokens"):
+        s.add(seq(0, 18, 3))
+    s2 = Scheduler(num_slots=2, num_blocks=4, block_size=4, token_budget=64, max_model_len=100)
+    with pytest.raises(ValueError, match="more KV cache"):
+        s2.add(seq(0, 15, 2))
+
+
+def test_abort_waiting():
+    s = Scheduler(num_slots=1, num_blocks=8, block_size=4, token_budget=64, max_model_len=64)
+    a, b = seq(0, 4, 4), seq(1, 4, 4)
+    s.add(a)
+    s.add(b)
+    s.schedule()
+    s.finish(b)                                                # still waiting: just dropped
+    assert not s.waiting and s.running == [a]
