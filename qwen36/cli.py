@@ -68,11 +68,73 @@ def cmd_generate(args) -> int:
     from . import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
-    overrides = {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                       seed=args.seed, max_tokens=args.max_tokens).items() if v is not None}
-    out = llm.generate(args.prompt, llm.default_sampling_params(**overrides))
+    out = llm.generate(args.prompt, llm.default_sampling_params(**_sampling_overrides(args)))
     print(out.text)
     return 0
+
+
+def _sampling_overrides(args) -> dict:
+    return {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  seed=args.seed, max_tokens=args.max_tokens).items() if v is not None}
+
+
+def cmd_chat(args) -> int:
+    from . import LLM
+    from .repl import run_repl
+
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    params = llm.default_sampling_params(**{"max_tokens": 2048, **_sampling_overrides(args)})
+    return run_repl(llm, params, thinking=not args.no_think)
+
+
+def cmd_serve(args) -> int:
+    import json
+    import os
+
+    import uvicorn
+
+    from . import LLM
+    from .server.app import ServerConfig, create_app
+
+    try:
+        defaults = json.loads(args.default_chat_template_kwargs) if args.default_chat_template_kwargs else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--default-chat-template-kwargs is not valid JSON: {e}") from None
+    if defaults is not None and not isinstance(defaults, dict):
+        raise ValueError("--default-chat-template-kwargs must be a JSON object")
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, kv_cache_bytes=parse_size(args.kv_cache_memory))
+    name = args.served_model_name or Path(args.model).resolve().name
+    config = ServerConfig(name, args.api_key or os.environ.get("QWEN36_API_KEY") or None,
+                          parse_size(args.max_body_size), defaults)
+    app = create_app(llm, config)
+    print(f"qwen36: serving {name} on http://{args.host}:{args.port}/v1 "
+          f"(max context {llm.engine().max_model_len} tokens, {args.max_num_seqs} sequences)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,14 +154,32 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="one completion of a prompt, to stdout")
     g.add_argument("model")
     g.add_argument("prompt")
-    g.add_argument("--max-tokens", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="cpu")
+    _add_sampling_options(g)
+    _add_model_options(g)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat: streaming, reasoning shown apart")
+    c.add_argument("model")
+    c.add_argument("--no-think", action="store_true", help="start with thinking off (/think on|off toggles)")
+    _add_sampling_options(c)
+    _add_model_options(c)
+    c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s.add_argument("model")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set QWEN36_API_KEY)")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--max-model-len", type=int, default=32768)
+    s.add_argument("--max-num-seqs", type=int, default=8)
+    s.add_argument("--kv-cache-memory", default="1G", help="memory for attention KV blocks, e.g. 512M, 4G")
+    s.add_argument("--max-body-size", default="8M")
+    s.add_argument("--default-chat-template-kwargs", default=None,
+                   help='JSON, e.g. \'{"enable_thinking": false}\'')
+    s.add_argument("--log-level", default="warning")
+    _add_model_options(s)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -214,7 +214,9 @@ def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_exper
     gen = dict(bos_token_id=248044, eos_token_id=[248046, 248044], pad_token_id=248044, do_sample=True,
                temperature=1.0, top_k=20, top_p=0.95, transformers_version="4.57.1")
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if tokenizer:
+    if tokenizer:  # the tokenizer files and our chat template, as an official checkpoint ships them
+        from .chat import CHAT_TEMPLATE
         from .tokenizer import write_tokenizer_files
         write_tokenizer_files(out)
+        (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return out

@@ -1,0 +1,362 @@
+"""The OpenAI-compatible HTTP server (FastAPI): routes, SSE streaming, auth, limits, metrics."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from ..chat import ChatTemplate, ChatTemplateError
+from ..engine import StepOutput
+from ..llm import LLM
+from ..parsers import AssistantStreamParser, parse_assistant
+from ..sampling import SamplingParams
+from .metrics import render_metrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from .runner import EngineRunner, now
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 8 << 20
+    default_chat_template_kwargs: dict | None = None
+
+
+def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="qwen36", docs_url=None, redoc_url=None)
+    runner = EngineRunner(llm.engine())
+    template = ChatTemplate.from_checkpoint(llm.path)
+    tokenizer = llm.tokenizer
+    app.state.runner = runner
+    created = int(time.time())
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        route = request.url.path
+        try:
+            if config.api_key and route != "/health":
+                auth = request.headers.get("authorization", "")
+                if auth != f"Bearer {config.api_key}":
+                    raise APIError("invalid or missing API key (send 'Authorization: Bearer <key>')", 401,
+                                   type_="authentication_error", code="invalid_api_key")
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+                raise APIError(f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}", 413)
+            response = await call_next(request)
+        except APIError as e:
+            response = error_response(e)
+        key = (route, response.status_code)
+        runner.stats.requests[key] = runner.stats.requests.get(key, 0) + 1
+        return response
+
+    async def body(request: Request) -> bytes:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > config.max_body_bytes:
+                raise APIError(f"request body exceeds the limit of {config.max_body_bytes} bytes", 413)
+        return bytes(data)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model", "created": created,
+                                            "owned_by": "qwen36", "max_model_len": runner.engine.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(render_metrics(runner.stats, runner.load()), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            req = parse(ChatCompletionRequest, await body(request))
+            job = ChatJob(req, config, template, tokenizer, llm, runner)
+            job.prepare()
+            return StreamingResponse(job.stream(request), media_type="text/event-stream") if req.stream \
+                else JSONResponse(await job.complete(request))
+        except APIError as e:
+            return error_response(e)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            req = parse(CompletionRequest, await body(request))
+            job = CompletionJob(req, config, tokenizer, llm, runner)
+            job.prepare()
+            return StreamingResponse(job.stream(request), media_type="text/event-stream") if req.stream \
+                else JSONResponse(await job.complete(request))
+        except APIError as e:
+            return error_response(e)
+
+    @app.on_event("shutdown")
+    def _shutdown():
+        runner.close()
+
+    return app
+
+
+def error_response(e: APIError) -> Response:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def sampling_params(req, llm: LLM, prompt_len: int, max_tokens: int | None, logprobs: int | None,
+                    choice: int) -> SamplingParams:
+    fields = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                                          "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids")
+              if getattr(req, k) is not None}
+    if req.seed is not None:
+        fields["seed"] = req.seed + choice                     # n choices: distinct but reproducible
+    limit = llm.engine().max_model_len - prompt_len
+    if limit <= 0:
+        raise APIError(f"this model's maximum context length is {llm.engine().max_model_len} tokens, but the "
+                       f"prompt has {prompt_len} tokens", param="messages")
+    fields["max_tokens"] = max_tokens or limit
+    fields["logprobs"] = logprobs
+    try:
+        return llm.default_sampling_params(**fields)
+    except ValueError as e:
+        raise APIError(str(e)) from None
+
+
+class _Job:
+    """One HTTP request: n engine requests, their outputs merged into one response or SSE stream."""
+    object_name = ""
+
+    def __init__(self, req, config: ServerConfig, tokenizer, llm: LLM, runner: EngineRunner):
+        self.req, self.config, self.tokenizer, self.llm, self.runner = req, config, tokenizer, llm, runner
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.rids: list[str] = []
+        self.queue: asyncio.Queue | None = None
+        self.generated: dict[str, int] = {}                    # request id -> tokens generated
+
+    def submit(self, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None) -> None:
+        self.prompts = prompts
+        self.choices = []                                      # (prompt index, rid)
+        params = [sampling_params(self.req, self.llm, len(p), max_tokens, logprobs, c)
+                  for p in prompts for c in range(self.req.n)]  # validate everything before queueing anything
+        self.t0 = now()
+        self.queue = asyncio.Queue()
+        try:
+            k = 0
+            for i, p in enumerate(prompts):
+                for _ in range(self.req.n):
+                    rid, q = self.runner.submit(p, params[k], self.queue)
+                    self.rids.append(rid)
+                    self.choices.append(i)
+                    k += 1
+        except ValueError as e:
+            self.abort()
+            raise APIError(str(e), param="max_tokens" if "max_tokens" in str(e) else None) from None
+
+    def abort(self) -> None:
+        for rid in self.rids:
+            self.runner.abort(rid)
+
+    async def outputs(self, request: Request) -> AsyncIterator[tuple[int, StepOutput]]:
+        """(choice index, output) as they arrive, until every choice finished; aborts on disconnect."""
+        index = {rid: i for i, rid in enumerate(self.rids)}
+        pending = set(self.rids)
+        first = {}
+        getter = None
+        try:
+            while pending:
+                # never cancel a pending get (wait_for could drop an item that arrives at the timeout)
+                getter = getter or asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=1.0)
+                if not done:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                out, getter = getter.result(), None
+                i = index[out.request_id]
+                if i not in first and out.token_ids:
+                    first[i] = now()
+                    self.runner.stats.ttft.append(first[i] - self.t0)
+                if out.finished:
+                    pending.discard(out.request_id)
+                    self._tpot(first.get(i), out)
+                yield i, out
+        finally:
+            if getter is not None:
+                getter.cancel()
+            self.abort()                                       # frees slots of anything unfinished at once
+
+    def _tpot(self, first: float | None, out: StepOutput) -> None:
+        if first is not None and out.request_id in self.generated and self.generated[out.request_id] > 1:
+            self.runner.stats.tpot.append((now() - first) / (self.generated[out.request_id] - 1))
+
+    def count(self, out: StepOutput) -> None:
+        self.generated[out.request_id] = self.generated.get(out.request_id, 0) + len(out.token_ids)
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.prompts)
+        done = sum(self.generated.values())
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": self.id, "object": self.object_name + ".chunk" if self.prefix == "chatcmpl" else self.object_name,
+                "created": self.created, "model": self.config.served_model_name, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def logprob_entries(self, out: StepOutput) -> list[dict]:
+        entries = []
+        for lp in out.logprobs:
+            tok = self.tokenizer.decode([lp["token_id"]])
+            entries.append({"token": tok, "logprob": lp["logprob"], "bytes": list(tok.encode()),
+                            "top_logprobs": [{"token": self.tokenizer.decode([t]), "logprob": v,
+                                              "bytes": list(self.tokenizer.decode([t]).encode())}
+                                             for t, v in lp["top"]]})
+        return entries
+
+
+class ChatJob(_Job):
+    prefix, object_name = "chatcmpl", "chat.completion"
+
+    def __init__(self, req: ChatCompletionRequest, config, template: ChatTemplate, tokenizer, llm, runner):
+        super().__init__(req, config, tokenizer, llm, runner)
+        self.template = template
+
+    def prepare(self) -> None:
+        req = self.req
+        kwargs = {**(self.config.default_chat_template_kwargs or {}), **(req.chat_template_kwargs or {})}
+        self.thinking = kwargs.get("enable_thinking", True) is not False
+        preserve = kwargs.get("preserve_thinking", False) is True
+        use_tools = bool(req.tools) and req.tool_choice != "none"
+        self.tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:
+            prompt = self.template.render(messages, tools=self.tools, add_generation_prompt=True,
+                                          enable_thinking=self.thinking, preserve_thinking=preserve)
+        except ChatTemplateError as e:
+            raise APIError(f"messages: {e}", param="messages") from None
+        ids = self.tokenizer.encode(prompt)
+        top = req.top_logprobs if req.logprobs else None
+        self.submit([ids], req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None)
+
+    def _finish_reason(self, reason: str, tool_calls: bool) -> str:
+        return "tool_calls" if tool_calls and reason == "stop" else reason
+
+    async def complete(self, request: Request) -> dict:
+        texts = [""] * len(self.rids)
+        reasons: list[str | None] = [None] * len(self.rids)
+        logprobs: list[list] = [[] for _ in self.rids]
+        async for i, out in self.outputs(request):
+            self.count(out)
+            texts[i] += out.text
+            logprobs[i] += self.logprob_entries(out)
+            if out.finished:
+                reasons[i] = out.finish_reason
+        if any(r == "error" for r in reasons):
+            raise APIError("the engine failed while generating; the request was dropped", 500, type_="server_error")
+        choices = []
+        for i, text in enumerate(texts):
+            result = parse_assistant(text, self.tools, thinking=self.thinking)
+            message = {"role": "assistant", "content": result.content, "reasoning_content": result.reasoning_content}
+            if result.tool_calls:
+                message["tool_calls"] = result.tool_calls
+            choices.append({"index": i, "message": message,
+                            "logprobs": {"content": logprobs[i]} if self.req.logprobs else None,
+                            "finish_reason": self._finish_reason(reasons[i] or "stop", bool(result.tool_calls))})
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.config.served_model_name, "choices": choices, "usage": self.usage()}
+
+    async def stream(self, request: Request) -> AsyncIterator[str]:
+        parsers = [AssistantStreamParser(self.tools, thinking=self.thinking) for _ in self.rids]
+        saw_tools = [False] * len(self.rids)
+        for i in range(len(self.rids)):
+            yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}])
+        async for i, out in self.outputs(request):
+            self.count(out)
+            deltas = parsers[i].feed(out.text) if out.text else []
+            if out.finished:
+                deltas += parsers[i].finish()
+            lp = {"content": self.logprob_entries(out)} if self.req.logprobs and out.logprobs else None
+            for d in deltas:
+                saw_tools[i] |= "tool_calls" in d
+                yield self.chunk([{"index": i, "delta": d, "logprobs": lp, "finish_reason": None}])
+                lp = None
+            if lp is not None:
+                yield self.chunk([{"index": i, "delta": {}, "logprobs": lp, "finish_reason": None}])
+            if out.finished:
+                yield self.chunk([{"index": i, "delta": {}, "logprobs": None,
+                                   "finish_reason": self._finish_reason(out.finish_reason, saw_tools[i])}])
+        if self.req.stream_options and self.req.stream_options.include_usage:
+            yield self.chunk([], self.usage())
+        yield "data: [DONE]\n\n"
+
+
+class CompletionJob(_Job):
+    prefix, object_name = "cmpl", "text_completion"
+
+    def prepare(self) -> None:
+        p = self.req.prompt
+        if isinstance(p, str):
+            prompts = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [p]
+        else:
+            prompts = list(p)
+        if not prompts:
+            raise APIError("prompt is empty", param="prompt")
+        ids = []
+        for x in prompts:
+            t = self.tokenizer.encode(x) if isinstance(x, str) else list(x)
+            if not t:
+                raise APIError("prompt has no tokens", param="prompt")
+            bad = [v for v in t if not 0 <= v < self.llm.config.text.vocab_size]
+            if bad:
+                raise APIError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
+            ids.append(t)
+        self.submit(ids, self.req.max_tokens or 16, self.req.logprobs)
+
+    def _logprobs(self, entries: list[dict]) -> dict:
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": []}
+
+    async def complete(self, request: Request) -> dict:
+        texts = [""] * len(self.rids)
+        reasons: list[Any] = [None] * len(self.rids)
+        entries: list[list] = [[] for _ in self.rids]
+        async for i, out in self.outputs(request):
+            self.count(out)
+            texts[i] += out.text
+            entries[i] += self.logprob_entries(out)
+            if out.finished:
+                reasons[i] = out.finish_reason
+        if any(r == "error" for r in reasons):
+            raise APIError("the engine failed while generating; the request was dropped", 500, type_="server_error")
+        choices = []
+        for i, text in enumerate(texts):
+            if self.req.echo:
+                text = self.tokenizer.decode(self.prompts[self.choices[i]]) + text
+            choices.append({"index": i, "text": text, "finish_reason": reasons[i],
+                            "logprobs": self._logprobs(entries[i]) if self.req.logprobs is not None else None})
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.config.served_model_name, "choices": choices, "usage": self.usage()}
+
+    async def stream(self, request: Request) -> AsyncIterator[str]:
+        async for i, out in self.outputs(request):
+            self.count(out)
+            lp = self._logprobs(self.logprob_entries(out)) if self.req.logprobs is not None else None
+            if out.text or lp or out.finished:
+                yield self.chunk([{"index": i, "text": out.text, "logprobs": lp,
+                                   "finish_reason": out.finish_reason if out.finished else None}])
+        if self.req.stream_options and self.req.stream_options.include_usage:
+            yield self.chunk([], self.usage())
+        yield "data: [DONE]\n\n"

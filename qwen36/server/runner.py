@@ -1,0 +1,99 @@
+"""The engine on a background thread, fed and drained by asyncio request handlers.
+
+One lock guards the engine (it is not thread-safe): handlers add and abort under it, the loop thread
+runs one step under it. Each request gets an asyncio queue that receives its StepOutputs; a handler
+that goes away (client disconnect) aborts its request, which frees the slot and KV blocks at once.
+An exception inside a step fails the requests of that step only; the loop keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..engine import Engine, StepOutput
+from ..sampling import SamplingParams
+
+
+@dataclass
+class Stats:
+    """Counters and histograms for /metrics."""
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)    # (route, status) -> count
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+
+
+class EngineRunner:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.stats = Stats()
+        self._stop = False
+        self.thread = threading.Thread(target=self._loop, name="qwen36-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               q: asyncio.Queue | None = None) -> tuple[str, asyncio.Queue]:
+        """Queue a request whose outputs go to `q` (new if None); raises ValueError (e.g. too long for the
+        context) before anything runs."""
+        loop = asyncio.get_running_loop()
+        q = q if q is not None else asyncio.Queue()
+        with self.lock:
+            rid = self.engine.add_request(prompt_ids, params)
+            self.queues[rid] = (loop, q)
+        self.stats.prompt_tokens += len(prompt_ids)
+        self.wake.set()
+        return rid, q
+
+    def abort(self, rid: str) -> None:
+        with self.lock:
+            self.engine.abort(rid)
+            self.queues.pop(rid, None)
+
+    def close(self) -> None:
+        self._stop = True
+        self.wake.set()
+        self.thread.join(timeout=5)
+
+    def load(self) -> dict[str, float]:
+        s = self.engine.scheduler
+        return {"running": len(s.running), "waiting": len(s.waiting),
+                "cache_usage": 1 - s.blocks.num_free / s.num_blocks}
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self.wake.wait(timeout=0.5)
+            with self.lock:
+                if not self.engine.has_work():
+                    self.wake.clear()
+                    continue
+                try:
+                    outs = self.engine.step()
+                except Exception as e:  # noqa: BLE001 - a failed step must not stop the server
+                    outs = self._fail_running(e)
+                deliveries = [(self.queues.get(o.request_id), o) for o in outs]
+                for o in outs:
+                    if o.finished:
+                        self.queues.pop(o.request_id, None)
+            for target, out in deliveries:
+                self.stats.generation_tokens += len(out.token_ids)
+                if target is not None:
+                    loop, q = target
+                    loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _fail_running(self, error: Exception) -> list[StepOutput]:
+        outs = []
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+            outs.append(StepOutput(rid, [], "", True, "error"))
+        self.last_error = f"{type(error).__name__}: {error}"
+        return outs
+
+
+def now() -> float:
+    return time.perf_counter()
