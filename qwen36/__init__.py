@@ -1,8 +1,11 @@
 """qwen36: an exact, readable, fast inference engine for Qwen3.6-35B-A3B (qwen3_5_moe)."""
+from .chat import ChatTemplateError, render_chat
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .llm import LLM, Completion
+from .parsers import AssistantStreamParser, ChatResult, parse_assistant
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "Completion", "SamplingParams", "CheckpointError", "ConfigError"]
+__all__ = ["LLM", "Completion", "SamplingParams", "render_chat", "ChatResult", "parse_assistant",
+           "AssistantStreamParser", "CheckpointError", "ConfigError", "ChatTemplateError"]
 __version__ = "0.1.0"

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_VERSION = 1
-DEMO_PROMPT = "The three primary colours are"
+DEMO_VERSION = 2
+DEMO_MESSAGES = [{"role": "user", "content": "Name the three primary colours."}]
 
 
 def make_demo(out: Path, seed: int = 0) -> Path:
@@ -49,18 +49,21 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     llm = LLM(path)
     t1 = time.perf_counter()
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    out = llm.generate(DEMO_PROMPT, params)
+    prompt = llm.chat_template.render(DEMO_MESSAGES)
+    result = llm.chat(DEMO_MESSAGES, SamplingParams(temperature=0, max_tokens=args.max_tokens))
     t2 = time.perf_counter()
     cfg = llm.config.text
     print("NOTE: the demo checkpoint has RANDOM weights: the text below is meaningless by design; it shows the "
-          "whole path (official-layout checkpoint -> loader -> hybrid DeltaNet/attention MoE model -> tokenizer).")
+          "whole path (official-layout checkpoint -> loader -> hybrid DeltaNet/attention MoE model -> chat "
+          "template -> tokenizer -> reasoning/answer split).")
     print(f"checkpoint: {path}")
     print(f"model: {cfg.num_hidden_layers} layers {''.join('A' if t == 'full_attention' else 'D' for t in cfg.layer_types)}, "
           f"hidden {cfg.hidden_size}, {cfg.num_experts} experts (top {cfg.num_experts_per_tok}), vocab {cfg.vocab_size}")
-    print(f"prompt: {DEMO_PROMPT!r} ({len(out.prompt_token_ids)} tokens)")
-    print(f"greedy continuation ({len(out.token_ids)} tokens, finish_reason={out.finish_reason}): {out.text!r}")
-    print(f"load {t1 - t0:.2f} s, generate {t2 - t1:.2f} s")
+    print(f"user: {DEMO_MESSAGES[0]['content']!r} -> prompt of {len(llm.tokenizer.encode(prompt))} tokens")
+    print(f"reasoning_content: {result.reasoning_content!r}")
+    print(f"content: {result.content!r}")
+    print(f"finish_reason: {result.finish_reason} (greedy, max_tokens={args.max_tokens})")
+    print(f"load {t1 - t0:.2f} s, chat turn {t2 - t1:.2f} s")
     return 0
 
 

@@ -7,8 +7,10 @@ from typing import Iterator
 
 import torch
 
+from .chat import ChatTemplate
 from .engine import Engine, StepOutput
 from .model import load_model
+from .parsers import ChatResult, parse_assistant
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -53,6 +55,7 @@ class LLM:
         self._tokenizer: Tokenizer | None = None
         self.max_model_len, self.max_num_seqs, self.kv_cache_bytes = max_model_len, max_num_seqs, kv_cache_bytes
         self._engine: Engine | None = None
+        self._chat_template: ChatTemplate | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -140,6 +143,23 @@ class LLM:
                            "".join(results[r][1]) if engine.tokenizer is not None else None)
                 for r, i in zip(rids, ids)]
         return done[0] if single else done
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The checkpoint's chat_template.jinja (or tokenizer_config.json template), else ours."""
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.from_checkpoint(self.path)
+        return self._chat_template
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, tools: list | None = None,
+             enable_thinking: bool = True, preserve_thinking: bool = False) -> ChatResult:
+        """One assistant turn: render the conversation, generate, split reasoning / content / tool calls."""
+        prompt = self.chat_template.render(messages, tools=tools, add_generation_prompt=True,
+                                           enable_thinking=enable_thinking, preserve_thinking=preserve_thinking)
+        out = self.generate(prompt, params)
+        result = parse_assistant(out.text, tools, thinking=enable_thinking)
+        result.finish_reason = "tool_calls" if result.tool_calls and out.finish_reason == "stop" else out.finish_reason
+        return result
 
     def generate_stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StepOutput]:
         """Yield StepOutputs (token ids, released text, finish) of one prompt as they are produced.

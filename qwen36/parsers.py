@@ -85,6 +85,7 @@ class ChatResult:
     content: str | None
     reasoning_content: str | None
     tool_calls: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None      # set by LLM.chat: "stop" | "length" | "tool_calls"
 
 
 def parse_assistant(text: str, tools: list | None = None, thinking: bool = True) -> ChatResult:

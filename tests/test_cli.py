@@ -25,11 +25,12 @@ def test_demo_makes_cache_once_and_states_random_weights(tmp_path):
     env = {"QWEN36_CACHE": str(tmp_path / "cache")}
     first = qwen36("demo", "--max-tokens", "6", env=env)
     assert first.returncode == 0, first.stderr
-    assert "RANDOM weights" in first.stdout and "greedy continuation (6 tokens" in first.stdout
+    assert "RANDOM weights" in first.stdout and "reasoning_content: " in first.stdout
+    assert "finish_reason: length (greedy, max_tokens=6)" in first.stdout
     assert "making the demo checkpoint" in first.stderr
     second = qwen36("demo", "--max-tokens", "6", env=env)
     assert second.returncode == 0 and "making the demo checkpoint" not in second.stderr
-    assert first.stdout.splitlines()[4] == second.stdout.splitlines()[4]      # same greedy text
+    assert first.stdout.splitlines()[4:6] == second.stdout.splitlines()[4:6]  # same greedy turn
 
 
 def test_errors_are_one_clear_line(tmp_path):

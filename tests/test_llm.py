@@ -1,6 +1,8 @@
 """LLM.generate / logits behaviour and SamplingParams."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -106,3 +108,41 @@ def test_sampler_penalties():
     out = s.penalize(logits.clone(), prompt_ids=[0], output_ids=[1, 1, 2])
     # rep: 0 -> 0.5, 1 -> -2, 2 -> 1; then presence/frequency on outputs 1 (x2) and 2 (x1)
     torch.testing.assert_close(out, torch.tensor([0.5, -2.0 - 0.5 - 0.5, 1.0 - 0.5 - 0.25, 0.0]))
+
+
+def test_chat_is_template_generate_parse(checkpoint):
+    from qwen36 import parse_assistant, render_chat
+
+    demo = LLM(checkpoint("demo"))
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    p = SamplingParams(temperature=0, max_tokens=8)
+    for thinking in (True, False):
+        got = demo.chat(msgs, p, enable_thinking=thinking)
+        raw = demo.generate(render_chat(msgs, enable_thinking=thinking), p)
+        want = parse_assistant(raw.text, thinking=thinking)
+        assert (got.content, got.reasoning_content, got.tool_calls) == (want.content, want.reasoning_content, [])
+        assert got.finish_reason == "length"
+    assert demo.chat_template.source == "checkpoint"                 # the demo ships chat_template.jinja
+
+
+def test_chat_tool_calls_typed(checkpoint, monkeypatch):
+    """The output side of LLM.chat: a tool call in Qwen's XML comes back in OpenAI shape, typed by schema."""
+    from qwen36.llm import Completion
+
+    demo = LLM(checkpoint("demo"))
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+    raw = ("Need weather.\n</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+           "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>")
+    seen = {}
+
+    def fake_generate(prompt, params=None):
+        seen["prompt"] = prompt
+        return Completion([1], "stop", [1], lambda ids: raw)
+    monkeypatch.setattr(demo, "generate", fake_generate)
+    r = demo.chat([{"role": "user", "content": "Weather in Paris?"}], tools=tools)
+    assert '"name": "get_weather"' in seen["prompt"] and seen["prompt"].endswith("<|im_start|>assistant\n<think>\n")
+    assert r.reasoning_content == "Need weather." and r.content is None and r.finish_reason == "tool_calls"
+    (call,) = r.tool_calls
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "days": 2}
