@@ -42,6 +42,9 @@ class Request:
     text: str = ""                     # all decoded text
     released: int = 0                  # len of text already handed out
     finish_reason: str | None = None
+    force_trigger: int | None = None   # once this token is sampled, force_ids follow (tool_choice forcing)
+    force_ids: list[int] = field(default_factory=list)
+    forcing: list[int] = field(default_factory=list)   # forced tokens still to emit
 
 
 class Engine:
@@ -62,18 +65,27 @@ class Engine:
         self._ids = itertools.count()
 
     # ---------------------------------------------------------------- requests
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    force: tuple[int | None, list[int]] | None = None) -> str:
+        """force = (trigger token or None, token ids): emit these tokens right after the trigger is sampled
+        (or first of all when the trigger is None) instead of sampling them."""
         if not prompt_ids:
             raise ValueError("the prompt has no tokens: give at least one")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the checkpoint's tokenizer files")
-        rid = request_id or f"req-{next(self._ids)}"
+        n = next(self._ids)
+        rid = request_id or f"req-{n}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        seq = SeqState(seq_id=len(self.requests), prompt_len=len(prompt_ids), max_tokens=params.max_tokens)
+        seq = SeqState(seq_id=n, prompt_len=len(prompt_ids), max_tokens=params.max_tokens)
         self.scheduler.add(seq)                       # raises ValueError naming the lengths if it can never fit
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-        self.requests[rid] = Request(rid, list(prompt_ids), params, seq, Sampler(params, self.device), decoder)
+        req = Request(rid, list(prompt_ids), params, seq, Sampler(params, self.device), decoder)
+        if force is not None:
+            req.force_trigger, req.force_ids = force[0], list(force[1])
+            if force[0] is None:
+                req.forcing, req.force_ids = list(force[1]), []
+        self.requests[rid] = req
         return rid
 
     def abort(self, request_id: str) -> None:
@@ -114,7 +126,12 @@ class Engine:
 
     def _sample(self, r: Request, logits: torch.Tensor) -> StepOutput:
         p = r.params
-        tok = r.sampler(logits, r.prompt_ids, r.output_ids)
+        if r.forcing:
+            tok = r.forcing.pop(0)
+        else:
+            tok = r.sampler(logits, r.prompt_ids, r.output_ids)
+            if r.force_ids and tok == r.force_trigger:
+                r.forcing, r.force_ids = r.force_ids, []
         logprobs = []
         if p.logprobs is not None:
             lp = torch.log_softmax(logits.float(), -1)

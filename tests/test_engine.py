@@ -122,3 +122,42 @@ def test_streaming_text_and_stop_strings(checkpoint):
     next(it)
     it.close()
     assert not demo.engine().has_work() and demo.engine().scheduler.blocks.num_free == demo.engine().scheduler.num_blocks
+
+
+def test_forced_tokens_after_trigger(llm):
+    """tool_choice forcing: once the trigger token is sampled, the forced ids follow, then sampling resumes."""
+    free = llm.generate([4, 5, 6], greedy(8)).token_ids
+    trigger, forced = free[1], [11, 12, 13]
+    engine = Engine(llm.model, None, num_slots=1, kv_cache_bytes=1 << 24)
+    engine.add_request([4, 5, 6], greedy(8), force=(trigger, forced))
+    got = []
+    while engine.has_work():
+        for o in engine.step():
+            got += o.token_ids
+    assert got[:5] == free[:2] + forced
+    assert got[5:] == llm.generate([4, 5, 6] + got[:5], greedy(3)).token_ids
+    engine.add_request([4, 5, 6], greedy(4), force=(None, forced))   # no trigger: forced first
+    got = []
+    while engine.has_work():
+        for o in engine.step():
+            got += o.token_ids
+    assert got[:3] == forced
+
+
+def test_requests_arriving_while_others_run(llm):
+    """Requests join and leave at different steps (ids must stay distinct after others finish)."""
+    ps = prompts(6, seed=3)
+    lens = [2, 12, 5, 9, 3, 7]
+    alone = [llm.generate(p, greedy(n)).token_ids for p, n in zip(ps, lens)]
+    engine = Engine(llm.model, None, num_slots=3, kv_cache_bytes=1 << 24)
+    got, rids, pending = {}, {}, list(range(6))
+    for i in pending[:2]:
+        rids[engine.add_request(ps[i], greedy(lens[i]))] = i
+    pending = pending[2:]
+    while engine.has_work() or pending:
+        for out in engine.step():
+            got.setdefault(rids[out.request_id], []).extend(out.token_ids)
+            if out.finished and pending:                       # a new request arrives as one leaves
+                i = pending.pop(0)
+                rids[engine.add_request(ps[i], greedy(lens[i]))] = i
+    assert [got[i] for i in range(6)] == alone

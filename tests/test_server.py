@@ -271,6 +271,64 @@ def test_bad_request_does_not_disturb_others(server, client):
     assert server["proc"].poll() is None
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def test_tool_choice(client):
+    base = dict(model="qwen36-demo", messages=MSG, max_tokens=6, temperature=0,
+                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    auto = client.chat.completions.create(tools=TOOLS, **base)
+    none = client.chat.completions.create(tools=TOOLS, tool_choice="none", **base)
+    plain = client.chat.completions.create(**base)
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens < auto.usage.prompt_tokens  # no tools block
+    base["max_tokens"] = 16                                     # room for the forced opening and more
+    named = client.chat.completions.create(tools=TOOLS, tool_choice={"type": "function",
+                                                                     "function": {"name": "get_time"}}, **base)
+    msg = named.choices[0].message
+    # random weights never close the call, so the forced opening comes back as (malformed-call) content
+    assert (msg.content or "").startswith("<tool_call>\n<function=get_time>\n") or msg.tool_calls[0].function.name == "get_time"
+    required = client.chat.completions.create(tools=TOOLS, tool_choice="required", **base)
+    assert (required.choices[0].message.content or "").startswith("<tool_call>\n<function=") or required.choices[0].message.tool_calls
+
+
+def test_tool_choice_unknown_function(server):
+    r = post(server, "/v1/chat/completions", {"messages": MSG, "tools": TOOLS,
+                                              "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    assert r.status_code == 400 and "'nope'" in r.json()["error"]["message"]
+
+
+def test_server_defaults_from_flags_and_env(checkpoint, tmp_path):
+    """--default-chat-template-kwargs sets thinking off server-wide; QWEN36_API_KEY sets the key."""
+    port = free_port()
+    log = tmp_path / "log"
+    proc = subprocess.Popen([sys.executable, "-m", "qwen36.cli", "serve", str(checkpoint("demo")), "--port", str(port),
+                             "--max-model-len", "256", "--default-chat-template-kwargs", '{"enable_thinking": false}'],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "QWEN36_API_KEY": "env-key"})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        c = openai.OpenAI(base_url=base + "/v1", api_key="env-key", max_retries=0)
+        r = c.chat.completions.create(model="x", messages=MSG, max_tokens=5, temperature=0)
+        assert r.choices[0].message.model_extra.get("reasoning_content") is None and r.choices[0].message.content
+        on = c.chat.completions.create(model="x", messages=MSG, max_tokens=5, temperature=0,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        assert on.choices[0].message.model_extra.get("reasoning_content")         # per request wins
+        assert httpx.get(base + "/v1/models").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_server_log_has_no_tracebacks(server):
     """Every failure above was answered, none crashed a handler (runs last in this module)."""
     assert "Traceback" not in server["log"].read_text()

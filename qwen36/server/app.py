@@ -141,7 +141,8 @@ class _Job:
         self.queue: asyncio.Queue | None = None
         self.generated: dict[str, int] = {}                    # request id -> tokens generated
 
-    def submit(self, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None) -> None:
+    def submit(self, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
+               force: tuple[int | None, list[int]] | None = None) -> None:
         self.prompts = prompts
         self.choices = []                                      # (prompt index, rid)
         params = [sampling_params(self.req, self.llm, len(p), max_tokens, logprobs, c)
@@ -152,7 +153,7 @@ class _Job:
             k = 0
             for i, p in enumerate(prompts):
                 for _ in range(self.req.n):
-                    rid, q = self.runner.submit(p, params[k], self.queue)
+                    rid, q = self.runner.submit(p, params[k], self.queue, force)
                     self.rids.append(rid)
                     self.choices.append(i)
                     k += 1
@@ -245,7 +246,25 @@ class ChatJob(_Job):
             raise APIError(f"messages: {e}", param="messages") from None
         ids = self.tokenizer.encode(prompt)
         top = req.top_logprobs if req.logprobs else None
-        self.submit([ids], req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None)
+        self.submit([ids], req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None,
+                    self._forced_call(req))
+
+    def _forced_call(self, req: ChatCompletionRequest) -> tuple[int | None, list[int]] | None:
+        """tool_choice "required" / a named function: the turn's answer is made to open a tool call (right
+        after </think> when thinking, at once otherwise); the model writes the rest."""
+        choice = req.tool_choice
+        if not self.tools or choice in (None, "auto", "none"):
+            return None
+        if choice == "required":
+            text = "<tool_call>\n<function="
+        else:
+            name = choice.function.get("name")
+            if name not in {t["function"]["name"] for t in self.tools}:
+                raise APIError(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
+            text = f"<tool_call>\n<function={name}>\n"
+        if self.thinking:
+            return self.tokenizer.token_id("</think>"), self.tokenizer.encode("\n\n" + text)
+        return None, self.tokenizer.encode(text)
 
     def _finish_reason(self, reason: str, tool_calls: bool) -> str:
         return "tool_calls" if tool_calls and reason == "stop" else reason
