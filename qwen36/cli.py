@@ -127,6 +127,18 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    if args.serve:
+        from .bench_serve import run
+        result = run(args.model or str(demo_checkpoint()), args.clients, args.duration, args.max_tokens or 32)
+        print(json.dumps(result, indent=None if args.json else 2))
+        return 0 if result["errors"] == 0 else 1
+    from .bench import run_bench
+    return run_bench(args)
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
@@ -183,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="warning")
     _add_model_options(s)
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="benchmarks: the model (speed, memory) or a live server (--serve)")
+    b.add_argument("model", nargs="?", default=None)
+    b.add_argument("--serve", action="store_true", help="load-test a `qwen36 serve` of MODEL (default: the demo)")
+    b.add_argument("--clients", type=int, default=8)
+    b.add_argument("--duration", type=float, default=30.0)
+    b.add_argument("--max-tokens", type=int, default=None)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
