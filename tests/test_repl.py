@@ -30,14 +30,20 @@ def wait_for(session, predicate, timeout=60.0) -> str:
     raise AssertionError(f"timed out; screen:\n{screen(session)}")
 
 
-@pytest.fixture
-def session(checkpoint):
+def start(path, max_tokens: int) -> str:
+    """`qwen36 chat` in a new detached tmux session, once its first prompt shows."""
     if TMUX is None:
         pytest.fail("tmux is not installed (.ci/run installs it; apt-get install tmux)")
     name = f"qwen36-{uuid.uuid4().hex[:8]}"
-    cmd = f"{sys.executable} -m qwen36.cli chat {checkpoint('demo')} --temperature 0 --max-tokens 12; sleep 30"
+    cmd = f"{sys.executable} -m qwen36.cli chat {path} --temperature 0 --max-tokens {max_tokens}; sleep 30"
     tmux("new-session", "-d", "-s", name, "-x", "200", "-y", "50", cmd)
     wait_for(name, lambda t: "commands: /think" in t and t.rstrip().endswith(">"))
+    return name
+
+
+@pytest.fixture
+def session(checkpoint):
+    name = start(checkpoint("demo"), 12)
     yield name
     subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
 
@@ -74,13 +80,8 @@ def test_chat_repl(session):
 
 
 def test_ctrl_c_stops_answer_not_session(checkpoint):
-    if TMUX is None:
-        pytest.fail("tmux is not installed (.ci/run installs it; apt-get install tmux)")
-    name = f"qwen36-{uuid.uuid4().hex[:8]}"
-    cmd = f"{sys.executable} -m qwen36.cli chat {checkpoint('demo')} --temperature 0 --max-tokens 100000; sleep 30"
-    tmux("new-session", "-d", "-s", name, "-x", "200", "-y", "50", cmd)
+    name = start(checkpoint("demo"), 100000)
     try:
-        wait_for(name, lambda t: t.rstrip().endswith(">"))
         send(name, "Tell me a long story", "Enter")
         wait_for(name, lambda t: "[thinking]" in t)
         time.sleep(1.0)

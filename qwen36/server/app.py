@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -194,6 +194,19 @@ class _Job:
                 getter.cancel()
             self.abort()                                       # frees slots of anything unfinished at once
 
+    async def collect(self, request: Request) -> tuple[list[str], list[str], list[list[dict]]]:
+        """Whole texts, finish reasons and logprob entries of every choice (non-streaming responses)."""
+        texts, reasons, entries = [""] * len(self.rids), ["stop"] * len(self.rids), [[] for _ in self.rids]
+        async for i, out in self.outputs(request):
+            self.count(out)
+            texts[i] += out.text
+            entries[i] += self.logprob_entries(out)
+            if out.finished:
+                reasons[i] = out.finish_reason
+        if "error" in reasons:
+            raise APIError("the engine failed while generating; the request was dropped", 500, type_="server_error")
+        return texts, reasons, entries
+
     def _tpot(self, first: float | None, out: StepOutput) -> None:
         if first is not None and out.request_id in self.generated and self.generated[out.request_id] > 1:
             self.runner.stats.tpot.append((now() - first) / (self.generated[out.request_id] - 1))
@@ -270,17 +283,7 @@ class ChatJob(_Job):
         return "tool_calls" if tool_calls and reason == "stop" else reason
 
     async def complete(self, request: Request) -> dict:
-        texts = [""] * len(self.rids)
-        reasons: list[str | None] = [None] * len(self.rids)
-        logprobs: list[list] = [[] for _ in self.rids]
-        async for i, out in self.outputs(request):
-            self.count(out)
-            texts[i] += out.text
-            logprobs[i] += self.logprob_entries(out)
-            if out.finished:
-                reasons[i] = out.finish_reason
-        if any(r == "error" for r in reasons):
-            raise APIError("the engine failed while generating; the request was dropped", 500, type_="server_error")
+        texts, reasons, logprobs = await self.collect(request)
         choices = []
         for i, text in enumerate(texts):
             result = parse_assistant(text, self.tools, thinking=self.thinking)
@@ -289,7 +292,7 @@ class ChatJob(_Job):
                 message["tool_calls"] = result.tool_calls
             choices.append({"index": i, "message": message,
                             "logprobs": {"content": logprobs[i]} if self.req.logprobs else None,
-                            "finish_reason": self._finish_reason(reasons[i] or "stop", bool(result.tool_calls))})
+                            "finish_reason": self._finish_reason(reasons[i], bool(result.tool_calls))})
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.config.served_model_name, "choices": choices, "usage": self.usage()}
 
@@ -349,17 +352,7 @@ class CompletionJob(_Job):
                 "text_offset": []}
 
     async def complete(self, request: Request) -> dict:
-        texts = [""] * len(self.rids)
-        reasons: list[Any] = [None] * len(self.rids)
-        entries: list[list] = [[] for _ in self.rids]
-        async for i, out in self.outputs(request):
-            self.count(out)
-            texts[i] += out.text
-            entries[i] += self.logprob_entries(out)
-            if out.finished:
-                reasons[i] = out.finish_reason
-        if any(r == "error" for r in reasons):
-            raise APIError("the engine failed while generating; the request was dropped", 500, type_="server_error")
+        texts, reasons, entries = await self.collect(request)
         choices = []
         for i, text in enumerate(texts):
             if self.req.echo:
