@@ -16,6 +16,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -167,7 +168,7 @@ class Checkpoint:
 NAME_MAP = (
     # (on-disk pattern, our name template); tried in order, first match wins
     (re.compile(r"^model\.language_model\.(.+)$"), r"\1"),      # VL wrapper (official layout)
-    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),       # untied output head
+    (re.compile(r"^(lm_head\..+)$"), r"\1"),                     # untied output head (+ quantized parts)
     (re.compile(r"^model\.(?!visual\.|language_model\.)(.+)$"), r"\1"),  # text-only checkpoints
 )
 # Recognised but owned by other parts of the model (vision tower, MTP head): not text weights.
@@ -193,14 +194,19 @@ class _Expert:
     proj: str
 
 
-def load_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], num_experts: int,
-                      dtype: torch.dtype, device: torch.device | str,
-                      keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Load every tensor of `expected` (our name -> shape) from `ckpt`.
+QUANT_PARTS = (".q", ".scale", ".min")       # tensors of a quantized weight (see quant.py); .q is integer
 
-    Tensors are converted to `dtype` on `device` one at a time (the source stays a memory-mapped view);
-    names ending in one of `keep_fp32` that are float32 on disk stay float32. Fused experts are used as
-    they are; per-expert tensors are copied into fused [E, 2I, H] / [E, H, I] tensors.
+
+def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], num_experts: int,
+                      dtype: torch.dtype, device: torch.device | str,
+                      keep_fp32: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (our name, tensor) for every tensor of `expected` (our name -> shape), one at a time.
+
+    Everything is checked first (unexpected, missing, shapes, dtypes: errors name file and tensor), so
+    nothing heavy happens for a checkpoint that cannot load. Each tensor is then converted to `dtype` on
+    `device` from its memory-mapped view, so the caller can consume it (e.g. quantize it) before the next
+    one exists. Names ending in `keep_fp32` stay fp32 if they are on disk; the integer part `.q` of a
+    quantized weight keeps its dtype. Per-expert tensors are assembled into fused [E, 2I, H] / [E, H, I].
     """
     found: dict[str, str] = {}                      # our name -> disk name
     experts: dict[str, list[_Expert]] = {}          # "layers.L.mlp.experts" -> pieces
@@ -223,16 +229,16 @@ def load_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) not used by this model: {shown}{more}")
 
-    out: dict[str, torch.Tensor] = {}
-
-    def convert(disk: str, t_dtype: torch.dtype) -> torch.Tensor:
+    def check_dtype(disk: str, ours: str) -> None:
         ds = ckpt.dtype_str(disk)
-        if ds not in FLOAT_DTYPES:
+        ok = ("U8", "I8") if ours.endswith(".q") else FLOAT_DTYPES
+        if ds not in ok:
             raise CheckpointError(
-                f"{ckpt.file_of(disk)}: tensor {disk!r} has unsupported dtype {ds}; weights must be one of "
-                f"{list(FLOAT_DTYPES)} (quantized checkpoints are loaded with quantization=...)")
-        return ckpt.tensor(disk).to(device=device, dtype=t_dtype, copy=True)
+                f"{ckpt.file_of(disk)}: tensor {disk!r} has unsupported dtype {ds}; expected one of {list(ok)}"
+                + ("" if ours.endswith(".q") else " (FP8 and other quantized checkpoints are not supported; "
+                   "qwen36 quantizes bf16 checkpoints itself with quantization='int8'|'int4')"))
 
+    assembled: dict[str, tuple[str, dict]] = {}     # fused name -> (which proj, {(e, proj): disk})
     for prefix, pieces in experts.items():
         gu, dn = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
         if gu not in expected:
@@ -244,39 +250,54 @@ def load_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
         I = two_i // 2
         want = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
         for e in range(num_experts):
-            for proj in want:
+            for proj, shape in want.items():
                 if (e, proj) not in by_key:
-                    example = pieces[0].disk_name
-                    disk = re.sub(r"experts\.\d+\.\w+_proj", f"experts.{e}.{proj}", example)
+                    disk = re.sub(r"experts\.\d+\.\w+_proj", f"experts.{e}.{proj}", pieces[0].disk_name)
                     raise CheckpointError(f"{ckpt.path}: missing tensor {disk!r} (per-expert layout)")
+                _check_shape(ckpt, by_key[(e, proj)], shape)
+                check_dtype(by_key[(e, proj)], gu)
         extra = [p.disk_name for p in pieces if p.expert >= num_experts]
         if extra:
             raise CheckpointError(f"{ckpt.path}: unexpected tensor {extra[0]!r}: the config has {num_experts} experts")
-        fused_gu = torch.empty((E, two_i, H), dtype=dtype, device=device)
-        fused_dn = torch.empty((E, H, I), dtype=dtype, device=device)
-        for e in range(num_experts):
-            for proj, shape in want.items():
-                disk = by_key[(e, proj)]
-                _check_shape(ckpt, disk, shape)
-                t = convert(disk, dtype)
-                if proj == "gate_proj":
-                    fused_gu[e, :I] = t
-                elif proj == "up_proj":
-                    fused_gu[e, I:] = t
-                else:
-                    fused_dn[e] = t
-        out[gu], out[dn] = fused_gu, fused_dn
+        assembled[gu], assembled[dn] = ("gate_up", by_key), ("down", by_key)
 
     for ours, shape in expected.items():
-        if ours in out:
+        if ours in assembled:
             continue
         if ours not in found:
             raise CheckpointError(f"{ckpt.path}: missing tensor {_disk_name_for(ckpt, ours)!r}")
+        _check_shape(ckpt, found[ours], shape)
+        check_dtype(found[ours], ours)
+
+    def convert(disk: str, t_dtype: torch.dtype) -> torch.Tensor:
+        return ckpt.tensor(disk).to(device=device, dtype=t_dtype, copy=True)
+
+    for ours, shape in expected.items():
+        if ours in assembled:
+            kind, by_key = assembled[ours]
+            fused = torch.empty(shape, dtype=dtype, device=device)
+            I = shape[1] // 2 if kind == "gate_up" else shape[2]
+            for e in range(num_experts):
+                if kind == "gate_up":
+                    fused[e, :I] = convert(by_key[(e, "gate_proj")], dtype)
+                    fused[e, I:] = convert(by_key[(e, "up_proj")], dtype)
+                else:
+                    fused[e] = convert(by_key[(e, "down_proj")], dtype)
+            yield ours, fused
+            continue
         disk = found[ours]
-        _check_shape(ckpt, disk, shape)
-        keep = ckpt.dtype_str(disk) == "F32" and ours.endswith(keep_fp32)
-        out[ours] = convert(disk, torch.float32 if keep else dtype)
-    return out
+        if ours.endswith(".q"):
+            yield ours, ckpt.tensor(disk).to(device=device, copy=True)
+            continue
+        keep = ckpt.dtype_str(disk) == "F32" and ours.endswith(keep_fp32 + (".scale", ".min"))
+        yield ours, convert(disk, torch.float32 if keep else dtype)
+
+
+def load_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], num_experts: int,
+                      dtype: torch.dtype, device: torch.device | str,
+                      keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """All of `iter_text_weights` in one dict."""
+    return dict(iter_text_weights(ckpt, expected, num_experts, dtype, device, keep_fp32))
 
 
 def _check_shape(ckpt: Checkpoint, disk: str, shape: tuple[int, ...]) -> None:

@@ -127,6 +127,14 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
 
 
+def cmd_quantize(args) -> int:
+    from .export import quantize_checkpoint
+
+    out = quantize_checkpoint(args.model, args.out, args.quantization, args.group_size)
+    print(f"wrote {args.quantization} checkpoint to {out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import json
 
@@ -195,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="warning")
     _add_model_options(s)
     s.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("quantize", help="write a quantized checkpoint that loads without re-quantizing")
+    q.add_argument("model")
+    q.add_argument("out")
+    q.add_argument("--quantization", default="int4", choices=["int8", "int4"])
+    q.add_argument("--group-size", type=int, default=64, help="int4 group size along the input dim")
+    q.set_defaults(func=cmd_quantize)
 
     b = sub.add_parser("bench", help="benchmarks: the model (speed, memory) or a live server (--serve)")
     b.add_argument("model", nargs="?", default=None)

@@ -92,6 +92,7 @@ class ModelConfig:
     video_token_id: int
     vision_start_token_id: int
     vision_end_token_id: int
+    quantization: dict | None = None    # config.json quantization_config (qwen36-quantized checkpoints)
 
 
 def _get(d: dict, key: str, default, where: str):
@@ -225,6 +226,7 @@ def parse_config(raw: dict) -> ModelConfig:
         video_token_id=int(raw.get("video_token_id", 248057)),
         vision_start_token_id=int(raw.get("vision_start_token_id", 248053)),
         vision_end_token_id=int(raw.get("vision_end_token_id", 248054)),
+        quantization=raw.get("quantization_config"),
     )
 
 

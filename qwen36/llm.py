@@ -15,7 +15,7 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer, TokenizerError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZATIONS = (None,)
+QUANTIZATIONS = (None, "int8", "int4")
 
 
 class Completion:
@@ -45,12 +45,12 @@ class LLM:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)}")
         if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization={quantization!r} is not supported by this build; supported: {list(QUANTIZATIONS)}")
+            raise ValueError(f"quantization={quantization!r} is not supported; choose one of {list(QUANTIZATIONS)}")
         self.path = Path(path)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: CUDA is not available on this machine")
-        self.config, self.model = load_model(self.path, DTYPES[dtype], self.device)
+        self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization)
         self.generation_config = _read_optional_json(self.path / "generation_config.json")
         self._tokenizer: Tokenizer | None = None
         self.max_model_len, self.max_num_seqs, self.kv_cache_bytes = max_model_len, max_num_seqs, kv_cache_bytes

@@ -16,7 +16,7 @@ from torch import nn
 
 from .batch import ForwardBatch
 from .cache import HybridCache, Layout
-from .checkpoint import Checkpoint, load_text_weights
+from .checkpoint import Checkpoint, iter_text_weights
 from .config import ModelConfig, TextConfig, load_config
 from .layers.attention import GatedAttention
 from .layers.deltanet import GatedDeltaNet
@@ -24,6 +24,7 @@ from .layers.linear import Linear
 from .layers.moe import SparseMoE
 from .layers.norm import RMSNorm
 from .layers.rotary import MRotary
+from .quant import DEFAULT_GROUP, METHODS, QuantConfig, quantize, quantize_modules, quantized_shapes
 
 # fp32 on disk and tiny: kept in fp32 whatever the storage dtype (the decay and the gated norm)
 KEEP_FP32 = ("linear_attn.A_log", "linear_attn.norm.weight")
@@ -94,23 +95,62 @@ class TextModel(nn.Module):
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-               compute_dtype: torch.dtype | None = None) -> tuple[ModelConfig, TextModel]:
-    """Build the text model on the meta device and fill it from the checkpoint: one copy per tensor."""
+               compute_dtype: torch.dtype | None = None, quantization: str | None = None,
+               group_size: int = DEFAULT_GROUP) -> tuple[ModelConfig, TextModel]:
+    """Build the text model on the meta device and fill it from the checkpoint, one tensor at a time.
+
+    quantization="int8"|"int4" quantizes each weight as it is read (the model never exists in fp32 as a
+    whole); a checkpoint written by `qwen36 quantize` is loaded as it is stored, without re-quantizing.
+    """
     cfg = load_config(path)
     ckpt = Checkpoint(path)
     device = torch.device(device)
+    qcfg = _quant_config(cfg, quantization, group_size)
+    stored_quantized = cfg.quantization is not None
     with torch.device("meta"):
         model = TextModel(cfg.text)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     if cfg.text.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    tensors = load_text_weights(ckpt, expected, cfg.text.num_experts, dtype, device, keep_fp32=KEEP_FP32)
-    if cfg.text.tie_word_embeddings:
+    targets = quantize_modules(model, qcfg) if qcfg else {}
+    if stored_quantized:  # read the stored parts instead of float weights
+        for name in targets:
+            for part, shape in quantized_shapes(expected.pop(name), qcfg).items():
+                expected[name + part] = shape
+    tensors, parts = {}, {}
+    for name, t in iter_text_weights(ckpt, expected, cfg.text.num_experts, dtype, device, keep_fp32=KEEP_FP32):
+        base, dot, part = name.rpartition(".")
+        if name in targets:                                    # a float weight to quantize now
+            module, attr = targets[name]
+            module.load(attr, quantize(t, qcfg))
+        elif stored_quantized and base in targets:             # a stored part: load once all are read
+            parts.setdefault(base, {})[part] = t
+            if len(parts[base]) == len(quantized_shapes((1, qcfg.group_size * 2), qcfg)):
+                module, attr = targets[base]
+                module.load(attr, parts.pop(base))
+        else:
+            tensors[name] = t
+    if cfg.text.tie_word_embeddings and "lm_head.weight" not in targets:
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+    elif cfg.text.tie_word_embeddings:
+        targets["lm_head.weight"][0].load("weight", quantize(tensors["embed_tokens.weight"], qcfg))
     model.load_state_dict(tensors, strict=True, assign=True)
     model.requires_grad_(False)
     model.rotary = MRotary(cfg.text, device)
     if compute_dtype is None:  # CPU: fp32 activations whatever the storage (bf16 matmul is ~500x slower)
         compute_dtype = torch.float32 if device.type == "cpu" else dtype
     model.compute_dtype = compute_dtype
+    model.quantization = qcfg
     return cfg, model
+
+
+def _quant_config(cfg: ModelConfig, quantization: str | None, group_size: int) -> QuantConfig | None:
+    stored = QuantConfig.from_json(cfg.quantization) if cfg.quantization is not None else None
+    if quantization is not None and quantization not in METHODS:
+        raise ValueError(f"quantization={quantization!r} is not supported; choose one of {list(METHODS)} or None")
+    if stored is not None:
+        if quantization is not None and quantization != stored.method:
+            raise ValueError(f"this checkpoint is stored quantized as {stored.method}; load it with "
+                             f"quantization={stored.method!r} or None, not {quantization!r}")
+        return stored
+    return QuantConfig(quantization, group_size) if quantization else None

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from ..ops.moe import moe
+from ..ops.moe import float_linear, moe
 from .linear import Linear
 
 
@@ -24,6 +24,7 @@ class MLP(nn.Module):
 
 class Experts(nn.Module):
     """Fused expert weights, as on disk: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+    linear = staticmethod(float_linear)                       # how one expert's weight multiplies x
 
     def __init__(self, n: int, hidden: int, inter: int):
         super().__init__()
@@ -49,5 +50,6 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, w = self.route(x)
-        routed = moe(x, ids, w, self.experts.gate_up_proj, self.experts.down_proj)
+        e = self.experts
+        routed = moe(x, ids, w, e.gate_up_proj, e.down_proj, e.linear)
         return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

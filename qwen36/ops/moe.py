@@ -21,12 +21,18 @@ def moe_reference(x, topk_ids, topk_w, gate_up, down):
     return out
 
 
-def moe(x, topk_ids, topk_w, gate_up, down):
-    """Group tokens by expert and run each used expert once (no loop over unused experts)."""
+def float_linear(x, w):
+    return F.linear(x, w.to(x.dtype))
+
+
+def moe(x, topk_ids, topk_w, gate_up, down, linear=float_linear):
+    """Group tokens by expert and run each used expert once (no loop over unused experts).
+    gate_up[e] / down[e] are whatever `linear(x, w)` multiplies by: float tensors, or packed quantized
+    weights with `linear=kernels.qlinear`."""
     N, k = topk_ids.shape
     flat = topk_ids.reshape(-1)
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=len(gate_up)).tolist()
     token = order // k                                                         # token of each sorted pair
     weight = topk_w.reshape(-1)[order].to(x.dtype)
     out = torch.zeros_like(x)
@@ -35,8 +41,8 @@ def moe(x, topk_ids, topk_w, gate_up, down):
         if c == 0:
             continue
         idx = token[start:start + c]
-        g, u = F.linear(x[idx], gate_up[e].to(x.dtype)).chunk(2, dim=-1)
-        y = F.linear(F.silu(g) * u, down[e].to(x.dtype))
+        g, u = linear(x[idx], gate_up[e]).chunk(2, dim=-1)
+        y = linear(F.silu(g) * u, down[e])
         out.index_add_(0, idx, y * weight[start:start + c, None])
         start += c
     return out

@@ -1,0 +1,162 @@
+"""Weight-only quantization (int8, int4): formats, quantize / dequantize, and the quantized modules.
+
+Formats (what `qwen36 quantize` writes and the loader reads; W is a [N out, K in] weight):
+  int8: q int8 [N, K], scale fp32 [N]                      w = q * scale          (symmetric, per row)
+  int4: q uint8 [N, K/2] (two 4-bit codes a byte, low nibble first along K), scale and min fp32
+        [N, K/G] per group of G along K                    w = code * scale + min (asymmetric)
+Experts keep a leading expert axis on every tensor.
+
+What stays in high precision, and why: the router (`mlp.gate`: a ranking, small), the shared-expert gate
+(one row), DeltaNet's `in_proj_a/b` (feed the decay and beta; tiny), conv1d, A_log, dt_bias, every norm,
+and the embedding (one row is read per token, so quantizing it saves memory but no time).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+METHODS = ("int8", "int4")
+DEFAULT_GROUP = 64
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str                 # "int8" | "int4"
+    group_size: int = DEFAULT_GROUP
+
+    def to_json(self) -> dict:
+        return {"quant_method": "qwen36", "bits": 8 if self.method == "int8" else 4, "group_size": self.group_size}
+
+    @staticmethod
+    def from_json(d: dict) -> "QuantConfig":
+        if d.get("quant_method") != "qwen36" or d.get("bits") not in (4, 8):
+            raise ValueError(f"config.json quantization_config {d} is not a qwen36 int8/int4 checkpoint")
+        return QuantConfig("int8" if d["bits"] == 8 else "int4", int(d.get("group_size", DEFAULT_GROUP)))
+
+
+# ----------------------------------------------------------------------------------------------- math
+def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    w = w.float()
+    scale = w.abs().amax(-1).clamp_min(1e-12) / 127
+    return {"q": torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8), "scale": scale}
+
+
+def group_for(K: int, group: int) -> int:
+    """The group size used for an input width K: `group`, or its largest even divisor of K below it
+    (small test geometries; every real Qwen3.6 width is a multiple of 128)."""
+    for g in range(min(group, K), 1, -1):
+        if K % g == 0 and g % 2 == 0:
+            return g
+    raise ValueError(f"int4 needs an even input width, got {K}")
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    w = w.float()
+    *lead, N, K = w.shape
+    group = group_for(K, group)
+    g = w.reshape(*lead, N, K // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(*lead, N, K)
+    return {"q": codes[..., 0::2] | (codes[..., 1::2] << 4), "scale": scale, "min": lo}
+
+
+def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float weight a quantized tensor stands for (the reference every kernel is tested against)."""
+    q = t["q"]
+    if q.dtype == torch.int8:
+        return q.float() * t["scale"][..., None]
+    codes = torch.stack([q & 15, q >> 4], dim=-1).reshape(*q.shape[:-1], q.shape[-1] * 2).float()
+    *lead, N, K = codes.shape
+    G = K // t["scale"].shape[-1]
+    g = codes.reshape(*lead, N, K // G, G) * t["scale"][..., None] + t["min"][..., None]
+    return g.reshape(*lead, N, K)
+
+
+def quantize(w: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
+    return quantize_int8(w) if cfg.method == "int8" else quantize_int4(w, cfg.group_size)
+
+
+# ----------------------------------------------------------------------------------------------- modules
+class QuantLinear(nn.Module):
+    """Drop-in for layers.linear.Linear with a quantized weight; bias (if any) stays float."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.cfg = in_features, out_features, cfg
+        self.packed = None                                      # kernel-specific layout, set by load()
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load(self, part: str, t: dict[str, torch.Tensor]) -> None:
+        self.packed = kernels.pack(t)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored format (q, scale[, min]) of the weight."""
+        return kernels.unpack(self.packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.qlinear(x, self.packed)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class QuantExperts(nn.Module):
+    """Drop-in for layers.moe.Experts: gate_up [E, 2I, H] and down [E, H, I], quantized per expert."""
+    linear = staticmethod(lambda x, packed: kernels.qlinear(x, packed))
+
+    def __init__(self, n: int, hidden: int, inter: int, cfg: QuantConfig):
+        super().__init__()
+        self.n, self.hidden, self.inter, self.cfg = n, hidden, inter, cfg
+        self.gate_up_proj = None
+        self.down_proj = None
+
+    def load(self, name: str, t: dict[str, torch.Tensor]) -> None:
+        setattr(self, name, [kernels.pack({k: v[e] for k, v in t.items()}) for e in range(self.n)])
+
+    def parts(self, name: str) -> dict[str, torch.Tensor]:
+        per_expert = [kernels.unpack(p) for p in getattr(self, name)]
+        return {k: torch.stack([p[k] for p in per_expert]) for k in per_expert[0]}
+
+
+
+# Which weights are quantized: every projection of the decoder and the output head. Kept float: the
+# router, shared-expert gate, DeltaNet in_proj_a/b, conv, norms, embedding (reasons at the top).
+QUANTIZED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj",
+                     "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+
+
+def quantize_modules(model: nn.Module, cfg: QuantConfig) -> dict[str, tuple[nn.Module, str]]:
+    """Swap the model's quantizable modules for quantized ones (a pass over an unchanged model).
+    Returns weight name -> (module that loads it, part name)."""
+    from .layers.linear import Linear
+    from .layers.moe import Experts
+
+    targets = {}
+    for name, module in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, Linear) and (name == "lm_head" or name.endswith(QUANTIZED_LINEARS)):
+            q = QuantLinear(module.weight.shape[1], module.weight.shape[0], cfg, module.bias is not None)
+            setattr(parent, child, q)
+            targets[f"{name}.weight"] = (q, "weight")
+        elif isinstance(module, Experts):
+            E, two_i, H = module.gate_up_proj.shape
+            q = QuantExperts(E, H, two_i // 2, cfg)
+            setattr(parent, child, q)
+            targets[f"{name}.gate_up_proj"] = (q, "gate_up_proj")
+            targets[f"{name}.down_proj"] = (q, "down_proj")
+    return targets
+
+
+def quantized_shapes(shape: tuple[int, ...], cfg: QuantConfig) -> dict[str, tuple[int, ...]]:
+    """The on-disk parts of a quantized weight of `shape` ([..., N, K])."""
+    *lead, N, K = shape
+    if cfg.method == "int8":
+        return {".q": (*lead, N, K), ".scale": (*lead, N)}
+    groups = K // group_for(K, cfg.group_size)
+    return {".q": (*lead, N, K // 2), ".scale": (*lead, N, groups), ".min": (*lead, N, groups)}

@@ -1,0 +1,95 @@
+"""Weight-only quantization: formats, kernels against the dequantized reference, load-time quantization,
+stored quantized checkpoints, quality."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qwen36 import LLM, SamplingParams
+from qwen36 import kernels
+from qwen36.export import quantize_checkpoint
+from qwen36.quant import QuantConfig, dequantize, group_for, quantize_int4, quantize_int8
+
+from conftest import rel_err
+
+
+def test_int8_roundtrip_error():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    t = quantize_int8(w)
+    assert t["q"].dtype == torch.int8 and t["scale"].shape == (64,)
+    assert float((dequantize(t) - w).norm() / w.norm()) < 0.01
+    assert float((dequantize(t) - w).abs().max()) <= float(t["scale"].max()) / 2 + 1e-6   # half a step
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_roundtrip_error(group):
+    w = torch.randn(3, 32, 256, generator=torch.Generator().manual_seed(group))   # leading expert axis
+    t = quantize_int4(w, group)
+    assert t["q"].shape == (3, 32, 128) and t["scale"].shape == (3, 32, 256 // group)
+    d = dequantize(t)
+    step = t["scale"].repeat_interleave(group, -1)
+    assert bool(((d - w).abs() <= step / 2 + 1e-6).all())                           # within half a step
+    assert float((d - w).norm() / w.norm()) < 0.11
+
+
+def test_group_for_small_widths():
+    assert group_for(2048, 64) == 64 and group_for(96, 64) == 48 and group_for(48, 64) == 48
+    with pytest.raises(ValueError):
+        group_for(7, 64)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("M", [1, 3, 64])
+def test_kernel_matches_dequantized_reference(method, M):
+    g = torch.Generator().manual_seed(M)
+    w, x = torch.randn(96, 256, generator=g), torch.randn(M, 256, generator=g)
+    t = quantize_int8(w) if method == "int8" else quantize_int4(w, 64)
+    want = x @ dequantize(t).t()
+    got = kernels.qlinear(x, kernels.pack(t))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    roundtrip = kernels.unpack(kernels.pack(t))
+    assert all(torch.equal(roundtrip[k], t[k]) for k in t)
+
+
+@pytest.mark.parametrize("method,max_kl", [("int8", 0.05), ("int4", 1.0)])
+def test_quantized_model_close_to_float(checkpoint, method, max_kl):
+    path = checkpoint("ratio2", seed=3)
+    ids = torch.randint(0, 512, (70,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = LLM(path).logits(ids).log_softmax(-1)
+    q = LLM(path, quantization=method)
+    got = q.logits(ids).log_softmax(-1)
+    kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+    assert 0 < kl < max_kl
+    # the quantized model is self-consistent: decode with the cache == full forward
+    out = q.generate(ids, SamplingParams(temperature=0, max_tokens=6)).token_ids
+    seq = list(ids)
+    for tok in out:
+        assert tok == int(q.logits(seq)[-1].argmax())
+        seq.append(tok)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_stored_quantized_checkpoint_loads_identically(checkpoint, tmp_path, method):
+    src = checkpoint("ratio4-irregular", seed=2)
+    out = quantize_checkpoint(src, tmp_path / "q", method, 64)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["bits"] == (8 if method == "int8" else 4)
+    assert (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
+    ids = list(range(5, 60))
+    a = LLM(src, quantization=method).logits(ids)
+    b = LLM(out).logits(ids)
+    assert rel_err(b, a) == 0
+    size_q = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    size_src = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    assert size_q < size_src
+    with pytest.raises(ValueError, match="stored quantized"):
+        LLM(out, quantization="int8" if method == "int4" else "int4")
+
+
+def test_quant_config_json():
+    c = QuantConfig("int4", 128)
+    assert QuantConfig.from_json(c.to_json()) == c
+    with pytest.raises(ValueError):
+        QuantConfig.from_json({"quant_method": "gptq", "bits": 4})
