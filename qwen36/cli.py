@@ -11,14 +11,22 @@ DEMO_VERSION = 2
 DEMO_MESSAGES = [{"role": "user", "content": "Name the three primary colours."}]
 
 
-def make_demo(out: Path, seed: int = 0) -> Path:
-    """Write the demo checkpoint (official layout, real vocabulary, random weights) atomically."""
-    from .synth import DEMO, write_checkpoint
+def make_demo(out: Path, seed: int = 0, geometry: str = "demo", layers: int | None = None,
+              quantization: str | None = None) -> Path:
+    """Write a demo checkpoint (official layout, real vocabulary, random weights) atomically. The "real"
+    geometry is Qwen3.6-35B-A3B's, written directly in quantized form (int4 unless told otherwise)."""
+    from .synth import DEMO, REAL, write_checkpoint
 
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(tmp, DEMO, seed=seed, tokenizer=True)
+    geo = dict(REAL if geometry == "real" else DEMO)
+    if layers:
+        geo["num_hidden_layers"] = layers
+    if geometry == "real":
+        quantization = quantization or "int4"
+    write_checkpoint(tmp, geo, seed=seed, tokenizer=True, quantization=quantization,
+                     shards=2 if quantization is None else 1)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -37,7 +45,7 @@ def demo_checkpoint(seed: int = 0) -> Path:
 
 
 def cmd_make_demo(args) -> int:
-    path = make_demo(Path(args.dir), args.seed)
+    path = make_demo(Path(args.dir), args.seed, args.geometry, args.layers, args.quantization)
     print(f"wrote a demo checkpoint (random weights, real Qwen3.6 vocabulary) to {path}")
     return 0
 
@@ -143,6 +151,8 @@ def cmd_bench(args) -> int:
         result = run(args.model or str(demo_checkpoint()), args.clients, args.duration, args.max_tokens or 32)
         print(json.dumps(result, indent=None if args.json else 2))
         return 0 if result["errors"] == 0 else 1
+    if args.model is None and not args.synthetic:
+        raise ValueError("bench needs MODEL, --synthetic, or --serve")
     from .bench import run_bench
     return run_bench(args)
 
@@ -167,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-demo", help="synthesize a small checkpoint in the official layout (real vocabulary)")
     m.add_argument("dir")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--geometry", default="demo", choices=["demo", "real"],
+                   help="real: Qwen3.6-35B-A3B's full geometry, written in quantized form")
+    m.add_argument("--layers", type=int, default=None)
+    m.add_argument("--quantization", default=None, choices=["int8", "int4"])
     m.set_defaults(func=cmd_make_demo)
 
     d = sub.add_parser("demo", help="make (once, cached) the demo checkpoint and generate from it")
@@ -218,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--duration", type=float, default=30.0)
     b.add_argument("--max-tokens", type=int, default=None)
     b.add_argument("--json", action="store_true")
+    b.add_argument("--synthetic", action="store_true", help="a random checkpoint at the real widths (cached)")
+    b.add_argument("--layers", type=int, default=40)
+    b.add_argument("--experts", type=int, default=256)
+    b.add_argument("--quantization", default="int4", choices=["int8", "int4", "none"])
+    b.add_argument("--prompt-len", type=int, default=512)
+    b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--vs-transformers", action="store_true",
+                   help="also time HF transformers and our fp32 path on the same (unquantized) checkpoint")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -138,7 +138,7 @@ class Engine:
             top = torch.topk(lp, p.logprobs) if p.logprobs else None
             logprobs.append({"token_id": tok, "logprob": float(lp[tok]),
                              "top": list(zip(top.indices.tolist(), top.values.tolist())) if top else []})
-        if tok in self.eos or tok in p.stop_token_ids:
+        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(r, "stop", [], logprobs)
         r.output_ids.append(tok)
         r.seq.num_tokens += 1

@@ -2,7 +2,7 @@
 
 Formats (what `qwen36 quantize` writes and the loader reads; W is a [N out, K in] weight):
   int8: q int8 [N, K], scale fp32 [N]                      w = q * scale          (symmetric, per row)
-  int4: q uint8 [N, K/2] (two 4-bit codes a byte, low nibble first along K), scale and min fp32
+  int4: q uint8 [N, K/2] (two 4-bit codes a byte, order in `pack_nibbles`), scale and min fp32
         [N, K/G] per group of G along K                    w = code * scale + min (asymmetric)
 Experts keep a leading expert axis on every tensor.
 
@@ -47,11 +47,12 @@ def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def group_for(K: int, group: int) -> int:
-    """The group size used for an input width K: `group`, or its largest even divisor of K below it
-    (small test geometries; every real Qwen3.6 width is a multiple of 128)."""
-    for g in range(min(group, K), 1, -1):
-        if K % g == 0 and g % 2 == 0:
-            return g
+    """The group size used for an input width K: `group`, or the largest divisor of K below it, preferring
+    multiples of 32 (the kernels' block); every real Qwen3.6 width is a multiple of 128."""
+    for step in (32, 2):
+        for g in range(min(group, K) // step * step, 1, -step):
+            if K % g == 0:
+                return g
     raise ValueError(f"int4 needs an even input width, got {K}")
 
 
@@ -63,7 +64,26 @@ def quantize_int4(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
     lo, hi = g.amin(-1), g.amax(-1)
     scale = ((hi - lo) / 15).clamp_min(1e-12)
     codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(*lead, N, K)
-    return {"q": codes[..., 0::2] | (codes[..., 1::2] << 4), "scale": scale, "min": lo}
+    return {"q": pack_nibbles(codes), "scale": scale, "min": lo}
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """codes [..., K] (0..15) -> bytes [..., K/2]. K a multiple of 32: in each 32-block, byte j holds
+    element j (low nibble) and j + 16 (high), the order the kernels read; otherwise element 2i and 2i+1."""
+    K = codes.shape[-1]
+    if K % 32:
+        return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    c = codes.reshape(*codes.shape[:-1], K // 32, 2, 16)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(*codes.shape[:-1], K // 2)
+
+
+def unpack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    K = q.shape[-1] * 2
+    lo, hi = q & 15, q >> 4
+    if K % 32:
+        return torch.stack([lo, hi], dim=-1).reshape(*q.shape[:-1], K)
+    blocks = lambda t: t.reshape(*q.shape[:-1], K // 32, 1, 16)
+    return torch.cat([blocks(lo), blocks(hi)], dim=-2).reshape(*q.shape[:-1], K)
 
 
 def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -71,7 +91,7 @@ def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
     q = t["q"]
     if q.dtype == torch.int8:
         return q.float() * t["scale"][..., None]
-    codes = torch.stack([q & 15, q >> 4], dim=-1).reshape(*q.shape[:-1], q.shape[-1] * 2).float()
+    codes = unpack_nibbles(q).float()
     *lead, N, K = codes.shape
     G = K // t["scale"].shape[-1]
     g = codes.reshape(*lead, N, K // G, G) * t["scale"][..., None] + t["min"][..., None]
@@ -104,6 +124,19 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+class StackedQuant:
+    """One quantized weight per expert, stored stacked (leading expert axis); [e] is expert e's parts."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return self.tensors["q"].shape[0]
+
+    def __getitem__(self, e: int) -> dict[str, torch.Tensor]:
+        return {k: v[e] for k, v in self.tensors.items()}
+
+
 class QuantExperts(nn.Module):
     """Drop-in for layers.moe.Experts: gate_up [E, 2I, H] and down [E, H, I], quantized per expert."""
     linear = staticmethod(lambda x, packed: kernels.qlinear(x, packed))
@@ -111,16 +144,26 @@ class QuantExperts(nn.Module):
     def __init__(self, n: int, hidden: int, inter: int, cfg: QuantConfig):
         super().__init__()
         self.n, self.hidden, self.inter, self.cfg = n, hidden, inter, cfg
-        self.gate_up_proj = None
-        self.down_proj = None
+        self.gate_up_proj: StackedQuant | None = None
+        self.down_proj: StackedQuant | None = None
 
     def load(self, name: str, t: dict[str, torch.Tensor]) -> None:
-        setattr(self, name, [kernels.pack({k: v[e] for k, v in t.items()}) for e in range(self.n)])
+        setattr(self, name, StackedQuant(kernels.pack(t)))
 
     def parts(self, name: str) -> dict[str, torch.Tensor]:
-        per_expert = [kernels.unpack(p) for p in getattr(self, name)]
-        return {k: torch.stack([p[k] for p in per_expert]) for k in per_expert[0]}
+        return kernels.unpack(getattr(self, name).tensors)
 
+    def grouped(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        """Decode: every (token, chosen expert) pair in two kernel calls, no loop over experts.
+        x [N, H], ids / w [N, k]; None where the grouped kernel is unavailable."""
+        N, k = ids.shape
+        rows = ids.reshape(-1)
+        gu = kernels.qlinear_experts(x if N == 1 else x.repeat_interleave(k, 0), self.gate_up_proj.tensors, rows)
+        if gu is None:
+            return None
+        g, u = gu.chunk(2, dim=-1)
+        y = kernels.qlinear_experts(F.silu(g) * u, self.down_proj.tensors, rows)          # [N*k, H]
+        return (y.view(N, k, -1) * w.view(N, k, 1).to(y.dtype)).sum(1)
 
 
 # Which weights are quantized: every projection of the decoder and the output head. Kept float: the
@@ -128,6 +171,13 @@ class QuantExperts(nn.Module):
 QUANTIZED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                      "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj",
                      "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+
+
+def is_quantized(name: str) -> bool:
+    """Whether the weight `name` (our naming) is stored quantized."""
+    base = name.rsplit(".", 1)[0]
+    return (name == "lm_head.weight" or name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+            or (name.endswith(".weight") and base.endswith(QUANTIZED_LINEARS)))
 
 
 def quantize_modules(model: nn.Module, cfg: QuantConfig) -> dict[str, tuple[nn.Module, str]]:
@@ -140,7 +190,7 @@ def quantize_modules(model: nn.Module, cfg: QuantConfig) -> dict[str, tuple[nn.M
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(module, Linear) and (name == "lm_head" or name.endswith(QUANTIZED_LINEARS)):
+        if isinstance(module, Linear) and is_quantized(f"{name}.weight"):
             q = QuantLinear(module.weight.shape[1], module.weight.shape[0], cfg, module.bias is not None)
             setattr(parent, child, q)
             targets[f"{name}.weight"] = (q, "weight")

@@ -20,6 +20,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     logprobs: int | None = None         # None: none; k >= 0: the sampled token's logprob and the top k
+    ignore_eos: bool = False            # keep going past end-of-sequence tokens (benchmarks)
 
     def __post_init__(self):
         def bad(name: str, why: str):

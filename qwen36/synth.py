@@ -197,19 +197,27 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, shards: int) 
 def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_experts: bool = True,
                      vision: dict | None = TINY_VISION, mtp: bool = True, shards: int = 2,
                      text_only: bool = False, dtype: torch.dtype = torch.bfloat16,
-                     tokenizer: bool = False) -> Path:
-    """Write a random checkpoint in the official layout; returns its directory."""
+                     tokenizer: bool = False, quantization: str | None = None) -> Path:
+    """Write a random checkpoint in the official layout; returns its directory. With quantization
+    ("int8"|"int4") the weights are written directly in qwen36's quantized form, layer by layer, so even
+    the full real geometry never needs more than one layer in memory (vision and MTP are left out)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model_config(geometry, None if text_only else vision, text_only)
+    cfg = model_config(geometry, None if text_only or quantization else vision, text_only)
     tc = cfg if text_only else cfg["text_config"]
-    tensors = text_tensors(tc, seed, fused_experts, "model." if text_only else "model.language_model.",
-                           mtp and not text_only)
-    if vision is not None and not text_only:
-        tensors.update(vision_tensors(vision, tc["hidden_size"], seed))
-    tensors = {n: (t if t.dtype == torch.float32 and n.endswith(("A_log", "linear_attn.norm.weight")) else t.to(dtype))
-               for n, t in tensors.items()}
-    write_safetensors(tensors, out, shards)
+    if quantization:
+        from .quant import QuantConfig
+        qcfg = QuantConfig(quantization)
+        cfg["quantization_config"] = qcfg.to_json()
+        write_quantized_text(out, tc, seed, qcfg, "model." if text_only else "model.language_model.")
+    else:
+        tensors = text_tensors(tc, seed, fused_experts, "model." if text_only else "model.language_model.",
+                               mtp and not text_only)
+        if vision is not None and not text_only:
+            tensors.update(vision_tensors(vision, tc["hidden_size"], seed))
+        tensors = {n: (t if t.dtype == torch.float32 and n.endswith(("A_log", "linear_attn.norm.weight"))
+                       else t.to(dtype)) for n, t in tensors.items()}
+        write_safetensors(tensors, out, shards)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = dict(bos_token_id=248044, eos_token_id=[248046, 248044], pad_token_id=248044, do_sample=True,
                temperature=1.0, top_k=20, top_p=0.95, transformers_version="4.57.1")
@@ -220,3 +228,88 @@ def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_exper
         write_tokenizer_files(out)
         (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return out
+
+
+def random_quantized(shape: tuple[int, ...], qcfg, r: _Rand) -> dict[str, torch.Tensor]:
+    """Random codes and scales whose dequantized weights have std ~ 1/sqrt(fan_in), made directly."""
+    from .quant import quantized_shapes
+
+    parts = quantized_shapes(shape, qcfg)
+    K = shape[-1]
+    q = torch.randint(0, 256, parts[".q"], generator=r.g, dtype=torch.uint8)
+    if qcfg.method == "int8":
+        return {".q": q.view(torch.int8), ".scale": torch.full(parts[".scale"], 1 / (73 * math.sqrt(K)))}
+    scale = torch.full(parts[".scale"], 1 / (4.6 * math.sqrt(K)))
+    return {".q": q, ".scale": scale, ".min": -7.5 * scale}
+
+
+def write_quantized_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shard_bytes: int = 2 << 30) -> None:
+    """The text model in quantized form, streamed shard by shard."""
+    from .quant import is_quantized
+
+    r = _Rand(seed)
+    H, V = tc["hidden_size"], tc["vocab_size"]
+    writer = _ShardWriter(out, shard_bytes)
+
+    def put(name: str, t: torch.Tensor) -> None:
+        ours = name[len(prefix):] if name.startswith(prefix) else name
+        if is_quantized(ours):
+            for part, v in random_quantized(tuple(t.shape), qcfg, r).items():
+                writer.add(name + part, v)
+        else:
+            writer.add(name, t if t.dtype == torch.float32 and name.endswith(("A_log", "norm.weight"))
+                       else t.to(torch.bfloat16))
+
+    put(f"{prefix}embed_tokens.weight", r.normal((V, H), 1.0))
+    for i, kind in enumerate(tc["layer_types"]):
+        p = f"{prefix}layers.{i}"
+        layer = {f"{p}.input_layernorm.weight": r.normal(H, 0.1), f"{p}.post_attention_layernorm.weight": r.normal(H, 0.1)}
+        layer.update(_attention(r, f"{p}.self_attn", tc) if kind == "full_attention" else _deltanet(r, f"{p}.linear_attn", tc))
+        layer.update(_moe_shapes(r, f"{p}.mlp", tc))
+        for name, t in layer.items():
+            put(name, t)
+    put(f"{prefix}norm.weight", r.normal(H, 0.1))
+    put("lm_head.weight", torch.empty(V, H, device="meta"))
+    writer.close()
+
+
+def _moe_shapes(r: _Rand, p: str, tc: dict) -> dict[str, torch.Tensor]:
+    """The MoE block with the (large) experts as meta tensors: only their shapes are needed."""
+    H, E, I, S = tc["hidden_size"], tc["num_experts"], tc["moe_intermediate_size"], tc["shared_expert_intermediate_size"]
+    return {f"{p}.gate.weight": r.proj(E, H) * 4,
+            f"{p}.experts.gate_up_proj": torch.empty(E, 2 * I, H, device="meta"),
+            f"{p}.experts.down_proj": torch.empty(E, H, I, device="meta"),
+            f"{p}.shared_expert.gate_proj.weight": r.proj(S, H), f"{p}.shared_expert.up_proj.weight": r.proj(S, H),
+            f"{p}.shared_expert.down_proj.weight": r.proj(H, S), f"{p}.shared_expert_gate.weight": r.proj(1, H)}
+
+
+class _ShardWriter:
+    """Writes tensors to numbered shards as they come, then names them -of-N and writes the index."""
+
+    def __init__(self, out: Path, shard_bytes: int):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.buf: dict[str, torch.Tensor] = {}
+        self.files: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        self.buf[name] = t.contiguous()
+        if sum(v.numel() * v.element_size() for v in self.buf.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            save_file(self.buf, str(self.out / f"part-{len(self.files)}.safetensors"), metadata={"format": "pt"})
+            self.total += sum(v.numel() * v.element_size() for v in self.buf.values())
+            self.files.append(list(self.buf))
+            self.buf = {}
+
+    def close(self) -> None:
+        self.flush()
+        n, weight_map = len(self.files), {}
+        for k, names in enumerate(self.files):
+            name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            (self.out / f"part-{k}.safetensors").rename(self.out / name)
+            weight_map.update({t: name for t in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -11,6 +11,9 @@ from ..ops.moe import float_linear, moe
 from .linear import Linear
 
 
+GROUPED_ROWS = 64          # (token, expert) pairs up to which quantized experts run as one grouped call
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int):
         super().__init__()
@@ -51,5 +54,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, w = self.route(x)
         e = self.experts
-        routed = moe(x, ids, w, e.gate_up_proj, e.down_proj, e.linear)
+        routed = e.grouped(x, ids, w) if x.shape[0] * self.top_k <= GROUPED_ROWS and hasattr(e, "grouped") else None
+        if routed is None:
+            routed = moe(x, ids, w, e.gate_up_proj, e.down_proj, e.linear)
         return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -1,0 +1,166 @@
+"""`qwen36 bench`: fixed-seed speed and memory workloads on a checkpoint or a synthesized one.
+
+Reports prefill tok/s (one prompt), time to first token, decode tok/s at batch 1 and batch 8, peak RSS,
+weight bytes read per decoded token and the bandwidth that implies, next to the machine's measured
+memory read bandwidth; with --vs-transformers the same prompt through HF transformers (fp32).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .paths import cache_dir
+
+BENCH_GEOMETRY = dict(  # the real per-layer widths (hidden 2048, 256 experts of 512); layers chosen by --layers
+    vocab_size=248320, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    linear_num_key_heads=16, linear_key_head_dim=128, linear_num_value_heads=32, linear_value_head_dim=128,
+    linear_conv_kernel_dim=4, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, full_attention_interval=4)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+
+
+def memory_bandwidth_gbs(size_bytes: int = 1 << 30, reps: int = 5) -> float:
+    """Read bandwidth with torch's threads: sum over a buffer larger than every cache."""
+    x = torch.ones(size_bytes // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return size_bytes / best / 1e9
+
+
+def weight_bytes_per_token(model, batch: int = 1) -> int:
+    """Bytes of weights a decode step reads per token: everything but the unused experts and the
+    embedding table (one row)."""
+    from .quant import QuantExperts
+
+    total = 0
+    cfg = model.cfg
+    for name, module in model.named_modules():
+        if name == "embed_tokens":
+            total += module.weight[0].numel() * module.weight.element_size()
+            continue
+        if isinstance(module, QuantExperts) or name.endswith("mlp.experts"):
+            per_expert = _module_bytes(module) // cfg.num_experts
+            used = min(cfg.num_experts, cfg.num_experts_per_tok * batch)   # upper bound for batch > 1
+            total += per_expert * used
+            continue
+        if not list(module.children()):
+            total += _module_bytes(module)
+    return total // batch
+
+
+def _module_bytes(module) -> int:
+    from .quant import QuantExperts, QuantLinear
+
+    if isinstance(module, (QuantLinear, QuantExperts)):
+        parts = module.parts() if isinstance(module, QuantLinear) else {
+            f"{a}{k}": v for a in ("gate_up_proj", "down_proj") for k, v in module.parts(a).items()}
+        extra = sum(p.numel() * p.element_size() for p in module.parameters())
+        return sum(t.numel() * t.element_size() for t in parts.values()) + extra
+    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+
+
+def synthetic_checkpoint(layers: int, quantization: str | None, experts: int = 256) -> Path:
+    """A cached random checkpoint at the real widths with `layers` layers and `experts` experts
+    (written directly in quantized form if asked)."""
+    from .synth import write_checkpoint
+
+    tag = f"synthetic-real-L{layers}-E{experts}-{quantization or 'bf16'}"
+    path = cache_dir() / tag
+    if not (path / "config.json").exists():
+        geo = {**BENCH_GEOMETRY, "num_hidden_layers": layers, "num_experts": experts}
+        write_checkpoint(path.with_name(tag + ".partial"), geo, seed=0, quantization=quantization, tokenizer=True,
+                         mtp=False, vision=None, shards=max(1, layers // 4))
+        path.with_name(tag + ".partial").rename(path)
+    return path
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def run(model: str | None, layers: int = 40, quantization: str | None = "int4", prompt_len: int = 512,
+        decode_tokens: int = 128, vs_transformers: bool = False, experts: int = 256) -> dict:
+    from . import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    path = Path(model) if model else synthetic_checkpoint(layers, quantization, experts)
+    bandwidth = memory_bandwidth_gbs()
+    llm, load_s = _timed(lambda: LLM(path, dtype="bfloat16", quantization=None if model is None else quantization,
+                                    max_model_len=prompt_len + decode_tokens + 8, max_num_seqs=8))
+    V = llm.config.text.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, min(V, 200000), (prompt_len,), generator=g).tolist()
+    p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(prompt[:16], p1)                                     # warm-up
+    _, ttft = _timed(lambda: llm.generate(prompt, p1))
+    pd = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    short = prompt[:16]
+    out, t_all = _timed(lambda: llm.generate(short, pd))
+    _, t_first = _timed(lambda: llm.generate(short, p1))
+    decode_1 = (decode_tokens - 1) / max(t_all - t_first, 1e-9)
+    batch = [prompt[i * 16:(i + 1) * 16] for i in range(8)]
+    outs, t8 = _timed(lambda: llm.generate(batch, pd))
+    decode_8 = sum(len(o.token_ids) for o in outs) / t8
+    bytes_tok = weight_bytes_per_token(llm.model)
+    result = {
+        "model": str(path), "layers": llm.config.text.num_hidden_layers, "quantization": quantization,
+        "threads": torch.get_num_threads(), "load_s": round(load_s, 1),
+        "prefill_tokens": prompt_len, "prefill_tok_s": round(prompt_len / ttft, 2), "ttft_s": round(ttft, 3),
+        "decode_tok_s_batch1": round(decode_1, 2), "decode_tok_s_batch8": round(decode_8, 2),
+        "weight_bytes_per_token": bytes_tok, "achieved_gbs": round(bytes_tok * decode_1 / 1e9, 2),
+        "memory_bandwidth_gbs": round(bandwidth, 2),
+        "bandwidth_fraction": round(bytes_tok * decode_1 / 1e9 / bandwidth, 3),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+    }
+    if vs_transformers:
+        result["transformers"] = _vs_transformers(path, prompt, decode_tokens)
+        ours = _ours_fp32(path, prompt, decode_tokens)
+        result["ours_fp32"] = ours
+        result["speedup_prefill"] = round(result["transformers"]["prefill_s"] / ours["prefill_s"], 2)
+        result["speedup_decode"] = round(ours["decode_tok_s"] / result["transformers"]["decode_tok_s"], 2)
+    return result
+
+
+def _ours_fp32(path: Path, prompt: list[int], n: int) -> dict:
+    from . import LLM, SamplingParams
+
+    llm = LLM(path, dtype="float32")
+    p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(prompt[:8], p1)
+    _, prefill = _timed(lambda: llm.generate(prompt, p1))
+    _, t_all = _timed(lambda: llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)))
+    return {"prefill_s": round(prefill, 3), "decode_tok_s": round((n - 1) / (t_all - prefill), 2)}
+
+
+def _vs_transformers(path: Path, prompt: list[int], n: int) -> dict:
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    hf = Qwen3_5MoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    x = torch.tensor([prompt])
+    kw = dict(attention_mask=torch.ones_like(x), do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        hf.generate(x[:, :8], max_new_tokens=1, **kw)
+        _, prefill = _timed(lambda: hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw))
+        _, t_all = _timed(lambda: hf.generate(x, max_new_tokens=n, min_new_tokens=n, **kw))
+    return {"prefill_s": round(prefill, 3), "decode_tok_s": round((n - 1) / (t_all - prefill), 2)}
+
+
+def run_bench(args) -> int:
+    quantization = None if args.quantization == "none" else args.quantization
+    result = run(args.model, args.layers, quantization, args.prompt_len, args.decode_tokens,
+                 args.vs_transformers, args.experts)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0

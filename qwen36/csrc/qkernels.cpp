@@ -1,0 +1,339 @@
+// Weight-only int4 / int8 matmul kernels for x86 CPUs (AVX2 + FMA + F16C), used by qwen36/kernels.py.
+// Decode on CPU is memory-bound: these read each quantized weight once and never materialise it in fp32.
+//
+// int4 layout (qwen36/quant.py): W [N, K] in groups of gs (a multiple of 32) along K.
+//   wq uint8 [N, K/2]: in every 32-element block b of a row, byte 16*b + j holds element 32b + j in its
+//   low nibble and element 32b + 16 + j in its high nibble; codes 0..15.
+//   sc, mn fp32 [N, K/gs]:  w = sc * code + mn.
+// int8 layout: wq int8 [N, K], sc fp32 [N]:  w = sc * q.
+// Activations x are fp32 [M, K], contiguous; outputs fp32 [M, N]. Threads: torch's intra-op pool.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <vector>
+#include <cmath>
+#include <atomic>
+
+static const int64_t g_pf = 4096;  // software prefetch distance (bytes)
+static inline float hsum256(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  lo = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, lo);
+  lo = _mm_add_ss(lo, sh);
+  return _mm_cvtss_f32(lo);
+}
+
+template <typename ST> static inline float ldsc(const ST* p);
+template <> inline float ldsc<float>(const float* p) { return *p; }
+template <> inline float ldsc<at::Half>(const at::Half* p) {
+  return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p));
+}
+
+// ------------------------------------------------------------------------------------
+// int4 weights, fp32 activations.  One output row n, MT activation rows.
+//   acc[m] += sum_k (s_g * q_k) * x[m,k]     (vector, FMA)
+//   zacc[m] += m_g * xsum[m,g]               (scalar)
+// ------------------------------------------------------------------------------------
+template <int MT, typename ST>
+static inline void q4f_row(const float* x, int64_t ldx, const float* xsum, int64_t G,
+                           const uint8_t* wrow, const ST* srow, const ST* mrow, int64_t K,
+                           int gs, float* out, int64_t ldo) {
+  constexpr int ACC = (MT == 1) ? 4 : (MT == 2 ? 4 : (MT == 4 ? 2 : 1));
+  __m256 acc[MT][ACC];
+  for (int m = 0; m < MT; ++m)
+    for (int a = 0; a < ACC; ++a) acc[m][a] = _mm256_setzero_ps();
+  float zacc[MT];
+  for (int m = 0; m < MT; ++m) zacc[m] = 0.f;
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  const int sub = gs / 32;
+  for (int64_t g = 0; g < G; ++g) {
+    const float s = ldsc<ST>(srow + g);
+    const float mn = mrow ? ldsc<ST>(mrow + g) : -8.f * s;
+    for (int m = 0; m < MT; ++m) zacc[m] += mn * xsum[m * G + g];
+    const __m256 sv = _mm256_set1_ps(s);
+    for (int b = 0; b < sub; ++b) {
+      const int64_t k0 = g * gs + b * 32;
+      const uint8_t* p = wrow + k0 / 2;
+      __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+      __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)));
+      __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), sv);  // k0+0..7
+      __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), sv);  // k0+8..15
+      __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), sv);    // k0+16..23
+      __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), sv);    // k0+24..31
+      for (int m = 0; m < MT; ++m) {
+        const float* xp = x + m * ldx + k0;
+        acc[m][0 % ACC] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + 0), acc[m][0 % ACC]);
+        acc[m][1 % ACC] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), acc[m][1 % ACC]);
+        acc[m][2 % ACC] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), acc[m][2 % ACC]);
+        acc[m][3 % ACC] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), acc[m][3 % ACC]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m256 t = acc[m][0];
+    for (int a = 1; a < ACC; ++a) t = _mm256_add_ps(t, acc[m][a]);
+    out[m * ldo] = hsum256(t) + zacc[m];
+  }
+}
+
+// Specialised M=1 version: integer-exact group dot then one scale FMA per group
+// (saves the 4 multiplies per 32 weights).
+template <typename ST>
+static inline float q4f_row_m1(const float* x, const float* xsum, int64_t G, const uint8_t* wrow,
+                               const ST* srow, const ST* mrow, int gs) {
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+  float z = 0.f;
+  const int sub = gs / 32;
+  const int64_t pf = g_pf;
+  for (int64_t g = 0; g < G; ++g) {
+    if (pf && ((g * gs / 2) & 63) == 0) _mm_prefetch((const char*)(wrow + g * gs / 2 + pf), _MM_HINT_T0);
+    const float s = ldsc<ST>(srow + g);
+    const float mn = mrow ? ldsc<ST>(mrow + g) : -8.f * s;
+    z += mn * xsum[g];
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+           a3 = _mm256_setzero_ps();
+    for (int b = 0; b < sub; ++b) {
+      const int64_t k0 = g * gs + b * 32;
+      const uint8_t* p = wrow + k0 / 2;
+      const float* xp = x + k0;
+      __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+      __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)));
+      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), _mm256_loadu_ps(xp + 0), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), _mm256_loadu_ps(xp + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), _mm256_loadu_ps(xp + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), _mm256_loadu_ps(xp + 24), a3);
+    }
+    const __m256 sv = _mm256_set1_ps(s);
+    tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), sv, tot0);
+    tot1 = _mm256_fmadd_ps(_mm256_add_ps(a2, a3), sv, tot1);
+  }
+  return hsum256(_mm256_add_ps(tot0, tot1)) + z;
+}
+
+template <typename ST>
+static void q4f_rows(const float* x, int64_t M, int64_t K, const float* xsum, const uint8_t* wq,
+                     const ST* sc, const ST* mn, int gs, float* y, int64_t ldy, int64_t n0,
+                     int64_t n1) {
+  const int64_t G = K / gs;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = wq + n * (K / 2);
+    const ST* srow = sc + n * G;
+    const ST* mrow = mn ? mn + n * G : nullptr;
+    int64_t m = 0;
+    if (M == 1) {
+      y[n] = q4f_row_m1<ST>(x, xsum, G, wrow, srow, mrow, gs);
+      continue;
+    }
+    for (; m + 8 <= M; m += 8)
+      q4f_row<8, ST>(x + m * K, K, xsum + m * G, G, wrow, srow, mrow, K, gs, y + m * ldy + n, ldy);
+    for (; m + 4 <= M; m += 4)
+      q4f_row<4, ST>(x + m * K, K, xsum + m * G, G, wrow, srow, mrow, K, gs, y + m * ldy + n, ldy);
+    for (; m + 2 <= M; m += 2)
+      q4f_row<2, ST>(x + m * K, K, xsum + m * G, G, wrow, srow, mrow, K, gs, y + m * ldy + n, ldy);
+    for (; m < M; ++m)
+      q4f_row<1, ST>(x + m * K, K, xsum + m * G, G, wrow, srow, mrow, K, gs, y + m * ldy + n, ldy);
+  }
+}
+
+static std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int gs) {
+  const int64_t G = K / gs;
+  std::vector<float> xs(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 a = _mm256_setzero_ps();
+      for (int k = 0; k < gs; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + m * K + g * gs + k));
+      xs[m * G + g] = hsum256(a);
+    }
+  return xs;
+}
+
+static void check_q4(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sc,
+                     const c10::optional<torch::Tensor>& mn, int64_t gs) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous fp32 [M,K]");
+  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.is_contiguous(), "wq must be contiguous uint8");
+  TORCH_CHECK(gs % 32 == 0 && x.size(1) % gs == 0, "gs must be a multiple of 32 dividing K");
+  TORCH_CHECK(sc.is_contiguous() && (sc.dtype() == torch::kFloat32 || sc.dtype() == torch::kFloat16), "scales fp32/fp16 contiguous");
+  if (mn) TORCH_CHECK(mn->dtype() == sc.dtype() && mn->is_contiguous(), "mins must match scales");
+}
+
+// y[M,N] = x[M,K] @ dequant(wq)^T
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc,
+                        c10::optional<torch::Tensor> mn, int64_t gs) {
+  check_q4(x, wq, sc, mn, gs);
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
+  TORCH_CHECK(wq.size(-1) == K / 2 && sc.size(-1) == K / gs, "shape mismatch");
+  auto y = torch::empty({M, N}, x.options());
+  auto xs = group_sums(x.data_ptr<float>(), M, K, gs);
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = wq.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(1, K / 64));
+  if (sc.dtype() == torch::kFloat32) {
+    const float* s = sc.data_ptr<float>();
+    const float* m = mn ? mn->data_ptr<float>() : nullptr;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      q4f_rows<float>(xp, M, K, xs.data(), wp, s, m, (int)gs, yp, N, b, e);
+    });
+  } else {
+    const at::Half* s = sc.data_ptr<at::Half>();
+    const at::Half* m = mn ? mn->data_ptr<at::Half>() : nullptr;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      q4f_rows<at::Half>(xp, M, K, xs.data(), wp, s, m, (int)gs, yp, N, b, e);
+    });
+  }
+  return y;
+}
+
+// Grouped (MoE) version: weights for all experts stacked: wq [E, N, K/2], sc/mn [E, N, K/gs].
+// ids int64 [T]; x [T, K] (one row per selected expert) or [1, K] (broadcast). Returns [T, N].
+// One parallel region over all T*N rows (no Python loop).
+torch::Tensor q4_moe_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc,
+                            c10::optional<torch::Tensor> mn, int64_t gs, torch::Tensor ids) {
+  check_q4(x, wq, sc, mn, gs);
+  TORCH_CHECK(wq.dim() == 3 && ids.dtype() == torch::kInt64, "wq [E,N,K/2], ids int64");
+  const int64_t T = ids.numel(), K = x.size(1), N = wq.size(1), G = K / gs;
+  const bool bcast = x.size(0) == 1;
+  TORCH_CHECK(bcast || x.size(0) == T, "x must be [1,K] or [T,K]");
+  auto y = torch::empty({T, N}, x.options());
+  auto xs = group_sums(x.data_ptr<float>(), x.size(0), K, gs);
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = wq.data_ptr<uint8_t>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  float* yp = y.data_ptr<float>();
+  TORCH_CHECK(sc.dtype() == torch::kFloat32, "moe: fp32 scales only in this prototype");
+  const float* s = sc.data_ptr<float>();
+  const float* m = mn ? mn->data_ptr<float>() : nullptr;
+  at::parallel_for(0, T * N, 64, [&](int64_t b, int64_t e) {
+    while (b < e) {
+      const int64_t t = b / N, n0 = b % N, n1 = std::min<int64_t>(N, n0 + (e - b));
+      const int64_t ex = id[t];
+      const float* xr = xp + (bcast ? 0 : t * K);
+      const float* xsr = xs.data() + (bcast ? 0 : t * G);
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t r = ex * N + n;
+        yp[t * N + n] = q4f_row_m1<float>(xr, xsr, G, wp + r * (K / 2), s + r * G,
+                                          m ? m + r * G : nullptr, (int)gs);
+      }
+      b += n1 - n0;
+    }
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------
+// int8 weights (per output channel scale), fp32 activations.
+// ------------------------------------------------------------------------------------
+template <int MT>
+static inline void q8w_row(const float* x, int64_t K, const int8_t* wrow, float s, float* out,
+                           int64_t ldo) {
+  constexpr int ACC = (MT == 1) ? 4 : (MT == 2 ? 4 : (MT == 4 ? 2 : 1));
+  __m256 acc[MT][ACC];
+  for (int m = 0; m < MT; ++m)
+    for (int a = 0; a < ACC; ++a) acc[m][a] = _mm256_setzero_ps();
+  const int64_t pf = g_pf;
+  for (int64_t k = 0; k < K; k += 32) {
+    if (pf && (k & 63) == 0) _mm_prefetch((const char*)(wrow + k + pf), _MM_HINT_T0);
+    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wrow + k))));
+    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wrow + k + 8))));
+    __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wrow + k + 16))));
+    __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wrow + k + 24))));
+    for (int m = 0; m < MT; ++m) {
+      const float* xp = x + m * K + k;
+      acc[m][0 % ACC] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + 0), acc[m][0 % ACC]);
+      acc[m][1 % ACC] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), acc[m][1 % ACC]);
+      acc[m][2 % ACC] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), acc[m][2 % ACC]);
+      acc[m][3 % ACC] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), acc[m][3 % ACC]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m256 t = acc[m][0];
+    for (int a = 1; a < ACC; ++a) t = _mm256_add_ps(t, acc[m][a]);
+    out[m * ldo] = hsum256(t) * s;
+  }
+}
+
+torch::Tensor q8w_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "x fp32 contiguous");
+  TORCH_CHECK(wq.dtype() == torch::kInt8 && wq.is_contiguous() && sc.dtype() == torch::kFloat32, "int8 w, fp32 scales");
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
+  TORCH_CHECK(K % 32 == 0, "K % 32");
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = wq.data_ptr<int8_t>();
+  const float* s = sc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const int8_t* wr = wp + n * K;
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8) q8w_row<8>(xp + m * K, K, wr, s[n], yp + m * N + n, N);
+      for (; m + 4 <= M; m += 4) q8w_row<4>(xp + m * K, K, wr, s[n], yp + m * N + n, N);
+      for (; m < M; ++m) q8w_row<1>(xp + m * K, K, wr, s[n], yp + m * N + n, N);
+    }
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------
+// Dequantise q4 -> fp32 or bf16 [N, K] (for prefill: dequant once, then MKL/oneDNN GEMM).
+// ------------------------------------------------------------------------------------
+torch::Tensor q4_dequant(torch::Tensor wq, torch::Tensor sc, c10::optional<torch::Tensor> mn,
+                         int64_t gs, bool bf16, c10::optional<torch::Tensor> out_opt) {
+  TORCH_CHECK(sc.dtype() == torch::kFloat32, "fp32 scales");
+  const int64_t N = wq.size(0), K = wq.size(1) * 2, G = K / gs;
+  // pass a persistent `out` buffer to avoid a fresh mmap + page faults per call for large weights
+  auto out = out_opt ? *out_opt : torch::empty({N, K}, wq.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  TORCH_CHECK(out.is_contiguous() && out.numel() == N * K && out.scalar_type() == (bf16 ? torch::kBFloat16 : torch::kFloat32), "bad out");
+  const uint8_t* wp = wq.data_ptr<uint8_t>();
+  const float* s = sc.data_ptr<float>();
+  const float* m = mn ? mn->data_ptr<float>() : nullptr;
+  void* op = out.data_ptr();
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float sf = s[n * G + g];
+        const __m256 sv = _mm256_set1_ps(sf);
+        const __m256 mv = _mm256_set1_ps(m ? m[n * G + g] : -8.f * sf);
+        for (int bb = 0; bb < gs / 32; ++bb) {
+          const int64_t k0 = g * gs + bb * 32;
+          const uint8_t* p = wp + n * (K / 2) + k0 / 2;
+          __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+          __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)));
+          __m256 f[4] = {
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), sv, mv),
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), sv, mv),
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), sv, mv),
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), sv, mv)};
+          if (!bf16) {
+            float* o = (float*)op + n * K + k0;
+            for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * i, f[i]);
+          } else {
+            uint16_t* o = (uint16_t*)op + n * K + k0;
+            for (int i = 0; i < 4; ++i) {
+              // round-to-nearest-even fp32 -> bf16
+              __m256i u = _mm256_castps_si256(f[i]);
+              __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                       _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+              r = _mm256_srli_epi32(r, 16);
+              __m128i pk = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+              _mm_storeu_si128((__m128i*)(o + 8 * i), pk);
+            }
+          }
+        }
+      }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_linear", &q4_linear, "int4 weight-only linear");
+  m.def("q4_moe_linear", &q4_moe_linear, "int4 linear over selected experts, one row per id");
+  m.def("q8w_linear", &q8w_linear, "int8 weight-only linear");
+  m.def("q4_dequant", &q4_dequant, "int4 -> fp32/bf16", py::arg("wq"), py::arg("sc"), py::arg("mn"),
+        py::arg("gs"), py::arg("bf16"), py::arg("out") = py::none());
+}
