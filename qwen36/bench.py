@@ -6,6 +6,7 @@ memory read bandwidth; with --vs-transformers the same prompt through HF transfo
 """
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import time
@@ -125,8 +126,11 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
         "bandwidth_fraction": round(bytes_tok * decode_1 / 1e9 / bandwidth, 3),
         "peak_rss_gb": round(peak_rss_gb(), 2),
     }
-    if vs_transformers:
+    if vs_transformers:  # one model in memory at a time
+        del llm, out, outs
+        gc.collect()
         result["transformers"] = _vs_transformers(path, prompt, decode_tokens)
+        gc.collect()
         ours = _ours_fp32(path, prompt, decode_tokens)
         result["ours_fp32"] = ours
         result["speedup_prefill"] = round(result["transformers"]["prefill_s"] / ours["prefill_s"], 2)

@@ -204,8 +204,9 @@ def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
 
     Everything is checked first (unexpected, missing, shapes, dtypes: errors name file and tensor), so
     nothing heavy happens for a checkpoint that cannot load. Each tensor is then converted to `dtype` on
-    `device` from its memory-mapped view, so the caller can consume it (e.g. quantize it) before the next
-    one exists. Names ending in `keep_fp32` stay fp32 if they are on disk; the integer part `.q` of a
+    `device` from its memory-mapped view (a tensor already in that dtype on the CPU is the view itself:
+    its pages stay file-backed), so the caller can consume it (e.g. quantize it) before the next one
+    exists. Names ending in `keep_fp32` stay fp32 if they are on disk; the integer part `.q` of a
     quantized weight keeps its dtype. Per-expert tensors are assembled into fused [E, 2I, H] / [E, H, I].
     """
     found: dict[str, str] = {}                      # our name -> disk name
@@ -270,7 +271,8 @@ def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
         check_dtype(found[ours], ours)
 
     def convert(disk: str, t_dtype: torch.dtype) -> torch.Tensor:
-        return ckpt.tensor(disk).to(device=device, dtype=t_dtype, copy=True)
+        # already in the wanted dtype on the CPU: the memory-mapped view itself (no second copy in RAM)
+        return ckpt.tensor(disk).to(device=device, dtype=t_dtype)
 
     for ours, shape in expected.items():
         if ours in assembled:
@@ -287,7 +289,7 @@ def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
             continue
         disk = found[ours]
         if ours.endswith(".q"):
-            yield ours, ckpt.tensor(disk).to(device=device, copy=True)
+            yield ours, ckpt.tensor(disk).to(device=device)
             continue
         keep = ckpt.dtype_str(disk) == "F32" and ours.endswith(keep_fp32 + (".scale", ".min"))
         yield ours, convert(disk, torch.float32 if keep else dtype)

@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model")
     q.add_argument("out")
     q.add_argument("--quantization", default="int4", choices=["int8", "int4"])
-    q.add_argument("--group-size", type=int, default=64, help="int4 group size along the input dim")
+    q.add_argument("--group-size", type=int, default=128, help="int4 group size along the input dim")
     q.set_defaults(func=cmd_quantize)
 
     b = sub.add_parser("bench", help="benchmarks: the model (speed, memory) or a live server (--serve)")

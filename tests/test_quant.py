@@ -10,7 +10,7 @@ import torch
 from qwen36 import LLM, SamplingParams
 from qwen36 import kernels
 from qwen36.export import quantize_checkpoint
-from qwen36.quant import QuantConfig, dequantize, group_for, quantize_int4, quantize_int8
+from qwen36.quant import DEFAULT_GROUP, QuantConfig, dequantize, group_for, quantize_int4, quantize_int8
 
 from conftest import rel_err
 
@@ -73,7 +73,7 @@ def test_quantized_model_close_to_float(checkpoint, method, max_kl):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_stored_quantized_checkpoint_loads_identically(checkpoint, tmp_path, method):
     src = checkpoint("ratio4-irregular", seed=2)
-    out = quantize_checkpoint(src, tmp_path / "q", method, 64)
+    out = quantize_checkpoint(src, tmp_path / "q", method, DEFAULT_GROUP)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["bits"] == (8 if method == "int8" else 4)
     assert (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
