@@ -134,6 +134,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
     elif cfg.text.tie_word_embeddings:
         targets["lm_head.weight"][0].load("weight", quantize(tensors["embed_tokens.weight"], qcfg))
+    if qcfg is not None and device.type == "cpu":
+        # what stays float in a quantized model is small (router, gates, norms): keep it in fp32 so no
+        # step casts it again; the embedding stays as stored (one row is read per token)
+        tensors = {k: (v if k == "embed_tokens.weight" else v.float()) for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     model.requires_grad_(False)
     model.rotary = MRotary(cfg.text, device)

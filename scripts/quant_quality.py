@@ -1,0 +1,45 @@
+"""Quality of int8 / int4 weight-only quantization against the unquantized model (README table).
+
+    python scripts/quant_quality.py CHECKPOINT [--tokens 256]
+For each method: mean KL(fp32 || quantized) of the next-token distributions and top-1 agreement over a
+fixed random token sequence (seed 0), one forward pass each.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from qwen36.model import load_model
+
+
+@torch.inference_mode()
+def logits(path, quantization=None, group=128, ids=None):
+    _, m = load_model(path, torch.bfloat16, "cpu", quantization=quantization, group_size=group)
+    cache = m.new_cache(1, len(ids))
+    out = m(m.embed(ids), cache.batch([0], [0], [len(ids)], logits="all"), cache).log_softmax(-1)
+    del m, cache
+    gc.collect()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--tokens", type=int, default=256)
+    args = ap.parse_args()
+    ids = torch.randint(0, 200000, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    ref = logits(args.checkpoint, ids=ids)
+    print("| method | mean KL (nats) | top-1 agreement |")
+    print("|---|---|---|")
+    for method, group in (("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)):
+        got = logits(args.checkpoint, method, group or 128, ids)
+        kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+        top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+        name = method if method == "int8" else f"int4, group {group}"
+        print(f"| {name} | {kl:.4f} | {100 * top1:.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
