@@ -112,7 +112,7 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
     out, t_all = _timed(lambda: llm.generate(short, pd))
     _, t_first = _timed(lambda: llm.generate(short, p1))
     decode_1 = (decode_tokens - 1) / max(t_all - t_first, 1e-9)
-    batch = [prompt[i * 16:(i + 1) * 16] for i in range(8)]
+    batch = torch.randint(0, min(V, 200000), (8, 16), generator=g).tolist()
     outs, t8 = _timed(lambda: llm.generate(batch, pd))
     decode_8 = sum(len(o.token_ids) for o in outs) / t8
     bytes_tok = weight_bytes_per_token(llm.model)

@@ -112,4 +112,7 @@ class Sampler:
         logits = self.penalize(logits.float().clone(), prompt_ids, output_ids)
         if self.p.greedy:
             return int(logits.argmax())
+        if 0 < self.p.top_k < logits.shape[-1]:  # the same distribution, but sort k values, not the vocabulary
+            values, ids = torch.topk(logits, self.p.top_k)
+            return int(ids[torch.multinomial(self.probs(values), 1, generator=self.gen)])
         return int(torch.multinomial(self.probs(logits), 1, generator=self.gen))

@@ -37,3 +37,31 @@ def test_errors_are_one_clear_line(tmp_path):
     r = qwen36("generate", str(tmp_path / "nope"), "hi")
     assert r.returncode == 2
     assert r.stderr.startswith("qwen36: error:") and "no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_runs_on_a_checkpoint(checkpoint):
+    """The model benchmark end to end on a small checkpoint, quantized at load (figures are in README)."""
+    import json
+
+    r = qwen36("bench", str(checkpoint("demo")), "--quantization", "int4", "--prompt-len", "32",
+               "--decode-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("prefill_tok_s", "decode_tok_s_batch1", "decode_tok_s_batch8", "peak_rss_gb",
+                "weight_bytes_per_token", "achieved_gbs", "memory_bandwidth_gbs"):
+        assert out[key] > 0, key
+
+
+def test_make_demo_real_geometry_quantized(tmp_path):
+    """--geometry real writes Qwen3.6's widths directly in int4 (one layer here, to stay small)."""
+    import json
+
+    out = tmp_path / "real"
+    r = qwen36("make-demo", str(out), "--geometry", "real", "--layers", "1")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    t = cfg["text_config"]
+    assert (t["hidden_size"], t["num_experts"], t["vocab_size"], t["num_hidden_layers"]) == (2048, 256, 248320, 1)
+    assert cfg["quantization_config"] == {"quant_method": "qwen36", "bits": 4, "group_size": 128}
+    r = qwen36("generate", str(out), "Hello", "--max-tokens", "2", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
