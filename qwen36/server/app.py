@@ -77,27 +77,25 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def metrics():
         return PlainTextResponse(render_metrics(runner.stats, runner.load()), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def run(request: Request, make_job):
+        """Validate, queue and answer one request (SSE when it asks to stream); errors as OpenAI objects."""
         try:
-            req = parse(ChatCompletionRequest, await body(request))
-            job = ChatJob(req, config, template, tokenizer, llm, runner)
+            job = make_job(await body(request))
             job.prepare()
-            return StreamingResponse(job.stream(request), media_type="text/event-stream") if req.stream \
+            return StreamingResponse(job.stream(request), media_type="text/event-stream") if job.req.stream \
                 else JSONResponse(await job.complete(request))
         except APIError as e:
             return error_response(e)
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, lambda raw: ChatJob(parse(ChatCompletionRequest, raw), config, template,
+                                                      tokenizer, llm, runner))
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        try:
-            req = parse(CompletionRequest, await body(request))
-            job = CompletionJob(req, config, tokenizer, llm, runner)
-            job.prepare()
-            return StreamingResponse(job.stream(request), media_type="text/event-stream") if req.stream \
-                else JSONResponse(await job.complete(request))
-        except APIError as e:
-            return error_response(e)
+        return await run(request, lambda raw: CompletionJob(parse(CompletionRequest, raw), config, tokenizer,
+                                                            llm, runner))
 
     @app.on_event("shutdown")
     def _shutdown():
