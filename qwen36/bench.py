@@ -93,14 +93,16 @@ def _timed(fn):
 
 
 def run(model: str | None, layers: int = 40, quantization: str | None = "int4", prompt_len: int = 512,
-        decode_tokens: int = 128, vs_transformers: bool = False, experts: int = 256) -> dict:
+        decode_tokens: int = 128, vs_transformers: bool = False, experts: int = 256,
+        max_ram: int | None = None) -> dict:
     from . import LLM, SamplingParams
 
     torch.manual_seed(0)
     path = Path(model) if model else synthetic_checkpoint(layers, quantization, experts)
     bandwidth = memory_bandwidth_gbs()
     llm, load_s = _timed(lambda: LLM(path, dtype="bfloat16", quantization=None if model is None else quantization,
-                                    max_model_len=prompt_len + decode_tokens + 8, max_num_seqs=8))
+                                    max_model_len=prompt_len + decode_tokens + 8, max_num_seqs=8,
+                                    max_ram=max_ram))
     V = llm.config.text.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(V, 200000), (prompt_len,), generator=g).tolist()
@@ -124,7 +126,7 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
         "weight_bytes_per_token": bytes_tok, "achieved_gbs": round(bytes_tok * decode_1 / 1e9, 2),
         "memory_bandwidth_gbs": round(bandwidth, 2),
         "bandwidth_fraction": round(bytes_tok * decode_1 / 1e9 / bandwidth, 3),
-        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "peak_rss_gb": round(peak_rss_gb(), 2), "max_ram_gb": round(max_ram / (1 << 30), 2) if max_ram else None,
     }
     if vs_transformers:  # one model in memory at a time
         del llm, out, outs
@@ -164,7 +166,9 @@ def _vs_transformers(path: Path, prompt: list[int], n: int) -> dict:
 
 def run_bench(args) -> int:
     quantization = None if args.quantization == "none" else args.quantization
+    from .cli import parse_size
+
     result = run(args.model, args.layers, quantization, args.prompt_len, args.decode_tokens,
-                 args.vs_transformers, args.experts)
+                 args.vs_transformers, args.experts, parse_size(args.max_ram) if args.max_ram else None)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0

@@ -32,6 +32,9 @@ DTYPES = {
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
+MAPPINGS: list[mmap.mmap] = []      # every file mapping opened (residency.py drops pages of these)
+
+
 class CheckpointError(ValueError):
     """The checkpoint on disk is incomplete, corrupt, or does not match config.json."""
 
@@ -103,6 +106,7 @@ class SafetensorsFile:
         if self._mm is None:
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            MAPPINGS.append(self._mm)
         return torch.frombuffer(self._mm, dtype=dtype, count=count, offset=self.data_start + begin).view(shape)
 
 
@@ -192,9 +196,6 @@ class _Expert:
     disk_name: str
     expert: int
     proj: str
-
-
-QUANT_PARTS = (".q", ".scale", ".min")       # tensors of a quantized weight (see quant.py); .q is integer
 
 
 def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], num_experts: int,

@@ -78,7 +78,7 @@ def cmd_demo(args) -> int:
 def cmd_generate(args) -> int:
     from . import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = _llm(args)
     out = llm.generate(args.prompt, llm.default_sampling_params(**_sampling_overrides(args)))
     print(out.text)
     return 0
@@ -93,7 +93,7 @@ def cmd_chat(args) -> int:
     from . import LLM
     from .repl import run_repl
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = _llm(args)
     params = llm.default_sampling_params(**{"max_tokens": 2048, **_sampling_overrides(args)})
     return run_repl(llm, params, thinking=not args.no_think)
 
@@ -113,8 +113,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--default-chat-template-kwargs is not valid JSON: {e}") from None
     if defaults is not None and not isinstance(defaults, dict):
         raise ValueError("--default-chat-template-kwargs must be a JSON object")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, kv_cache_bytes=parse_size(args.kv_cache_memory))
+    llm = _llm(args, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               kv_cache_bytes=parse_size(args.kv_cache_memory))
     name = args.served_model_name or Path(args.model).resolve().name
     config = ServerConfig(name, args.api_key or os.environ.get("QWEN36_API_KEY") or None,
                           parse_size(args.max_body_size), defaults)
@@ -160,6 +160,16 @@ def cmd_bench(args) -> int:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    p.add_argument("--max-ram", default=None, help="keep resident memory under SIZE (e.g. 8G) by letting "
+                                                 "least recently used experts leave memory (quantized checkpoints)")
+
+
+def _llm(args, **kw):
+    from . import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+               max_ram=parse_size(args.max_ram) if args.max_ram else None, **kw)
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -238,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quantization", default="int4", choices=["int8", "int4", "none"])
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--max-ram", default=None, help="as for serve: keep resident memory under SIZE")
     b.add_argument("--vs-transformers", action="store_true",
                    help="also time HF transformers and our fp32 path on the same (unquantized) checkpoint")
     b.set_defaults(func=cmd_bench)

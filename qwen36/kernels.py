@@ -82,12 +82,15 @@ def qlinear(x: torch.Tensor, packed) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def qlinear_experts(x: torch.Tensor, stacked: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor | None:
-    """Row t of x times expert ids[t]'s weight, all rows in one call (decode); None if not available.
-    x [T, K] or [1, K] (shared by every row); stacked parts carry a leading expert axis."""
-    ext = native()
+def grouped_ok(stacked: dict[str, torch.Tensor]) -> bool:
+    """Whether `qlinear_experts` can take these stacked int4 expert weights."""
     q = stacked["q"]
-    if ext is None or q.dtype != torch.uint8 or x.dtype != torch.float32 or not _native_ok(stacked, q.shape[-1] * 2):
-        return None
-    K = q.shape[-1] * 2
-    return ext.q4_moe_linear(x.contiguous(), q, stacked["scale"], stacked["min"], K // stacked["scale"].shape[-1], ids)
+    return native() is not None and q.dtype == torch.uint8 and _native_ok(stacked, q.shape[-1] * 2)
+
+
+def qlinear_experts(x: torch.Tensor, stacked: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Row t of x times expert ids[t]'s weight, all rows in one call (decode; check `grouped_ok` first).
+    x [T, K] fp32 or [1, K] (shared by every row); stacked parts carry a leading expert axis."""
+    K = stacked["q"].shape[-1] * 2
+    return native().q4_moe_linear(x.contiguous(), stacked["q"], stacked["scale"], stacked["min"],
+                                  K // stacked["scale"].shape[-1], ids)

@@ -41,7 +41,8 @@ class Completion:
 
 class LLM:
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", quantization: str | None = None,
-                 max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_bytes: int = 1 << 30):
+                 max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_bytes: int = 1 << 30,
+                 max_ram: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)}")
         if quantization not in QUANTIZATIONS:
@@ -52,6 +53,9 @@ class LLM:
             raise ValueError(f"device={device!r}: CUDA is not available on this machine")
         self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization)
         self.generation_config = _read_optional_json(self.path / "generation_config.json")
+        if max_ram is not None:  # experts beyond the limit leave memory, least recently used first
+            from .residency import ExpertResidency
+            self.residency = ExpertResidency(self.model, max_ram)
         self._tokenizer: Tokenizer | None = None
         self.max_model_len, self.max_num_seqs, self.kv_cache_bytes = max_model_len, max_num_seqs, kv_cache_bytes
         self._engine: Engine | None = None

@@ -146,6 +146,7 @@ class QuantExperts(nn.Module):
         self.n, self.hidden, self.inter, self.cfg = n, hidden, inter, cfg
         self.gate_up_proj: StackedQuant | None = None
         self.down_proj: StackedQuant | None = None
+        self.on_use = None                                   # residency.py: told which experts ran
 
     def load(self, name: str, t: dict[str, torch.Tensor]) -> None:
         setattr(self, name, StackedQuant(kernels.pack(t)))
@@ -156,11 +157,12 @@ class QuantExperts(nn.Module):
     def grouped(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         """Decode: every (token, chosen expert) pair in two kernel calls, no loop over experts.
         x [N, H], ids / w [N, k]; None where the grouped kernel is unavailable."""
+        if x.dtype != torch.float32 or not (kernels.grouped_ok(self.gate_up_proj.tensors)
+                                            and kernels.grouped_ok(self.down_proj.tensors)):
+            return None
         N, k = ids.shape
         rows = ids.reshape(-1)
         gu = kernels.qlinear_experts(x if N == 1 else x.repeat_interleave(k, 0), self.gate_up_proj.tensors, rows)
-        if gu is None:
-            return None
         g, u = gu.chunk(2, dim=-1)
         y = kernels.qlinear_experts(F.silu(g) * u, self.down_proj.tensors, rows)          # [N*k, H]
         return (y.view(N, k, -1) * w.view(N, k, 1).to(y.dtype)).sum(1)

@@ -121,3 +121,19 @@ def test_native_grouped_experts():
     want = torch.stack([kernels.qlinear_reference(x[i:i + 1], {k: v[e] for k, v in t.items()})[0]
                         for i, e in enumerate(ids.tolist())])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_max_ram_drops_experts_and_keeps_results(checkpoint, tmp_path):
+    """With a limit below anything reachable, experts leave memory after every layer; outputs are unchanged
+    (dropped pages come back from the file)."""
+    src = checkpoint("ratio4-irregular", seed=2)
+    out = quantize_checkpoint(src, tmp_path / "q", "int4", DEFAULT_GROUP)
+    ids = list(range(5, 40))
+    want = LLM(out).generate(ids, SamplingParams(temperature=0, max_tokens=8)).token_ids
+    tight = LLM(out, max_ram=1)
+    got = tight.generate(ids, SamplingParams(temperature=0, max_tokens=8)).token_ids
+    assert got == want
+    r = tight.residency
+    assert r.step > 0 and len(r.resident) < len(r.ranges)          # some experts were dropped
+    with pytest.raises(ValueError, match="max_ram needs experts stored quantized"):
+        LLM(src, max_ram=1 << 30)

@@ -54,6 +54,8 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, w = self.route(x)
         e = self.experts
+        if getattr(e, "on_use", None) is not None:
+            e.on_use(ids)
         routed = e.grouped(x, ids, w) if x.shape[0] * self.top_k <= GROUPED_ROWS and hasattr(e, "grouped") else None
         if routed is None:
             routed = moe(x, ids, w, e.gate_up_proj, e.down_proj, e.linear)
