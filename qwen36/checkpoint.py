@@ -5,7 +5,7 @@
 * `Checkpoint`: a directory; walks `model.safetensors.index.json` or a single `model.safetensors`.
 * `NAME_MAP` and `map_name`: the ONE table from on-disk names to our parameter names. Every exception
   to "keep the checkpoint's name" lives there.
-* `load_text_weights`: every expected tensor present with its shape, nothing unexpected; errors name
+* `iter_text_weights`: every expected tensor present with its shape, nothing unexpected; errors name
   the file and the tensor.
 """
 from __future__ import annotations
@@ -294,13 +294,6 @@ def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
             continue
         keep = ckpt.dtype_str(disk) == "F32" and ours.endswith(keep_fp32 + (".scale", ".min"))
         yield ours, convert(disk, torch.float32 if keep else dtype)
-
-
-def load_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], num_experts: int,
-                      dtype: torch.dtype, device: torch.device | str,
-                      keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """All of `iter_text_weights` in one dict."""
-    return dict(iter_text_weights(ckpt, expected, num_experts, dtype, device, keep_fp32))
 
 
 def _check_shape(ckpt: Checkpoint, disk: str, shape: tuple[int, ...]) -> None:

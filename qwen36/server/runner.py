@@ -8,6 +8,7 @@ An exception inside a step fails the requests of that step only; the loop keeps 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -91,7 +92,8 @@ class EngineRunner:
         for rid in list(self.engine.requests):
             self.engine.abort(rid)
             outs.append(StepOutput(rid, [], "", True, "error"))
-        self.last_error = f"{type(error).__name__}: {error}"
+        print(f"qwen36: an engine step failed and its {len(outs)} request(s) were dropped: "
+              f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return outs
 
 
