@@ -15,6 +15,7 @@ import torch
 from .batch import ForwardBatch
 from .cache import HybridCache
 from .model import TextModel
+from .multimodal import MultimodalPrompt
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, SeqState
 from .tokenizer import StreamDecoder, Tokenizer
@@ -45,6 +46,7 @@ class Request:
     force_trigger: int | None = None   # once this token is sampled, force_ids follow (tool_choice forcing)
     force_ids: list[int] = field(default_factory=list)
     forcing: list[int] = field(default_factory=list)   # forced tokens still to emit
+    mm: MultimodalPrompt | None = None # image/video embeddings and mRoPE positions of the prompt
 
 
 class Engine:
@@ -66,11 +68,13 @@ class Engine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    force: tuple[int | None, list[int]] | None = None) -> str:
+                    force: tuple[int | None, list[int]] | None = None, mm: MultimodalPrompt | None = None) -> str:
         """force = (trigger token or None, token ids): emit these tokens right after the trigger is sampled
-        (or first of all when the trigger is None) instead of sampling them."""
+        (or first of all when the trigger is None) instead of sampling them. mm: the prompt's images/videos."""
         if not prompt_ids:
             raise ValueError("the prompt has no tokens: give at least one")
+        if mm is not None and mm.positions.shape[1] != len(prompt_ids):
+            raise ValueError(f"multimodal positions cover {mm.positions.shape[1]} tokens, the prompt has {len(prompt_ids)}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the checkpoint's tokenizer files")
         n = next(self._ids)
@@ -80,7 +84,7 @@ class Engine:
         seq = SeqState(seq_id=n, prompt_len=len(prompt_ids), max_tokens=params.max_tokens)
         self.scheduler.add(seq)                       # raises ValueError naming the lengths if it can never fit
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-        req = Request(rid, list(prompt_ids), params, seq, Sampler(params, self.device), decoder)
+        req = Request(rid, list(prompt_ids), params, seq, Sampler(params, self.device), decoder, mm=mm)
         if force is not None:
             req.force_trigger, req.force_ids = force[0], list(force[1])
             if force[0] is None:
@@ -106,16 +110,23 @@ class Engine:
             return []
         by_seq = {r.seq.seq_id: r for r in self.requests.values()}
         reqs = [by_seq[w.seq.seq_id] for w in work]
-        tokens, rows = [], []
+        tokens, rows, positions = [], [], []
         for w, r in zip(work, reqs):
             start = w.seq.num_computed
             tokens.extend((r.prompt_ids + r.output_ids)[start:start + w.num_new])
+            positions.append(r.mm.positions_for(start, w.num_new) if r.mm is not None
+                             else torch.arange(start, start + w.num_new).expand(3, -1))
             if w.samples:
                 rows.append(len(tokens) - 1)
         batch = ForwardBatch.build([w.seq.slot for w in work], [w.seq.num_computed for w in work],
                                    [w.num_new for w in work], [w.seq.blocks for w in work],
-                                   self.cache.block_size, logits=rows, device=self.device)
-        logits = self.model(self.model.embed(torch.tensor(tokens, device=self.device)), batch, self.cache)
+                                   self.cache.block_size, logits=rows, positions=torch.cat(positions, dim=1),
+                                   device=self.device)
+        x = self.model.embed(torch.tensor(tokens, device=self.device))
+        for w, r, offset in zip(work, reqs, batch.cu):
+            if r.mm is not None:
+                r.mm.scatter_into(x, w.seq.num_computed, w.num_new, offset)
+        logits = self.model(x, batch, self.cache)
         outputs, k = [], 0
         for w, r in zip(work, reqs):
             w.seq.num_computed += w.num_new

@@ -10,6 +10,7 @@ import torch
 from .chat import ChatTemplate
 from .engine import Engine, StepOutput
 from .model import load_model
+from .multimodal import MultimodalPrompt
 from .parsers import ChatResult, parse_assistant
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, TokenizerError
@@ -100,12 +101,17 @@ class LLM:
         return ids
 
     @torch.inference_mode()
-    def logits(self, token_ids) -> torch.Tensor:
-        """float32 [len(token_ids), vocab_size]: one full forward of one sequence, no cache reuse."""
+    def logits(self, token_ids, mm: MultimodalPrompt | None = None) -> torch.Tensor:
+        """float32 [len(token_ids), vocab_size]: one full forward of one sequence, no cache reuse.
+        mm: the image/video embeddings and positions of a multimodal prompt (see `encode_prompt`)."""
         ids = self._check_ids(token_ids)
         cache = self.model.new_cache(1, len(ids))
         x = self.model.embed(torch.tensor(ids, device=self.device))
-        return self.model(x, cache.batch([0], [0], [len(ids)], logits="all"), cache)
+        positions = None
+        if mm is not None:
+            mm.scatter_into(x, 0, len(ids), 0)
+            positions = mm.positions_for(0, len(ids))
+        return self.model(x, cache.batch([0], [0], [len(ids)], logits="all", positions=positions), cache)
 
     def engine(self) -> Engine:
         """The continuous-batching engine behind generate/chat (made on first use)."""
