@@ -117,7 +117,7 @@ def cmd_serve(args) -> int:
                kv_cache_bytes=parse_size(args.kv_cache_memory))
     name = args.served_model_name or Path(args.model).resolve().name
     config = ServerConfig(name, args.api_key or os.environ.get("QWEN36_API_KEY") or None,
-                          parse_size(args.max_body_size), defaults)
+                          parse_size(args.max_body_size), defaults, args.allowed_local_media_path)
     app = create_app(llm, config)
     print(f"qwen36: serving {name} on http://{args.host}:{args.port}/v1 "
           f"(max context {llm.engine().max_model_len} tokens, {args.max_num_seqs} sequences)", flush=True)
@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-model-len", type=int, default=32768)
     s.add_argument("--max-num-seqs", type=int, default=8)
     s.add_argument("--kv-cache-memory", default="1G", help="memory for attention KV blocks, e.g. 512M, 4G")
-    s.add_argument("--max-body-size", default="8M")
+    s.add_argument("--max-body-size", default="32M", help="largest request body (images come as data: URLs)")
+    s.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="let requests name images/videos as file:// URLs inside DIR (off by default)")
     s.add_argument("--default-chat-template-kwargs", default=None,
                    help='JSON, e.g. \'{"enable_thinking": false}\'')
     s.add_argument("--log-level", default="warning")

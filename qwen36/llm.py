@@ -8,9 +8,13 @@ from typing import Iterator
 import torch
 
 from .chat import ChatTemplate
+from .checkpoint import Checkpoint
 from .engine import Engine, StepOutput
+from .image import VisionPreprocess
+from .inputs import MediaInputs, MediaPolicy, PromptInputs
 from .model import load_model
 from .multimodal import MultimodalPrompt
+from .vision import load_vision_tower
 from .parsers import ChatResult, parse_assistant
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, TokenizerError
@@ -53,6 +57,11 @@ class LLM:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: CUDA is not available on this machine")
         self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization)
+        # the vision tower stays as stored (bf16: the memory map itself) when the text model is quantized
+        # to save memory; it computes in fp32 on the CPU either way
+        tower_dtype = DTYPES[dtype] if quantization is None else None
+        self.vision = load_vision_tower(Checkpoint(self.path), self.config.vision, tower_dtype, self.device)
+        self._media: MediaInputs | None = None
         self.generation_config = _read_optional_json(self.path / "generation_config.json")
         if max_ram is not None:  # experts beyond the limit leave memory, least recently used first
             from .residency import ExpertResidency
@@ -124,20 +133,62 @@ class LLM:
                                   max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes)
         return self._engine
 
+    @property
+    def media(self) -> MediaInputs:
+        """Images and videos -> prompt inputs (preprocessing as the checkpoint's preprocessor configs say)."""
+        if self._media is None:
+            pp = VisionPreprocess.from_checkpoint(self.path, self.config.vision)
+            self._media = MediaInputs(self.config, self.vision, pp, self.tokenizer, self.device)
+        return self._media
+
+    def encode_chat(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = True,
+                    preserve_thinking: bool = False, policy: MediaPolicy = MediaPolicy()) -> PromptInputs:
+        """A conversation (content parts may hold images and videos) -> the generation prompt's inputs."""
+        messages = self.media.normalize(messages)
+        media = self.media.media_of(messages, policy)
+        prompt = self.chat_template.render(messages, tools=tools, add_generation_prompt=True,
+                                           enable_thinking=enable_thinking, preserve_thinking=preserve_thinking)
+        return self.media.build(prompt, media)
+
+    def encode_prompt(self, prompt) -> PromptInputs:
+        """str | list[int] | PromptInputs | {"prompt": str, "multi_modal_data": {"image": [...], "video": [...]}}
+        (vLLM's form: the text holds one <|vision_start|><|image_pad|><|vision_end|> per image, and
+        <|vision_start|><|video_pad|><|vision_end|> per video) -> PromptInputs."""
+        if isinstance(prompt, PromptInputs):
+            return PromptInputs(self._check_ids(prompt.ids), prompt.mm)
+        if isinstance(prompt, dict):
+            text = prompt.get("prompt")
+            if not isinstance(text, str):
+                raise ValueError("a prompt dict needs 'prompt': str")
+            data = prompt.get("multi_modal_data") or {}
+            unknown = set(data) - {"image", "video"}
+            if unknown:
+                raise ValueError(f"multi_modal_data: unknown key(s) {sorted(unknown)}; use 'image' and 'video'")
+            media = []
+            for kind in ("image", "video"):
+                items = data.get(kind, [])
+                items = items if isinstance(items, list) and (kind == "image" or _is_video_list(items)) else [items]
+                media += [self.media.load(kind, {kind: item}, MediaPolicy()) for item in items]
+            inputs = self.media.build(text, media)
+            return PromptInputs(self._check_ids(inputs.ids), inputs.mm)
+        return PromptInputs(self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt))
+
     def _prompt_ids(self, prompt) -> list[int]:
-        return self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+        return self.encode_prompt(prompt).ids
 
     def generate(self, prompt, params: SamplingParams | None = None):
         """prompt: str | list[int] -> Completion; a list of those -> list[Completion], run as one batch."""
         params = params or self.default_sampling_params()
-        single = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int))
+        single = isinstance(prompt, (str, dict, PromptInputs)) or (
+            isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int))
         prompts = [prompt] if single else list(prompt)
         engine = self.engine()
         rids, ids = [], []
+        inputs = [self.encode_prompt(p) for p in prompts]     # every prompt checked before any is queued
         try:
-            for p in prompts:
-                ids.append(self._prompt_ids(p))
-                rids.append(engine.add_request(ids[-1], params))
+            for p in inputs:
+                ids.append(p.ids)
+                rids.append(engine.add_request(p.ids, params, mm=p.mm))
             results = {rid: ([], [], None) for rid in rids}
             while any(r[2] is None for r in results.values()):
                 for out in engine.step():
@@ -163,10 +214,12 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, tools: list | None = None,
              enable_thinking: bool = True, preserve_thinking: bool = False) -> ChatResult:
-        """One assistant turn: render the conversation, generate, split reasoning / content / tool calls."""
-        prompt = self.chat_template.render(messages, tools=tools, add_generation_prompt=True,
-                                           enable_thinking=enable_thinking, preserve_thinking=preserve_thinking)
-        out = self.generate(prompt, params)
+        """One assistant turn: render the conversation, generate, split reasoning / content / tool calls.
+        User content parts may be images ({"type": "image", "image": path | PIL.Image | bytes | URL},
+        {"type": "image_url", "image_url": {"url": "data:..." | "file://..."}}) and videos
+        ({"type": "video", "video": path | list of frames}, {"type": "video_url", ...})."""
+        inputs = self.encode_chat(messages, tools, enable_thinking, preserve_thinking)
+        out = self.generate(inputs, params)
         result = parse_assistant(out.text, tools, thinking=enable_thinking)
         result.finish_reason = "tool_calls" if result.tool_calls and out.finish_reason == "stop" else out.finish_reason
         return result
@@ -176,7 +229,8 @@ class LLM:
         Closing the iterator early (break, Ctrl-C) aborts the request and frees its cache at once."""
         params = params or self.default_sampling_params()
         engine = self.engine()
-        rid = engine.add_request(self._prompt_ids(prompt), params)
+        inputs = self.encode_prompt(prompt)
+        rid = engine.add_request(inputs.ids, params, mm=inputs.mm)
         try:
             while True:
                 for out in engine.step():
@@ -186,6 +240,12 @@ class LLM:
                             return
         finally:
             engine.abort(rid)
+
+
+def _is_video_list(items: list) -> bool:
+    """multi_modal_data["video"] as a list: several videos (each a path/URL or a list of frames), or else
+    one video given as its frames (images)."""
+    return all(isinstance(v, (str, list, tuple)) for v in items)
 
 
 def _read_optional_json(file: Path) -> dict:

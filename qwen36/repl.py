@@ -1,7 +1,8 @@
 """`qwen36 chat`: an interactive chat in the terminal.
 
 Streaming output; reasoning shown dimmed and apart from the answer; tool calls shown as such.
-Commands: /think on|off, /reset, /system TEXT, /help, /exit. A line ending in a backslash continues on
+Commands: /think on|off, /reset, /system TEXT, /image PATH, /video PATH, /help, /exit. /image and /video
+attach a file to the next message (checked at once: a bad file is reported and not attached). A line ending in a backslash continues on
 the next line; a line of three double quotes starts and ends a multi-line block. Ctrl-C stops the current
 answer (what was said so far stays in the history) without leaving; Ctrl-D or /exit leaves.
 """
@@ -9,22 +10,23 @@ from __future__ import annotations
 
 import sys
 
-from .chat import ChatTemplate, ChatTemplateError
+from .chat import ChatTemplateError
+from .inputs import MediaPolicy
 from .llm import LLM
 from .parsers import AssistantStreamParser
 from .sampling import SamplingParams
 
 DIM, RESET, BOLD = "\x1b[2m", "\x1b[0m", "\x1b[1m"
-HELP = ("commands: /think on|off  /reset  /system TEXT  /help  /exit   "
+HELP = ("commands: /think on|off  /reset  /system TEXT  /image PATH  /video PATH  /help  /exit   "
         "(end a line with \\ to continue it; \"\"\" starts and ends a block; Ctrl-C stops an answer)")
 
 
 class ChatSession:
     def __init__(self, llm: LLM, params: SamplingParams, thinking: bool = True, out=sys.stdout):
         self.llm, self.params, self.thinking, self.out = llm, params, thinking, out
-        self.template = ChatTemplate.from_checkpoint(llm.path)
         self.system: str | None = None
         self.history: list[dict] = []
+        self.attached: list[dict] = []          # image/video parts for the next user message
 
     def write(self, text: str) -> None:
         self.out.write(text)
@@ -41,6 +43,16 @@ class ChatSession:
         elif cmd == "/reset":
             self.history = []
             self.write("history cleared\n")
+        elif cmd in ("/image", "/video") and arg.strip():
+            kind, path = cmd[1:], arg.strip()
+            part = {"type": kind, kind: path}
+            try:
+                self.llm.media.load(kind, part, MediaPolicy())
+            except ValueError as e:
+                self.write(f"error: {e}\n")
+                return True
+            self.attached.append(part)
+            self.write(f"{kind} attached to your next message: {path}\n")
         elif cmd == "/system":
             self.system = arg.strip() or None
             self.history = []
@@ -54,13 +66,15 @@ class ChatSession:
 
     def reply(self, user_text: str) -> None:
         """Stream one assistant answer; Ctrl-C stops it and keeps what was said."""
-        self.history.append({"role": "user", "content": user_text})
+        content = [*self.attached, {"type": "text", "text": user_text}] if self.attached else user_text
+        self.history.append({"role": "user", "content": content})
         try:
-            prompt = self.template.render(self.messages(), enable_thinking=self.thinking)
-        except ChatTemplateError as e:
+            prompt = self.llm.encode_chat(self.messages(), enable_thinking=self.thinking)
+        except (ChatTemplateError, ValueError) as e:
             self.history.pop()
             self.write(f"error: {e}\n")
             return
+        self.attached = []
         parser = AssistantStreamParser(thinking=self.thinking)
         stream = self.llm.generate_stream(prompt, self.params)
         in_reasoning = False

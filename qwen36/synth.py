@@ -222,12 +222,29 @@ def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_exper
     gen = dict(bos_token_id=248044, eos_token_id=[248046, 248044], pad_token_id=248044, do_sample=True,
                temperature=1.0, top_k=20, top_p=0.95, transformers_version="4.57.1")
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if "vision_config" in cfg:
+        write_preprocessor_configs(out, cfg["vision_config"])
     if tokenizer:  # the tokenizer files and our chat template, as an official checkpoint ships them
         from .chat import CHAT_TEMPLATE
         from .tokenizer import write_tokenizer_files
         write_tokenizer_files(out)
         (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return out
+
+
+def write_preprocessor_configs(out: Path, vc: dict) -> None:
+    """preprocessor_config.json and video_preprocessor_config.json as Qwen3.6 ships them, with the pixel
+    budgets scaled by (patch / 16)^2 so a tiny tower sees as many patches as the real one would."""
+    scale = (vc["patch_size"] / 16) ** 2
+    common = dict(patch_size=vc["patch_size"], temporal_patch_size=vc["temporal_patch_size"],
+                  merge_size=vc["spatial_merge_size"], image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                  processor_class="Qwen3VLProcessor")
+    image = dict(common, size=dict(shortest_edge=int(65536 * scale), longest_edge=int(16777216 * scale)),
+                 image_processor_type="Qwen2VLImageProcessorFast")
+    video = dict(common, size=dict(shortest_edge=int(4096 * scale), longest_edge=int(25165824 * scale)),
+                 video_processor_type="Qwen3VLVideoProcessor")
+    (out / "preprocessor_config.json").write_text(json.dumps(image, indent=2) + "\n")
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
 
 
 def random_quantized(shape: tuple[int, ...], qcfg, r: _Rand) -> dict[str, torch.Tensor]:

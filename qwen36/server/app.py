@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from ..chat import ChatTemplate, ChatTemplateError
 from ..engine import StepOutput
+from ..inputs import MediaPolicy
 from ..llm import LLM
 from ..parsers import AssistantStreamParser, parse_assistant
 from ..sampling import SamplingParams
@@ -25,8 +26,9 @@ from .runner import EngineRunner, now
 class ServerConfig:
     served_model_name: str
     api_key: str | None = None
-    max_body_bytes: int = 8 << 20
+    max_body_bytes: int = 32 << 20
     default_chat_template_kwargs: dict | None = None
+    allowed_local_media_path: str | None = None   # file:// media URLs allowed inside this directory only
 
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
@@ -81,7 +83,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         """Validate, queue and answer one request (SSE when it asks to stream); errors as OpenAI objects."""
         try:
             job = make_job(await body(request))
-            job.prepare()
+            await job.prepare()
             return StreamingResponse(job.stream(request), media_type="text/event-stream") if job.req.stream \
                 else JSONResponse(await job.complete(request))
         except APIError as e:
@@ -140,7 +142,7 @@ class _Job:
         self.generated: dict[str, int] = {}                    # request id -> tokens generated
 
     def submit(self, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-               force: tuple[int | None, list[int]] | None = None) -> None:
+               force: tuple[int | None, list[int]] | None = None, mm=None) -> None:
         self.prompts = prompts
         self.choices = []                                      # (prompt index, rid)
         params = [sampling_params(self.req, self.llm, len(p), max_tokens, logprobs, c)
@@ -151,7 +153,7 @@ class _Job:
             k = 0
             for i, p in enumerate(prompts):
                 for _ in range(self.req.n):
-                    rid, q = self.runner.submit(p, params[k], self.queue, force)
+                    rid, q = self.runner.submit(p, params[k], self.queue, force, mm)
                     self.rids.append(rid)
                     self.choices.append(i)
                     k += 1
@@ -242,23 +244,29 @@ class ChatJob(_Job):
         super().__init__(req, config, tokenizer, llm, runner)
         self.template = template
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         req = self.req
         kwargs = {**(self.config.default_chat_template_kwargs or {}), **(req.chat_template_kwargs or {})}
         self.thinking = kwargs.get("enable_thinking", True) is not False
         preserve = kwargs.get("preserve_thinking", False) is True
         use_tools = bool(req.tools) and req.tool_choice != "none"
         self.tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        media = self.llm.media
+        messages = media.normalize([m.model_dump(exclude_none=True) for m in req.messages])
         try:
             prompt = self.template.render(messages, tools=self.tools, add_generation_prompt=True,
                                           enable_thinking=self.thinking, preserve_thinking=preserve)
+            policy = MediaPolicy(allow_paths=False, allowed_local_dir=self.config.allowed_local_media_path)
+            # decoding, resizing and the vision tower run off the event loop (other requests keep streaming)
+            limit = self.runner.engine.max_model_len
+            inputs = await asyncio.to_thread(lambda: media.build(prompt, media.media_of(messages, policy), limit))
         except ChatTemplateError as e:
             raise APIError(f"messages: {e}", param="messages") from None
-        ids = self.tokenizer.encode(prompt)
+        except ValueError as e:                                 # MediaError and placeholder/media mismatches
+            raise APIError(str(e), param="messages") from None
         top = req.top_logprobs if req.logprobs else None
-        self.submit([ids], req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None,
-                    self._forced_call(req))
+        self.submit([inputs.ids], req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None,
+                    self._forced_call(req), inputs.mm)
 
     def _forced_call(self, req: ChatCompletionRequest) -> tuple[int | None, list[int]] | None:
         """tool_choice "required" / a named function: the turn's answer is made to open a tool call (right
@@ -323,7 +331,7 @@ class ChatJob(_Job):
 class CompletionJob(_Job):
     prefix, object_name = "cmpl", "text_completion"
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         p = self.req.prompt
         if isinstance(p, str):
             prompts = [p]

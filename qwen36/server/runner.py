@@ -39,13 +39,13 @@ class EngineRunner:
         self.thread.start()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, q: asyncio.Queue | None = None,
-               force: tuple[int | None, list[int]] | None = None) -> tuple[str, asyncio.Queue]:
+               force: tuple[int | None, list[int]] | None = None, mm=None) -> tuple[str, asyncio.Queue]:
         """Queue a request whose outputs go to `q` (new if None); raises ValueError (e.g. too long for the
         context) before anything runs."""
         loop = asyncio.get_running_loop()
         q = q if q is not None else asyncio.Queue()
         with self.lock:
-            rid = self.engine.add_request(prompt_ids, params, force=force)
+            rid = self.engine.add_request(prompt_ids, params, force=force, mm=mm)
             self.queues[rid] = (loop, q)
         self.stats.prompt_tokens += len(prompt_ids)
         self.wake.set()

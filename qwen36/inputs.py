@@ -1,0 +1,162 @@
+"""Prompts with images and videos -> what the engine runs: token ids + a MultimodalPrompt.
+
+  messages (OpenAI or Qwen content parts)  --render-->  text with one placeholder per image / video
+  each medium: load (image.py) -> resize, normalise, patchify -> pixel values + grid (t, h, w)
+  text: each placeholder expanded to its pad tokens (and a video's timestamps) -> token ids
+  vision tower: pixel values -> one embedding per pad token; mRoPE positions from the ids and the grids
+Errors in a medium raise MediaError (a ValueError) naming the part; nothing is queued before all succeed.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .image import (MediaError, VisionPreprocess, expand_vision_tokens, load_image, load_video, preprocess_images,
+                    preprocess_video)
+from .multimodal import MultimodalPrompt, mrope_positions
+from .vision import VisionTower
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    ids: list[int]
+    mm: MultimodalPrompt | None = None
+
+
+@dataclass
+class Medium:
+    kind: str                          # "image" | "video"
+    pixel_values: torch.Tensor         # [t*h*w, C*T*P*P] fp32
+    grid: tuple[int, int, int]         # (t, h, w) in patches
+    timestamps: list[float] = field(default_factory=list)   # videos: seconds of each frame group
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """Where media may come from: the Python API reads paths; the server only data: URLs, and file:// URLs
+    inside `allowed_local_dir` when the operator names one."""
+    allow_paths: bool = True
+    allowed_local_dir: str | None = None
+
+
+def part_kind(part: Any) -> str | None:
+    """'image' / 'video' / None for a content part, decided exactly as the chat template decides."""
+    if not isinstance(part, dict):
+        return None
+    if "image" in part or "image_url" in part or part.get("type") == "image":
+        return "image"
+    if "video" in part or "video_url" in part or part.get("type") in ("video", "video_url"):
+        return "video"
+    return None
+
+
+def _url(value: Any) -> Any:
+    return value.get("url") if isinstance(value, dict) else value
+
+
+class MediaInputs:
+    """Turns chat messages or placeholder prompts with media into PromptInputs for one checkpoint."""
+
+    def __init__(self, config: ModelConfig, tower: VisionTower | None, preprocess: VisionPreprocess, tokenizer,
+                 device):
+        self.config, self.tower, self.pp, self.tokenizer, self.device = config, tower, preprocess, tokenizer, device
+        self.lock = threading.Lock()                    # one encode at a time (server handlers share the tower)
+
+    # -------------------------------------------------------------------- media from messages
+    def normalize(self, messages: list[dict]) -> list[dict]:
+        """`video_url` parts -> `video` parts, so the chat template renders them as videos."""
+        out = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list) and any(isinstance(p, dict) and "video_url" in p for p in content):
+                content = [{"type": "video", "video": _url(p["video_url"]), **{k: v for k, v in p.items()
+                            if k not in ("type", "video_url")}} if isinstance(p, dict) and "video_url" in p else p
+                           for p in content]
+                m = {**m, "content": content}
+            out.append(m)
+        return out
+
+    def media_of(self, messages: list[dict], policy: MediaPolicy = MediaPolicy()) -> list[Medium]:
+        """Load and preprocess every image / video part, in the order the template places them."""
+        media = []
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
+            if not isinstance(content, list):
+                continue
+            for j, part in enumerate(content):
+                kind = part_kind(part)
+                if kind is None:
+                    continue
+                where = f"messages[{i}].content[{j}]"
+                try:
+                    media.append(self.load(kind, part, policy))
+                except MediaError as e:
+                    raise MediaError(f"{where}: {e}") from None
+        return media
+
+    def load(self, kind: str, part: dict, policy: MediaPolicy) -> Medium:
+        """One content part -> Medium. Per-part options: min_pixels, max_pixels; videos also fps, max_frames."""
+        opts = {k: part[k] for k in ("min_pixels", "max_pixels") if part.get(k) is not None}
+        if kind == "image":
+            source = part.get("image", None)
+            if source is None:
+                source = _url(part.get("image_url"))
+            if source is None:
+                raise MediaError("an image part needs 'image' or 'image_url': {'url': ...}")
+            image = load_image(source, allowed_local_dir=policy.allowed_local_dir, allow_paths=policy.allow_paths)
+            pixels, grid = preprocess_images([image], self.pp, **opts)
+            return Medium("image", pixels, tuple(int(v) for v in grid[0].tolist()))
+        source = part.get("video")
+        if source is None:
+            raise MediaError("a video part needs 'video' (a file, URL or list of frames) or 'video_url'")
+        video = load_video(source, allowed_local_dir=policy.allowed_local_dir, allow_paths=policy.allow_paths)
+        for key in ("fps", "max_frames"):
+            if part.get(key) is not None:
+                opts[key] = part[key]
+        pixels, grid, stamps = preprocess_video(video, self.pp, **opts)
+        return Medium("video", pixels, tuple(int(v) for v in grid[0].tolist()), list(stamps))
+
+    # -------------------------------------------------------------------- prompt text + media -> inputs
+    def build(self, text: str, media: list[Medium], max_len: int | None = None) -> PromptInputs:
+        """text holds one placeholder per medium (in order); -> token ids with pads, embeddings, positions.
+        A prompt longer than max_len is refused before the (costly) vision tower runs."""
+        images = [m for m in media if m.kind == "image"]
+        videos = [m for m in media if m.kind == "video"]
+        text = expand_vision_tokens(text, [m.grid for m in images], [(m.grid, m.timestamps) for m in videos],
+                                    self.pp.merge_size)
+        ids = self.tokenizer.encode(text)
+        if max_len is not None and len(ids) > max_len:
+            raise MediaError(f"the prompt has {len(ids)} tokens with its images/videos expanded, more than the "
+                             f"context of {max_len}; send smaller images (max_pixels) or fewer frames")
+        if not media:
+            return PromptInputs(ids)
+        if self.tower is None:
+            raise MediaError("this checkpoint has no vision tower (no model.visual.* weights): it cannot take "
+                             "images or videos")
+        c = self.config
+        positions, delta = mrope_positions(ids, [m.grid for m in images], [m.grid for m in videos],
+                                           c.image_token_id, c.video_token_id, self.pp.merge_size)
+        t = torch.tensor(ids)
+        rows, embeds = [], []
+        for kind, items, pad in (("image", images, c.image_token_id), ("video", videos, c.video_token_id)):
+            if items:
+                rows.append(torch.nonzero(t == pad).flatten())
+                embeds.append(torch.cat(self.encode(items)))
+        rows, embeds = torch.cat(rows), torch.cat(embeds)
+        order = torch.argsort(rows)
+        return PromptInputs(ids, MultimodalPrompt(positions, delta, rows[order].to(self.device),
+                                                  embeds[order]))
+
+    @torch.inference_mode()
+    def encode(self, media: list[Medium]) -> list[torch.Tensor]:
+        """The tower over same-kind media at once -> embeddings per medium [t*h*w/m^2, hidden]."""
+        pixels = torch.cat([m.pixel_values for m in media]).to(self.device, self.tower.compute_dtype)
+        with self.lock:
+            return self.tower.encode(pixels, [m.grid for m in media])
