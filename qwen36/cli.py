@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--max-ram", default=None, help="as for serve: keep resident memory under SIZE")
+    b.add_argument("--no-image", action="store_true", help="skip the 1024x768 image encode timing")
     b.add_argument("--vs-transformers", action="store_true",
                    help="also time HF transformers and our fp32 path on the same (unquantized) checkpoint")
     b.set_defaults(func=cmd_bench)

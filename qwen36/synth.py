@@ -29,6 +29,10 @@ REAL = dict(
     linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=256, num_experts_per_tok=8,
     moe_intermediate_size=512, shared_expert_intermediate_size=512, full_attention_interval=4,
 )
+# The published Qwen3.6-35B-A3B vision tower (out_hidden_size = the text hidden size, 2048).
+REAL_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3, patch_size=16,
+                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                   hidden_act="gelu_pytorch_tanh", model_type="qwen3_5_moe")
 TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, in_channels=3, patch_size=4,
                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
                    hidden_act="gelu_pytorch_tanh", model_type="qwen3_5_moe")

@@ -31,7 +31,7 @@ from qwen36.image import (MAX_INPUT_PIXELS, MediaError, Video, VisionPreprocess,
                           preprocess_image, preprocess_images, preprocess_video, sample_frame_indices,
                           smart_resize, video_placeholder, video_smart_resize)
 
-av = pytest.importorskip("av")
+import av  # noqa: E402  (a dependency: video decoding)
 
 QWEN = VisionPreprocess()
 TINY = VisionPreprocess(patch_size=4, merge_size=2, temporal_patch_size=2, image_min_pixels=64,

@@ -137,7 +137,7 @@ def test_chat_tool_calls_typed(checkpoint, monkeypatch):
     seen = {}
 
     def fake_generate(prompt, params=None):
-        seen["prompt"] = prompt
+        seen["prompt"] = demo.tokenizer.decode(prompt.ids)
         return Completion([1], "stop", [1], lambda ids: raw)
     monkeypatch.setattr(demo, "generate", fake_generate)
     r = demo.chat([{"role": "user", "content": "Weather in Paris?"}], tools=tools)

@@ -91,3 +91,21 @@ def test_ctrl_c_stops_answer_not_session(checkpoint):
         wait_for(name, lambda t: "thinking off" in t)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+
+
+def test_image_command(session, tmp_path):
+    """/image attaches a file to the next message; a bad file is reported and the session goes on."""
+    import numpy as np
+    from PIL import Image
+
+    good = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    send(session, f"/image {bad}", "Enter")
+    wait_for(session, lambda t: "error:" in t and "image" in t.split("error:")[-1])
+    send(session, f"/image {good}", "Enter")
+    wait_for(session, lambda t: "image attached to your next message" in t)
+    send(session, "What is this?", "Enter")
+    text = wait_for(session, lambda t: prompts(t) >= 4 and t.rstrip().endswith(">"), timeout=120)
+    assert "Traceback" not in text and "[thinking]" in text

@@ -1,0 +1,152 @@
+"""Images over HTTP: a real `qwen36 serve` process, the openai client sending image_url parts."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from qwen36 import LLM, SamplingParams
+
+from test_server import free_port
+
+
+def _png(w=50, h=40, seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    path = checkpoint("vision")
+    media = tmp_path_factory.mktemp("media")
+    (media / "a.png").write_bytes(_png())
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen36.cli", "serve", str(path), "--port", str(port), "--max-model-len", "1024",
+         "--allowed-local-media-path", str(media)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server did not come up in 120 s")
+    yield {"base": base, "path": path, "proc": proc, "log": log, "media": media}
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def _messages(url: str, text="What is in the picture?"):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def _post(server, messages, **extra):
+    return httpx.post(server["base"] + "/v1/chat/completions",
+                      json={"messages": messages, "max_tokens": 4, **extra}, timeout=60)
+
+
+def test_data_url_image_matches_offline(server, client):
+    url = _data_url(_png())
+    got = client.chat.completions.create(model="m", messages=_messages(url), max_tokens=12, temperature=0)
+    want = LLM(server["path"]).chat(_messages(url), SamplingParams(temperature=0, max_tokens=12))
+    msg = got.choices[0].message
+    assert (msg.content, getattr(msg, "reasoning_content", None)) == (want.content, want.reasoning_content)
+    assert got.usage.prompt_tokens > 30                         # the image's pad tokens count as prompt
+
+
+def test_stream_with_image_equals_whole(client):
+    url = _data_url(_png(seed=1))
+    whole = client.chat.completions.create(model="m", messages=_messages(url), max_tokens=10, temperature=0,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    parts = client.chat.completions.create(model="m", messages=_messages(url), max_tokens=10, temperature=0,
+                                           stream=True,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    text = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+    assert text == whole.choices[0].message.content
+
+
+def test_file_url_only_inside_allowed_dir(server, client, tmp_path):
+    inside = f"file://{server['media'] / 'a.png'}"
+    r = client.chat.completions.create(model="m", messages=_messages(inside), max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    outside = tmp_path / "b.png"
+    outside.write_bytes(_png())
+    r = _post(server, _messages(f"file://{outside}"))
+    assert r.status_code == 400 and "allowed" in r.json()["error"]["message"]
+    r = _post(server, [{"role": "user", "content": [{"type": "image", "image": str(server["media"] / "a.png")}]}])
+    assert r.status_code == 400                                 # plain paths: never over HTTP
+
+
+BAD = [
+    (_data_url(b"this is not an image"), "image"),
+    (_data_url(_png()[:60]), "truncated"),
+    (_data_url(b""), "no image data"),
+    (_data_url(b"P6\n20000 20000\n255\n", "image/x-portable-pixmap"), "too large"),   # header only
+    ("data:image/png;base64,@@@not-base64@@@", "base64"),
+    ("https://example.com/cat.png", "network"),
+    ("ftp://example.com/cat.png", "scheme"),
+]
+
+
+@pytest.mark.parametrize("url,needle", BAD, ids=[n for _, n in BAD])
+def test_bad_images_are_400_naming_the_problem(server, url, needle):
+    r = _post(server, _messages(url))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert needle in err["message"].lower() and "messages[0].content[0]" in err["message"]
+
+
+def test_image_on_text_only_model_and_mismatched_placeholder_are_400(server):
+    r = _post(server, [{"role": "user", "content": "look: <|vision_start|><|image_pad|><|vision_end|>"}])
+    assert r.status_code == 400
+
+
+def test_bad_images_do_not_disturb_others(server, client):
+    url = _data_url(_png(seed=2))
+    result = {}
+
+    def good():
+        result["text"] = client.chat.completions.create(
+            model="m", messages=_messages(url), max_tokens=16, temperature=0).choices[0].message.reasoning_content
+    t = threading.Thread(target=good)
+    t.start()
+    for bad, _ in BAD:
+        assert _post(server, _messages(bad)).status_code == 400
+    t.join()
+    again = client.chat.completions.create(model="m", messages=_messages(url), max_tokens=16, temperature=0)
+    assert result["text"] == again.choices[0].message.reasoning_content
+    assert server["proc"].poll() is None
+    assert "Traceback" not in server["log"].read_text()
