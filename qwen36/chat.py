@@ -175,6 +175,18 @@ def render_chat(messages, tools=None, add_generation_prompt: bool = True, enable
                            thinking=enable_thinking is not False)
 
 
+def media_kind(part) -> str | None:
+    """"image" / "video" / None for a content part, in the template's order (a part with both keys is an
+    image). `video_url` parts are videos too (the server and LLM rewrite them to `video` before rendering)."""
+    if not isinstance(part, Mapping):
+        return None
+    if "image" in part or "image_url" in part or part.get("type") == "image":
+        return "image"
+    if "video" in part or "video_url" in part or part.get("type") in ("video", "video_url"):
+        return "video"
+    return None
+
+
 class _Renderer:
     """One rendering: holds the options and the image/video counters, which run across the conversation."""
 
@@ -208,14 +220,14 @@ class _Renderer:
         return "".join(self.part(part, count, system) for part in content)
 
     def part(self, part: Mapping, count: bool, system: bool) -> str:
-        # checked in the template's order: a part with both an image and a video key is an image
-        if "image" in part or "image_url" in part or part.get("type") == "image":
+        kind = media_kind(part)
+        if kind == "image":
             if system:
                 raise ChatTemplateError("System message cannot contain images.")
             if count:
                 self.images += 1
             return (f"Picture {self.images}: " if self.add_vision_id else "") + IMAGE
-        if "video" in part or part.get("type") == "video":
+        if kind == "video":
             if system:
                 raise ChatTemplateError("System message cannot contain videos.")
             if count:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .chat import media_kind
 from .config import ModelConfig
 from .image import (MediaError, VisionPreprocess, expand_vision_tokens, load_image, load_video, preprocess_images,
                     preprocess_video)
@@ -44,17 +45,6 @@ class MediaPolicy:
     inside `allowed_local_dir` when the operator names one."""
     allow_paths: bool = True
     allowed_local_dir: str | None = None
-
-
-def part_kind(part: Any) -> str | None:
-    """'image' / 'video' / None for a content part, decided exactly as the chat template decides."""
-    if not isinstance(part, dict):
-        return None
-    if "image" in part or "image_url" in part or part.get("type") == "image":
-        return "image"
-    if "video" in part or "video_url" in part or part.get("type") in ("video", "video_url"):
-        return "video"
-    return None
 
 
 def _url(value: Any) -> Any:
@@ -91,7 +81,7 @@ class MediaInputs:
             if not isinstance(content, list):
                 continue
             for j, part in enumerate(content):
-                kind = part_kind(part)
+                kind = media_kind(part)
                 if kind is None:
                     continue
                 where = f"messages[{i}].content[{j}]"
@@ -133,8 +123,10 @@ class MediaInputs:
                                     self.pp.merge_size)
         ids = self.tokenizer.encode(text)
         if max_len is not None and len(ids) > max_len:
-            raise MediaError(f"the prompt has {len(ids)} tokens with its images/videos expanded, more than the "
-                             f"context of {max_len}; send smaller images (max_pixels) or fewer frames")
+            hint = (" with its images/videos expanded; send smaller images (max_pixels) or fewer frames"
+                    if media else "")
+            raise MediaError(f"this model's maximum context length is {max_len} tokens, but the prompt has "
+                             f"{len(ids)} tokens{hint}")
         if not media:
             return PromptInputs(ids)
         if self.tower is None:
