@@ -25,16 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    path = checkpoint("demo")
+def launch(path, log, *args, env=None) -> tuple[subprocess.Popen, str]:
+    """`qwen36 serve path args` on a free port, once /health answers -> (process, base URL)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen36.cli", "serve", str(path), "--port", str(port), "--api-key", KEY,
-         "--max-model-len", "512", "--max-num-seqs", "6", "--served-model-name", "qwen36-demo",
-         "--max-body-size", "256K"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "qwen36.cli", "serve", str(path), "--port", str(port), *args],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -42,18 +38,29 @@ def server(checkpoint, tmp_path_factory):
             pytest.fail(f"server exited: {log.read_text()}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
             time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not come up in 120 s")
-    yield {"base": base, "path": path, "proc": proc, "log": log}
+    proc.kill()
+    pytest.fail("server did not come up in 120 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    path = checkpoint("demo")
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    proc, base = launch(path, log, "--api-key", KEY, "--max-model-len", "512", "--max-num-seqs", "6",
+                        "--served-model-name", "qwen36-demo", "--max-body-size", "256K")
+    yield {"base": base, "path": path, "proc": proc, "log": log}
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -302,21 +309,9 @@ def test_tool_choice_unknown_function(server):
 
 def test_server_defaults_from_flags_and_env(checkpoint, tmp_path):
     """--default-chat-template-kwargs sets thinking off server-wide; QWEN36_API_KEY sets the key."""
-    port = free_port()
-    log = tmp_path / "log"
-    proc = subprocess.Popen([sys.executable, "-m", "qwen36.cli", "serve", str(checkpoint("demo")), "--port", str(port),
-                             "--max-model-len", "256", "--default-chat-template-kwargs", '{"enable_thinking": false}'],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "QWEN36_API_KEY": "env-key"})
+    proc, base = launch(checkpoint("demo"), tmp_path / "log", "--max-model-len", "256",
+                        "--default-chat-template-kwargs", '{"enable_thinking": false}', env={"QWEN36_API_KEY": "env-key"})
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
         c = openai.OpenAI(base_url=base + "/v1", api_key="env-key", max_retries=0)
         r = c.chat.completions.create(model="x", messages=MSG, max_tokens=5, temperature=0)
         assert r.choices[0].message.model_extra.get("reasoning_content") is None and r.choices[0].message.content
@@ -325,8 +320,7 @@ def test_server_defaults_from_flags_and_env(checkpoint, tmp_path):
         assert on.choices[0].message.model_extra.get("reasoning_content")         # per request wins
         assert httpx.get(base + "/v1/models").status_code == 401
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop(proc)
 
 
 def test_server_log_has_no_tracebacks(server):

@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import subprocess
-import sys
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -17,7 +13,7 @@ from PIL import Image
 
 from qwen36 import LLM, SamplingParams
 
-from test_server import free_port
+from test_server import launch, stop
 
 
 def _png(w=50, h=40, seed=0) -> bytes:
@@ -36,31 +32,10 @@ def server(checkpoint, tmp_path_factory):
     path = checkpoint("vision")
     media = tmp_path_factory.mktemp("media")
     (media / "a.png").write_bytes(_png())
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen36.cli", "serve", str(path), "--port", str(port), "--max-model-len", "1024",
-         "--allowed-local-media-path", str(media)],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not come up in 120 s")
+    proc, base = launch(path, log, "--max-model-len", "1024", "--allowed-local-media-path", str(media))
     yield {"base": base, "path": path, "proc": proc, "log": log, "media": media}
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
