@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 from qwen36.ops.attention import attention, attention_reference
 from qwen36.ops.conv1d import causal_conv1d, causal_conv1d_reference
-from qwen36.ops.gated_delta import gated_delta_chunked, gated_delta_recurrent, gated_delta_reference
+from qwen36.kernels import native
+from qwen36.ops.gated_delta import (gated_delta_chunked, gated_delta_decode, gated_delta_decode_reference,
+                                    gated_delta_recurrent, gated_delta_reference)
 from qwen36.ops.moe import moe, moe_reference
 
 
@@ -39,6 +41,26 @@ def test_gated_delta_does_not_write_inputs():
     gated_delta_chunked(q, k, v, g, beta, state)
     gated_delta_recurrent(q, k, v, g, beta, state)
     assert torch.equal(state, before)
+
+
+@pytest.mark.parametrize("B,Hk,rep,K,V,slots", [(1, 2, 1, 8, 8, [0]), (3, 2, 2, 16, 8, [4, 0, 2]),
+                                                (2, 1, 4, 32, 16, [1, 3]), (1, 16, 2, 128, 128, [2])])
+def test_gated_delta_decode_fused_equals_reference(B, Hk, rep, K, V, slots):
+    """The fused in-place decode step against the plain recurrent form, states in a shared slot table."""
+    assert native() is not None, "the native kernels must build here (a compiler is part of the set-up)"
+    H = Hk * rep
+    gen = torch.Generator().manual_seed(K)
+    q = F.normalize(torch.randn(B, Hk, K, generator=gen), dim=-1) * K ** -0.5
+    k = F.normalize(torch.randn(B, Hk, K, generator=gen), dim=-1)
+    v, g, beta = torch.randn(B, H, V, generator=gen), -torch.rand(B, H, generator=gen) * 2, torch.rand(B, H, generator=gen)
+    table = torch.randn(5, H, K, V, generator=gen) * 0.5
+    want_table, before = table.clone(), table.clone()
+    idx = torch.tensor(slots)
+    want = gated_delta_decode_reference(want_table, idx, q, k, v, g, beta)
+    got = gated_delta_decode(table, idx, q, k, v, g, beta)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(table, want_table, rtol=1e-5, atol=1e-5)   # other slots untouched too
+    assert not torch.equal(table[idx], before[idx])                        # the states did move
 
 
 def test_gated_delta_split_sequence_equals_whole():

@@ -137,3 +137,30 @@ def test_max_ram_drops_experts_and_keeps_results(checkpoint, tmp_path):
     assert r.step > 0 and len(r.resident) < len(r.ranges)          # some experts were dropped
     with pytest.raises(ValueError, match="max_ram needs experts stored quantized"):
         LLM(src, max_ram=1 << 30)
+
+
+@pytest.mark.parametrize("M", [1, 3, 9])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_avx512_and_avx2_int4_kernels_agree_with_reference(M, scale_dtype):
+    """Both builds read the same layout: each against the dequantized reference (odd N, fp16 scales too)."""
+    exts = [kernels.native()]
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert kernels.native512() is not None, "this CPU has AVX-512: the AVX-512 kernels must build"
+        exts.append(kernels.native512())
+    g = torch.Generator().manual_seed(M)
+    w, x = torch.randn(97, 256, generator=g), torch.randn(M, 256, generator=g)
+    t = quantize_int4(w, 64)
+    t = {**t, "scale": t["scale"].to(scale_dtype), "min": t["min"].to(scale_dtype)}
+    want = kernels.qlinear_reference(x, t)
+    for ext in exts:
+        got = ext.q4_linear(x, t["q"], t["scale"], t["min"], 64)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    we = torch.randn(5, 64, 256, generator=g)
+    te = quantize_int4(we, 128)
+    ids = torch.tensor([4, 1, 4][:M] + [0] * max(0, M - 3))
+    xe = torch.randn(len(ids), 256, generator=g)
+    want = torch.stack([kernels.qlinear_reference(xe[i:i + 1], {k: v[e] for k, v in te.items()})[0]
+                        for i, e in enumerate(ids.tolist())])
+    for ext in exts:
+        got = ext.q4_moe_linear(xe, te["q"], te["scale"], te["min"], 128, ids)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)

@@ -330,7 +330,67 @@ torch::Tensor q4_dequant(torch::Tensor wq, torch::Tensor sc, c10::optional<torch
   return out;
 }
 
+// One decode step of the gated delta rule for B sequences, their states updated in place.
+// state [S, H, K, V] fp32 (every slot); slots int64 [B]; q, k [B, Hk, K] fp32 (L2-normalised, q scaled);
+// v [B, H, V]; g (log decay), beta [B, H]. Value head h reads key head h / (H / Hk). Returns o [B, H, V].
+// Per (sequence, head): one pass reads S for S^T k and S^T q; a second pass, while S (64 KB) is still in
+// cache, writes S = a S + k d^T with a = exp(g), d = (v - a S^T k) beta; o = a S^T q + (k.q) d = S'^T q.
+torch::Tensor delta_decode(torch::Tensor state, torch::Tensor slots, torch::Tensor q, torch::Tensor k,
+                           torch::Tensor v, torch::Tensor g, torch::Tensor beta) {
+  TORCH_CHECK(state.dtype() == torch::kFloat32 && state.is_contiguous() && state.dim() == 4, "state [S,H,K,V] fp32");
+  TORCH_CHECK(slots.dtype() == torch::kInt64, "slots int64");
+  for (auto* t : {&q, &k, &v, &g, &beta})
+    TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous(), "q, k, v, g, beta: contiguous fp32");
+  const int64_t B = slots.numel(), H = state.size(1), K = state.size(2), V = state.size(3), Hk = q.size(1);
+  TORCH_CHECK(Hk > 0 && H % Hk == 0 && q.size(0) == B && k.sizes() == q.sizes() && q.size(2) == K, "q, k [B,Hk,K]");
+  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == V && g.numel() == B * H && beta.numel() == B * H,
+              "v [B,H,V], g and beta [B,H]");
+  auto o = torch::empty({B, H, V}, v.options());
+  const int64_t rep = H / Hk, nslots = state.size(0);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(sl[b] >= 0 && sl[b] < nslots, "slot out of range");
+  float* sp = state.data_ptr<float>();
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
+  float* op = o.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> pk(V), pq(V), d(V);
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      float* S = sp + (sl[b] * H + h) * K * V;
+      const float* kk = kp + (b * Hk + h / rep) * K;
+      const float* qq = qp + (b * Hk + h / rep) * K;
+      std::fill(pk.begin(), pk.end(), 0.f);
+      std::fill(pq.begin(), pq.end(), 0.f);
+      float kq = 0.f;
+      for (int64_t i = 0; i < K; ++i) {
+        const float ki = kk[i], qi = qq[i];
+        const float* row = S + i * V;
+        kq += ki * qi;
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) { pk[j] += ki * row[j]; pq[j] += qi * row[j]; }
+      }
+      const float a = std::exp(gp[bh]), bt = bp[bh];
+      const float* vv = vp + bh * V;
+      float* oo = op + bh * V;
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) {
+        d[j] = (vv[j] - a * pk[j]) * bt;
+        oo[j] = a * pq[j] + kq * d[j];
+      }
+      for (int64_t i = 0; i < K; ++i) {
+        const float ki = kk[i];
+        float* row = S + i * V;
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) row[j] = a * row[j] + ki * d[j];
+      }
+    }
+  });
+  return o;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("delta_decode", &delta_decode, "gated delta rule, one decode step, states updated in place");
   m.def("q4_linear", &q4_linear, "int4 weight-only linear");
   m.def("q4_moe_linear", &q4_moe_linear, "int4 linear over selected experts, one row per id");
   m.def("q8w_linear", &q8w_linear, "int8 weight-only linear");

@@ -14,7 +14,7 @@ from torch import nn
 from ..batch import ForwardBatch
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
-from ..ops.gated_delta import gated_delta_chunked, gated_delta_recurrent
+from ..ops.gated_delta import gated_delta_chunked, gated_delta_decode, gated_delta_recurrent
 from .linear import Linear
 from .norm import GatedRMSNorm
 
@@ -48,21 +48,34 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.d_v, cfg.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, H)
 
+    def _qkv(self, y: torch.Tensor):
+        """y [B, T, C] conv output -> q, k [B, T, Hk, Dk] fp32 (normalised, q scaled), v [B, T, Hv, Dv] fp32."""
+        B, T, _ = y.shape
+        q, k, v = y.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2norm(q.reshape(B, T, self.n_k, self.d_k).float()) * self.d_k ** -0.5
+        k = l2norm(k.reshape(B, T, self.n_k, self.d_k).float())
+        return q, k, v.reshape(B, T, self.n_v, self.d_v).float()
+
+    def _decode(self, m: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cache: dict[str, torch.Tensor],
+                slots: tuple[int, ...]) -> torch.Tensor:
+        """One token for each of B sequences: m [B, C], g, beta [B, Hv] -> o [B, Hv, Dv]; states in place."""
+        idx = torch.tensor(slots, device=m.device)
+        conv_c = cache["conv"]
+        y, conv = causal_conv1d(m[:, None], self.conv1d.weight[:, 0].to(m.dtype), conv_c[idx])
+        conv_c[idx] = conv.to(conv_c.dtype)
+        q, k, v = self._qkv(F.silu(y))
+        return gated_delta_decode(cache["state"], idx, q[:, 0], k[:, 0], v[:, 0], g, beta)
+
     def _mix(self, m: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, conv: torch.Tensor, state: torch.Tensor,
              decode: bool):
         """m [B, T, C] pre-conv; g, beta [B, T, Hv]; conv [B, W-1, C]; state [B, Hv, Dk, Dv].
         Returns o [B, T, Hv, Dv], new conv, new state."""
         B, T, _ = m.shape
         y, conv = causal_conv1d(m, self.conv1d.weight[:, 0].to(m.dtype), conv)
-        y = F.silu(y)
-        q, k, v = y.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k, v = self._qkv(F.silu(y))
         rep = self.n_v // self.n_k
-        q = q.reshape(B, T, self.n_k, self.d_k).repeat_interleave(rep, dim=2)
-        k = k.reshape(B, T, self.n_k, self.d_k).repeat_interleave(rep, dim=2)
-        v = v.reshape(B, T, self.n_v, self.d_v)
-        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))               # [B, Hv, T, D]
-        q = l2norm(q) * self.d_k ** -0.5
-        k = l2norm(k)
+        q, k = (t.repeat_interleave(rep, dim=2) for t in (q, k))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                        # [B, Hv, T, D]
         rule = gated_delta_recurrent if decode else gated_delta_chunked
         o, state = rule(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)
         return o.transpose(1, 2), conv, state
@@ -75,10 +88,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
         conv_c, state_c = cache["conv"], cache["state"]
         if batch.is_decode:  # one token per sequence: all sequences in one recurrent step
-            slots = torch.tensor(batch.slots, device=x.device)
-            o, conv, state = self._mix(m[:, None], g[:, None], beta[:, None], conv_c[slots], state_c[slots], True)
-            conv_c[slots], state_c[slots] = conv.to(conv_c.dtype), state
-            o = o[:, 0]
+            o = self._decode(m, g, beta, cache, batch.slots)
         else:
             o = torch.empty(N, self.n_v, self.d_v, dtype=torch.float32, device=x.device)
             for i, slot in enumerate(batch.slots):
