@@ -136,11 +136,14 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
         del llm, out, outs
         gc.collect()
         result["transformers"] = _vs_transformers(path, prompt, decode_tokens)
-        gc.collect()
-        ours = _ours_fp32(path, prompt, decode_tokens)
-        result["ours_fp32"] = ours
-        result["speedup_prefill"] = round(result["transformers"]["prefill_s"] / ours["prefill_s"], 2)
-        result["speedup_decode"] = round(ours["decode_tok_s"] / result["transformers"]["decode_tok_s"], 2)
+        hf = result["transformers"]
+        for q in (None, "int4"):  # ours on the same checkpoint and prompt: fp32, then int4 quantized at load
+            gc.collect()
+            ours = _ours(path, prompt, decode_tokens, q)
+            tag = "fp32" if q is None else q
+            result[f"ours_{tag}"] = ours
+            result[f"speedup_prefill_{tag}"] = round(hf["prefill_s"] / ours["prefill_s"], 2)
+            result[f"speedup_decode_{tag}"] = round(ours["decode_tok_s"] / hf["decode_tok_s"], 2)
     return result
 
 
@@ -176,10 +179,10 @@ def image_encode_bench(llm, width: int = 1024, height: int = 768) -> dict:
             "tokens": int(out.shape[0]), "preprocess_s": round(pre_s, 3), "encode_s": round(enc_s, 2)}
 
 
-def _ours_fp32(path: Path, prompt: list[int], n: int) -> dict:
+def _ours(path: Path, prompt: list[int], n: int, quantization: str | None) -> dict:
     from . import LLM, SamplingParams
 
-    llm = LLM(path, dtype="float32")
+    llm = LLM(path, dtype="float32", quantization=quantization)
     p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(prompt[:8], p1)
     _, prefill = _timed(lambda: llm.generate(prompt, p1))
