@@ -8,7 +8,9 @@ Errors in a medium raise MediaError (a ValueError) naming the part; nothing is q
 """
 from __future__ import annotations
 
+import hashlib
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,36 @@ class Medium:
     timestamps: list[float] = field(default_factory=list)   # videos: seconds of each frame group
 
 
+def _media_key(m: Medium) -> tuple:
+    """Same pixels and grid -> same embeddings (a digest of the preprocessed pixels)."""
+    digest = hashlib.blake2b(m.pixel_values.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+    return m.kind, m.grid, digest
+
+
+class EncoderCache:
+    """Vision embeddings of recently seen media, least recently used dropped first past `capacity` bytes."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used = capacity, 0
+        self.items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        return None
+
+    def put(self, key: tuple, value: torch.Tensor) -> torch.Tensor:
+        size = value.numel() * value.element_size()
+        if size <= self.capacity:
+            self.items[key] = value
+            self.used += size
+            while self.used > self.capacity:
+                _, old = self.items.popitem(last=False)
+                self.used -= old.numel() * old.element_size()
+        return value
+
+
 @dataclass(frozen=True)
 class MediaPolicy:
     """Where media may come from: the Python API reads paths; the server only data: URLs, and file:// URLs
@@ -55,9 +87,10 @@ class MediaInputs:
     """Turns chat messages or placeholder prompts with media into PromptInputs for one checkpoint."""
 
     def __init__(self, config: ModelConfig, tower: VisionTower | None, preprocess: VisionPreprocess, tokenizer,
-                 device):
+                 device, cache_bytes: int = 256 << 20):
         self.config, self.tower, self.pp, self.tokenizer, self.device = config, tower, preprocess, tokenizer, device
         self.lock = threading.Lock()                    # one encode at a time (server handlers share the tower)
+        self.cache = EncoderCache(cache_bytes)
 
     # -------------------------------------------------------------------- media from messages
     def normalize(self, messages: list[dict]) -> list[dict]:
@@ -148,7 +181,14 @@ class MediaInputs:
 
     @torch.inference_mode()
     def encode(self, media: list[Medium]) -> list[torch.Tensor]:
-        """The tower over same-kind media at once -> embeddings per medium [t*h*w/m^2, hidden]."""
-        pixels = torch.cat([m.pixel_values for m in media]).to(self.device, self.tower.compute_dtype)
+        """Embeddings per medium [t*h*w/m^2, hidden]: from the encoder cache (a chat sends its past images
+        again every turn), the rest through the tower in one call."""
+        keys = [_media_key(m) for m in media]
         with self.lock:
-            return self.tower.encode(pixels, [m.grid for m in media])
+            out = {k: self.cache.get(k) for k in keys}
+            todo = list({k: m for k, m in zip(keys, media) if out[k] is None}.items())
+            if todo:
+                pixels = torch.cat([m.pixel_values for _, m in todo]).to(self.device, self.tower.compute_dtype)
+                for (k, _), e in zip(todo, self.tower.encode(pixels, [m.grid for _, m in todo])):
+                    out[k] = self.cache.put(k, e)
+        return [out[k] for k in keys]

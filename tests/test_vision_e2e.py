@@ -169,3 +169,31 @@ def test_text_only_checkpoint_refuses_images(checkpoint):
     assert llm.vision is None
     with pytest.raises(ValueError, match="no vision tower"):
         llm.chat([{"role": "user", "content": [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "?"}]}])
+
+
+def test_encoder_cache_skips_repeated_images(checkpoint):
+    """A chat sends its past images every turn: they are encoded once, with identical embeddings."""
+    llm = LLM(checkpoint("vision"))
+    calls = []
+    encode = llm.vision.encode
+    llm.vision.encode = lambda pixels, grids: calls.append(len(grids)) or encode(pixels, grids)
+    first = _encode(llm, _messages("image"))
+    both = _encode(llm, _messages("two images, two turns"))        # IMAGES[0] again, IMAGES[1] new
+    assert calls == [1, 1]
+    assert torch.equal(both.mm.embeds[:len(first.mm.embeds)], first.mm.embeds)
+    fresh = LLM(checkpoint("vision")).encode_chat(_messages("two images, two turns"))
+    assert torch.equal(both.mm.embeds, fresh.mm.embeds)
+
+
+def test_encoder_cache_evicts_least_recently_used():
+    from qwen36.inputs import EncoderCache
+
+    cache = EncoderCache(capacity=3 * 4 * 10)                        # three [10] fp32 tensors
+    for k in "abc":
+        cache.put(k, torch.zeros(10))
+    cache.get("a")                                                   # a is now the most recent
+    cache.put("d", torch.zeros(10))
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("d") is not None
+    assert cache.used == 120
+    cache.put("huge", torch.zeros(1000))                             # larger than the cache: not kept
+    assert cache.get("huge") is None and cache.used == 120
