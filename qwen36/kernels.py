@@ -11,6 +11,7 @@ F.linear, which is also what the fast path is tested against.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -28,9 +29,13 @@ def _build(name: str, source: str, flags: list[str]):
     from torch.utils.cpp_extension import load
 
     from .paths import cache_dir
-    build = cache_dir() / "build" / f"{name}-torch{torch.__version__}"
+    csrc = Path(__file__).parent / "csrc"
+    # the sources and the shared header in the directory name: any change builds afresh (torch's own
+    # check looks at the .cpp files only)
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(csrc.iterdir()) if f.suffix in (".cpp", ".h")))
+    build = cache_dir() / "build" / f"{name}-torch{torch.__version__}-{digest.hexdigest()[:10]}"
     build.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(Path(__file__).parent / "csrc" / source)],
+    return load(name=name, sources=[str(csrc / source)],
                 extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
                 build_directory=str(build), verbose=False)
 

@@ -15,23 +15,9 @@
 #include <cmath>
 #include <atomic>
 
+#include "qcommon.h"
+
 static const int64_t g_pf = 4096;  // software prefetch distance (bytes)
-static inline float hsum256(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  lo = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, lo);
-  lo = _mm_add_ss(lo, sh);
-  return _mm_cvtss_f32(lo);
-}
-
-template <typename ST> static inline float ldsc(const ST* p);
-template <> inline float ldsc<float>(const float* p) { return *p; }
-template <> inline float ldsc<at::Half>(const at::Half* p) {
-  return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p));
-}
-
 // ------------------------------------------------------------------------------------
 // int4 weights, fp32 activations.  One output row n, MT activation rows.
 //   acc[m] += sum_k (s_g * q_k) * x[m,k]     (vector, FMA)
@@ -139,17 +125,6 @@ static void q4f_rows(const float* x, int64_t M, int64_t K, const float* xsum, co
   }
 }
 
-static std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int gs) {
-  const int64_t G = K / gs;
-  std::vector<float> xs(M * G);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 a = _mm256_setzero_ps();
-      for (int k = 0; k < gs; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + m * K + g * gs + k));
-      xs[m * G + g] = hsum256(a);
-    }
-  return xs;
-}
 
 static void check_q4(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sc,
                      const c10::optional<torch::Tensor>& mn, int64_t gs) {

@@ -14,25 +14,9 @@
 #include <vector>
 #include <cmath>
 
+#include "qcommon.h"
+
 static const int64_t kPrefetch = 4096;  // software-prefetch distance (bytes) for the M=1 two-row kernel
-
-template <typename ST> static inline float ldsc(const ST* p);
-template <> inline float ldsc<float>(const float* p) { return *p; }
-template <> inline float ldsc<at::Half>(const at::Half* p) {
-  return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p));
-}
-
-static std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int gs) {
-  const int64_t G = K / gs;
-  std::vector<float> xs(M * G);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 a = _mm512_setzero_ps();
-      for (int k = 0; k < gs; k += 16) a = _mm512_add_ps(a, _mm512_loadu_ps(x + m * K + g * gs + k));
-      xs[m * G + g] = _mm512_reduce_add_ps(a);
-    }
-  return xs;
-}
 
 // ---------------- M = 1: two output rows at a time (independent chains, shared x loads) -------
 template <typename ST>
