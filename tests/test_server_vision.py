@@ -125,3 +125,17 @@ def test_bad_images_do_not_disturb_others(server, client):
     assert result["text"] == again.choices[0].message.reasoning_content
     assert server["proc"].poll() is None
     assert "Traceback" not in server["log"].read_text()
+
+
+def test_video_url_data_matches_offline(server, client, tmp_path):
+    """A video sent as an OpenAI-style video_url part with a data: URL: same answer as offline LLM.chat."""
+    from test_image import write_video
+
+    path = write_video(tmp_path / "clip.mkv", n=20, fps=10, w=32, h=32)
+    url = "data:video/x-matroska;base64," + base64.b64encode(path.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    got = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+    want = LLM(server["path"]).chat(messages, SamplingParams(temperature=0, max_tokens=8))
+    assert getattr(got.choices[0].message, "reasoning_content", None) == want.reasoning_content
+    assert got.usage.prompt_tokens > 40
