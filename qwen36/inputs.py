@@ -77,6 +77,22 @@ class MediaPolicy:
     inside `allowed_local_dir` when the operator names one."""
     allow_paths: bool = True
     allowed_local_dir: str | None = None
+    max_image_pixels: int | None = None   # caps the pixel budget of an image (per-part max_pixels included)
+    max_video_pixels: int | None = None   # and of a video (over all its frames): the tower's cost follows it
+
+
+def _options(part: dict, keys: tuple[str, ...]) -> dict:
+    """The per-part preprocessing options present, checked: positive numbers (fps may be fractional)."""
+    out = {}
+    for key in keys:
+        value = part.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        if not ok or (key != "fps" and value != int(value)):
+            raise MediaError(f"{key} must be a positive {'number' if key == 'fps' else 'integer'}, not {value!r}")
+        out[key] = float(value) if key == "fps" else int(value)
+    return out
 
 
 def _url(value: Any) -> Any:
@@ -126,7 +142,13 @@ class MediaInputs:
 
     def load(self, kind: str, part: dict, policy: MediaPolicy) -> Medium:
         """One content part -> Medium. Per-part options: min_pixels, max_pixels; videos also fps, max_frames."""
-        opts = {k: part[k] for k in ("min_pixels", "max_pixels") if part.get(k) is not None}
+        opts = _options(part, ("min_pixels", "max_pixels") + (("fps", "max_frames") if kind == "video" else ()))
+        cap = policy.max_image_pixels if kind == "image" else policy.max_video_pixels
+        if cap is not None:
+            lo, hi = ((self.pp.image_min_pixels, self.pp.image_max_pixels) if kind == "image"
+                      else (self.pp.video_min_pixels, self.pp.video_max_pixels))
+            opts["max_pixels"] = min(opts.get("max_pixels", hi), cap)
+            opts["min_pixels"] = min(opts.get("min_pixels", lo), opts["max_pixels"])
         if kind == "image":
             source = part.get("image", None)
             if source is None:
@@ -140,9 +162,6 @@ class MediaInputs:
         if source is None:
             raise MediaError("a video part needs 'video' (a file, URL or list of frames) or 'video_url'")
         video = load_video(source, allowed_local_dir=policy.allowed_local_dir, allow_paths=policy.allow_paths)
-        for key in ("fps", "max_frames"):
-            if part.get(key) is not None:
-                opts[key] = part[key]
         pixels, grid, stamps = preprocess_video(video, self.pp, **opts)
         return Medium("video", pixels, tuple(int(v) for v in grid[0].tolist()), list(stamps))
 

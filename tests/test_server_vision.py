@@ -33,7 +33,8 @@ def server(checkpoint, tmp_path_factory):
     media = tmp_path_factory.mktemp("media")
     (media / "a.png").write_bytes(_png())
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc, base = launch(path, log, "--max-model-len", "1024", "--allowed-local-media-path", str(media))
+    proc, base = launch(path, log, "--max-model-len", "1024", "--allowed-local-media-path", str(media),
+                        "--max-image-pixels", "8192")
     yield {"base": base, "path": path, "proc": proc, "log": log, "media": media}
     stop(proc)
 
@@ -139,3 +140,15 @@ def test_video_url_data_matches_offline(server, client, tmp_path):
     want = LLM(server["path"]).chat(messages, SamplingParams(temperature=0, max_tokens=8))
     assert getattr(got.choices[0].message, "reasoning_content", None) == want.reasoning_content
     assert got.usage.prompt_tokens > 40
+
+
+def test_max_image_pixels_caps_the_budget(server, client):
+    """--max-image-pixels 8192: a 200x200 image (625 tokens offline with patch 4) costs at most 8192 / 64."""
+    messages = _messages(_data_url(_png(200, 200, seed=3)))
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=1, temperature=0)
+    offline = LLM(server["path"]).encode_chat(messages)
+    assert len(offline.ids) - 600 > 0 and r.usage.prompt_tokens <= len(offline.ids) - 625 + 8192 // 64
+    r = _post(server, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": messages[0]["content"][0]["image_url"]["url"]}, "max_pixels": 10 ** 9}]}])
+    assert r.status_code == 200                                  # a larger per-part budget is capped, not refused
+    r = _post(server, [{"role": "user", "content": [{**messages[0]["content"][0], "max_pixels": "lots"}]}])
+    assert r.status_code == 400 and "max_pixels must be a positive integer" in r.json()["error"]["message"]

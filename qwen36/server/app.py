@@ -29,6 +29,8 @@ class ServerConfig:
     max_body_bytes: int = 32 << 20
     default_chat_template_kwargs: dict | None = None
     allowed_local_media_path: str | None = None   # file:// media URLs allowed inside this directory only
+    max_image_pixels: int | None = None           # caps on the pixel budgets (the vision tower's cost)
+    max_video_pixels: int | None = None
 
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
@@ -256,7 +258,9 @@ class ChatJob(_Job):
         try:
             prompt = self.template.render(messages, tools=self.tools, add_generation_prompt=True,
                                           enable_thinking=self.thinking, preserve_thinking=preserve)
-            policy = MediaPolicy(allow_paths=False, allowed_local_dir=self.config.allowed_local_media_path)
+            c = self.config
+            policy = MediaPolicy(allow_paths=False, allowed_local_dir=c.allowed_local_media_path,
+                                 max_image_pixels=c.max_image_pixels, max_video_pixels=c.max_video_pixels)
             # decoding, resizing and the vision tower run off the event loop (other requests keep streaming)
             limit = self.runner.engine.max_model_len
             inputs = await asyncio.to_thread(lambda: media.build(prompt, media.media_of(messages, policy), limit))
