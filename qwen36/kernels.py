@@ -35,6 +35,8 @@ def _build(name: str, source: str, flags: list[str]):
     digest = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(csrc.iterdir()) if f.suffix in (".cpp", ".h")))
     build = cache_dir() / "build" / f"{name}-torch{torch.__version__}-{digest.hexdigest()[:10]}"
     build.mkdir(parents=True, exist_ok=True)
+    if not (build / f"{name}.so").exists():
+        print(f"qwen36: compiling {source} into {build} (once, about a minute) ...", file=sys.stderr, flush=True)
     return load(name=name, sources=[str(csrc / source)],
                 extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
                 build_directory=str(build), verbose=False)
