@@ -313,24 +313,30 @@ def load_image(source, allowed_local_dir: str | Path | None = None, allow_paths:
     return to_rgb(image)
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's image rule: sides rounded (half to even, Python's round) to multiples of `factor`; if the
-    area leaves [min_pixels, max_pixels], both sides are scaled by one factor (down: floor, at least
-    `factor`; up: ceil) so it comes back inside, keeping the aspect ratio as well as the grid allows."""
+def _fit(height: int, width: int, frames: int, t: int, factor: int, min_pixels: int,
+         max_pixels: int, what: str) -> tuple[int, int]:
+    """The Qwen-VL resize core: sides rounded (half to even, Python's round) to multiples of `factor`; if
+    t x h x w leaves [min_pixels, max_pixels], both sides are scaled by one factor computed from
+    frames x height x width (down: floor, at least `factor`; up: ceil) so it comes back inside."""
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise MediaError(f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} "
-                         f"image exceeds {MAX_ASPECT_RATIO}")
+        raise MediaError(f"aspect ratio {max(height, width) / min(height, width):.1f} of {what} "
+                         f"exceeds {MAX_ASPECT_RATIO}")
     h = round(height / factor) * factor
     w = round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
+    if t * h * w > max_pixels:
+        beta = math.sqrt(frames * height * width / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)
         w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
+    elif t * h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (frames * height * width))
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's image rule: `_fit` on one frame."""
+    return _fit(height, width, 1, 1, factor, min_pixels, max_pixels, f"a {width}x{height} image")
 
 
 def patchify(frames: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int):
@@ -439,29 +445,16 @@ def frame_timestamps(indices, source_fps: float, temporal_patch_size: int) -> li
 
 def video_smart_resize(num_frames: int, height: int, width: int, temporal_factor: int, factor: int,
                        min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen3-VL's video rule: as smart_resize, but the bounds apply to frames x height x width (frames
-    rounded to the temporal patch), and sides shorter than `factor` are first scaled up to it."""
+    """Qwen3-VL's video rule: `_fit` with the bounds on frames x height x width (frames rounded to the
+    temporal patch), after sides shorter than `factor` are scaled up to it."""
     if num_frames < temporal_factor:
         raise MediaError(f"a video needs at least {temporal_factor} frames, got {num_frames} "
                          "(send a single frame as an image)")
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise MediaError(f"aspect ratio {max(height, width) / min(height, width):.1f} of the video exceeds "
-                         f"{MAX_ASPECT_RATIO}")
-    h = round(height / factor) * factor
-    w = round(width / factor) * factor
     t = round(num_frames / temporal_factor) * temporal_factor
-    if t * h * w > max_pixels:
-        beta = math.sqrt(num_frames * height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif t * h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
+    return _fit(height, width, num_frames, t, factor, min_pixels, max_pixels, "the video")
 
 
 def _frames_from_images(images, allowed_local_dir, allow_paths) -> np.ndarray:
