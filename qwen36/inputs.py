@@ -23,9 +23,6 @@ from .image import (MediaError, VisionPreprocess, expand_vision_tokens, load_ima
 from .multimodal import MultimodalPrompt, mrope_positions
 from .vision import VisionTower
 
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
-
 
 @dataclass(frozen=True)
 class PromptInputs:
@@ -188,19 +185,16 @@ class MediaInputs:
         positions, delta = mrope_positions(ids, [m.grid for m in images], [m.grid for m in videos],
                                            c.image_token_id, c.video_token_id, self.pp.merge_size)
         t = torch.tensor(ids)
-        rows, embeds = [], []
-        for kind, items, pad in (("image", images, c.image_token_id), ("video", videos, c.video_token_id)):
-            if items:
-                rows.append(torch.nonzero(t == pad).flatten())
-                embeds.append(torch.cat(self.encode(items)))
-        rows, embeds = torch.cat(rows), torch.cat(embeds)
+        # embeddings of the images, then of the videos (one tower call); pad rows in the same order
+        embeds = torch.cat(self.encode(images + videos))
+        rows = torch.cat([torch.nonzero(t == pad).flatten() for pad in (c.image_token_id, c.video_token_id)])
         order = torch.argsort(rows)
         return PromptInputs(ids, MultimodalPrompt(positions, delta, rows[order].to(self.device),
                                                   embeds[order]))
 
     @torch.inference_mode()
     def encode(self, media: list[Medium]) -> list[torch.Tensor]:
-        """Embeddings per medium [t*h*w/m^2, hidden]: from the encoder cache (a chat sends its past images
+        """Embeddings per medium [t*h*w/m^2, hidden] (images and videos may mix): from the encoder cache (a chat sends its past images
         again every turn), the rest through the tower in one call."""
         keys = [_media_key(m) for m in media]
         with self.lock:
