@@ -8,7 +8,6 @@ from typing import Iterator
 import torch
 
 from .chat import ChatTemplate
-from .checkpoint import Checkpoint
 from .engine import Engine, StepOutput
 from .image import VisionPreprocess
 from .inputs import MediaInputs, MediaPolicy, PromptInputs
@@ -57,10 +56,10 @@ class LLM:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: CUDA is not available on this machine")
         self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization)
-        # the vision tower stays as stored (bf16: the memory map itself) when the text model is quantized
-        # to save memory; it computes in fp32 on the CPU either way
-        tower_dtype = DTYPES[dtype] if quantization is None else None
-        self.vision = load_vision_tower(Checkpoint(self.path), self.config.vision, tower_dtype, self.device)
+        # on the CPU the vision tower stays as stored (bf16: the memory map itself, no copy at start-up) and
+        # upcasts one layer at a time as it runs; elsewhere it takes the model's dtype
+        tower_dtype = None if self.device.type == "cpu" else DTYPES[dtype]
+        self.vision = load_vision_tower(self.model.checkpoint, self.config.vision, tower_dtype, self.device)
         self._media: MediaInputs | None = None
         self.generation_config = _read_optional_json(self.path / "generation_config.json")
         if max_ram is not None:  # experts beyond the limit leave memory, least recently used first

@@ -60,6 +60,7 @@ class TextModel(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary: MRotary | None = None                                     # set once weights are on a device
         self.compute_dtype = torch.float32
+        self.checkpoint: Checkpoint | None = None                             # the open files it was loaded from
 
     def cache_layout(self) -> Layout:
         """Per layer: name -> (kind, shape of one row, dtype or None for the compute dtype)."""
@@ -145,6 +146,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
         compute_dtype = torch.float32 if device.type == "cpu" else dtype
     model.compute_dtype = compute_dtype
     model.quantization = qcfg
+    model.checkpoint = ckpt             # other parts (the vision tower) are read from the same memory maps
     return cfg, model
 
 
