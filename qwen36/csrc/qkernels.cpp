@@ -18,6 +18,24 @@
 #include "qcommon.h"
 
 static const int64_t g_pf = 4096;  // software prefetch distance (bytes)
+// MT activation rows x 32 weights (w[0..3]: 8 each) into ACC accumulators per row (ACC chains hide the
+// FMA latency; fewer when MT rows already give enough independent chains).
+template <int MT> constexpr int acc_chains() { return (MT <= 2) ? 4 : (MT == 4 ? 2 : 1); }
+
+template <int MT, int ACC>
+static inline void fma32(__m256 (&acc)[MT][ACC], const __m256 (&w)[4], const float* x, int64_t ldx) {
+  for (int m = 0; m < MT; ++m)
+    for (int i = 0; i < 4; ++i)
+      acc[m][i % ACC] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + m * ldx + 8 * i), acc[m][i % ACC]);
+}
+
+template <int MT, int ACC>
+static inline float acc_sum(__m256 (&acc)[MT][ACC], int m) {
+  __m256 t = acc[m][0];
+  for (int a = 1; a < ACC; ++a) t = _mm256_add_ps(t, acc[m][a]);
+  return hsum256(t);
+}
+
 // ------------------------------------------------------------------------------------
 // int4 weights, fp32 activations.  One output row n, MT activation rows.
 //   acc[m] += sum_k (s_g * q_k) * x[m,k]     (vector, FMA)
@@ -27,7 +45,7 @@ template <int MT, typename ST>
 static inline void q4f_row(const float* x, int64_t ldx, const float* xsum, int64_t G,
                            const uint8_t* wrow, const ST* srow, const ST* mrow, int64_t K,
                            int gs, float* out, int64_t ldo) {
-  constexpr int ACC = (MT == 1) ? 4 : (MT == 2 ? 4 : (MT == 4 ? 2 : 1));
+  constexpr int ACC = acc_chains<MT>();
   __m256 acc[MT][ACC];
   for (int m = 0; m < MT; ++m)
     for (int a = 0; a < ACC; ++a) acc[m][a] = _mm256_setzero_ps();
@@ -45,24 +63,15 @@ static inline void q4f_row(const float* x, int64_t ldx, const float* xsum, int64
       const uint8_t* p = wrow + k0 / 2;
       __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
       __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)));
-      __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), sv);  // k0+0..7
-      __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), sv);  // k0+8..15
-      __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), sv);    // k0+16..23
-      __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), sv);    // k0+24..31
-      for (int m = 0; m < MT; ++m) {
-        const float* xp = x + m * ldx + k0;
-        acc[m][0 % ACC] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + 0), acc[m][0 % ACC]);
-        acc[m][1 % ACC] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), acc[m][1 % ACC]);
-        acc[m][2 % ACC] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), acc[m][2 % ACC]);
-        acc[m][3 % ACC] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), acc[m][3 % ACC]);
-      }
+      const __m256 w[4] = {
+          _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), sv),   // k0+0..7
+          _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), sv),   // k0+8..15
+          _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), sv),     // k0+16..23
+          _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), sv)};    // k0+24..31
+      fma32<MT, ACC>(acc, w, x + k0, ldx);
     }
   }
-  for (int m = 0; m < MT; ++m) {
-    __m256 t = acc[m][0];
-    for (int a = 1; a < ACC; ++a) t = _mm256_add_ps(t, acc[m][a]);
-    out[m * ldo] = hsum256(t) + zacc[m];
-  }
+  for (int m = 0; m < MT; ++m) out[m * ldo] = acc_sum<MT, ACC>(acc, m) + zacc[m];
 }
 
 // Specialised M=1 version: integer-exact group dot then one scale FMA per group
@@ -205,30 +214,19 @@ torch::Tensor q4_moe_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc,
 template <int MT>
 static inline void q8w_row(const float* x, int64_t K, const int8_t* wrow, float s, float* out,
                            int64_t ldo) {
-  constexpr int ACC = (MT == 1) ? 4 : (MT == 2 ? 4 : (MT == 4 ? 2 : 1));
+  constexpr int ACC = acc_chains<MT>();
   __m256 acc[MT][ACC];
   for (int m = 0; m < MT; ++m)
     for (int a = 0; a < ACC; ++a) acc[m][a] = _mm256_setzero_ps();
   const int64_t pf = g_pf;
   for (int64_t k = 0; k < K; k += 32) {
     if (pf && (k & 63) == 0) _mm_prefetch((const char*)(wrow + k + pf), _MM_HINT_T0);
-    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wrow + k))));
-    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wrow + k + 8))));
-    __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wrow + k + 16))));
-    __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wrow + k + 24))));
-    for (int m = 0; m < MT; ++m) {
-      const float* xp = x + m * K + k;
-      acc[m][0 % ACC] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + 0), acc[m][0 % ACC]);
-      acc[m][1 % ACC] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), acc[m][1 % ACC]);
-      acc[m][2 % ACC] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), acc[m][2 % ACC]);
-      acc[m][3 % ACC] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), acc[m][3 % ACC]);
-    }
+    __m256 w[4];
+    for (int i = 0; i < 4; ++i)
+      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wrow + k + 8 * i))));
+    fma32<MT, ACC>(acc, w, x + k, K);
   }
-  for (int m = 0; m < MT; ++m) {
-    __m256 t = acc[m][0];
-    for (int a = 1; a < ACC; ++a) t = _mm256_add_ps(t, acc[m][a]);
-    out[m * ldo] = hsum256(t) * s;
-  }
+  for (int m = 0; m < MT; ++m) out[m * ldo] = acc_sum<MT, ACC>(acc, m) * s;
 }
 
 torch::Tensor q8w_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc) {
