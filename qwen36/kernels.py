@@ -121,9 +121,5 @@ def qlinear_experts(x: torch.Tensor, stacked: dict[str, torch.Tensor], ids: torc
     """Row t of x times expert ids[t]'s weight, all rows in one call (decode; check `grouped_ok` first).
     x [T, K] fp32 or [1, K] (shared by every row); stacked parts carry a leading expert axis."""
     K = stacked["q"].shape[-1] * 2
-    ext = native512()
-    mins = stacked["min"]
-    if ext is None or stacked["scale"].dtype != torch.float32 or (mins is not None and mins.dtype != torch.float32) \
-            or stacked["q"].shape[1] % 2:
-        ext = native()
-    return ext.q4_moe_linear(x.contiguous(), stacked["q"], stacked["scale"], mins, K // stacked["scale"].shape[-1], ids)
+    return (native512() or native()).q4_moe_linear(x.contiguous(), stacked["q"], stacked["scale"], stacked["min"],
+                                                    K // stacked["scale"].shape[-1], ids)

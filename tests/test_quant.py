@@ -164,3 +164,16 @@ def test_avx512_and_avx2_int4_kernels_agree_with_reference(M, scale_dtype):
     for ext in exts:
         got = ext.q4_moe_linear(xe, te["q"], te["scale"], te["min"], 128, ids)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_grouped_experts_odd_rows():
+    """Both builds' grouped kernels take an odd number of output rows (the stored format: fp32 scales)."""
+    exts = [kernels.native()] + ([kernels.native512()] if kernels.native512() is not None else [])
+    g = torch.Generator().manual_seed(7)
+    te = quantize_int4(torch.randn(3, 33, 128, generator=g), 64)
+    ids, xe = torch.tensor([2, 0, 2]), torch.randn(3, 128, generator=g)
+    want = torch.stack([kernels.qlinear_reference(xe[i:i + 1], {k: v[e] for k, v in te.items()})[0]
+                        for i, e in enumerate(ids.tolist())])
+    for ext in exts:
+        torch.testing.assert_close(ext.q4_moe_linear(xe, te["q"], te["scale"], te["min"], 64, ids), want,
+                                   rtol=1e-4, atol=1e-3)

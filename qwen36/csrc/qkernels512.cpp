@@ -140,37 +140,47 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc,
   return y;
 }
 
-// Grouped MoE: wq [E,N,K/2], sc [E,N,K/gs] fp32, ids int64 [T], x [1,K] (broadcast) or [T,K].
+// Grouped MoE: wq [E,N,K/2], sc and mins [E,N,K/gs] fp32 (the stored format), ids int64 [T], x [1,K]
+// (broadcast) or [T,K]. Every (row t, expert ids[t]) product in one parallel region, two output rows at a
+// time; an odd N ends with a single row.
 torch::Tensor q4_moe_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc,
                             c10::optional<torch::Tensor> mn, int64_t gs, torch::Tensor ids) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && wq.dim() == 3 && sc.dtype() == torch::kFloat32, "args");
-  const int64_t T = ids.numel(), K = x.size(1), N = wq.size(1), G = K / gs, KB = K / 2;
-  TORCH_CHECK(N % 2 == 0, "N even");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x fp32 [1|T,K] contiguous");
+  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.is_contiguous() && wq.dim() == 3, "wq uint8 [E,N,K/2]");
+  TORCH_CHECK(gs % 32 == 0 && x.size(1) % gs == 0, "gs");
+  TORCH_CHECK(sc.dtype() == torch::kFloat32 && sc.is_contiguous() &&
+              (!mn || (mn->dtype() == torch::kFloat32 && mn->is_contiguous())), "scales and mins: contiguous fp32");
+  TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.is_contiguous(), "ids int64");
+  const int64_t T = ids.numel(), K = x.size(1), N = wq.size(1), G = K / gs, KB = K / 2, NP = (N + 1) / 2;
+  TORCH_CHECK(wq.size(2) == K / 2 && sc.size(-1) == G, "shape");
   const bool bc = x.size(0) == 1;
+  TORCH_CHECK(bc || x.size(0) == T, "x must be [1,K] or [T,K]");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < wq.size(0), "expert id out of range");
   auto y = torch::empty({T, N}, x.options());
   auto xs = group_sums(x.data_ptr<float>(), x.size(0), K, gs);
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = wq.data_ptr<uint8_t>();
-  TORCH_CHECK(ids.dtype() == torch::kInt64 && (!mn || mn->dtype() == torch::kFloat32), "ids int64, mins fp32");
-  const int64_t* id = ids.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < wq.size(0), "expert id out of range");
   const float* s = sc.data_ptr<float>();
   const float* m = mn ? mn->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int64_t NP = N / 2;  // row pairs
   at::parallel_for(0, T * NP, 8, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t t = i / NP, n = (i % NP) * 2, r = id[t] * N + n;
       const float* xr = xp + (bc ? 0 : t * K);
       const float* xsr = xs.data() + (bc ? 0 : t * G);
-      q4_m1_2rows<float>(xr, xsr, G, (int)gs, wp + r * KB, wp + (r + 1) * KB, s + r * G, s + (r + 1) * G,
-                         m ? m + r * G : nullptr, m ? m + (r + 1) * G : nullptr, yp + t * N + n, yp + t * N + n + 1);
+      if (n + 1 < N)
+        q4_m1_2rows<float>(xr, xsr, G, (int)gs, wp + r * KB, wp + (r + 1) * KB, s + r * G, s + (r + 1) * G,
+                           m ? m + r * G : nullptr, m ? m + (r + 1) * G : nullptr, yp + t * N + n,
+                           yp + t * N + n + 1);
+      else
+        q4_row_mt<1, float>(xr, K, xsr, G, (int)gs, wp + r * KB, s + r * G, m ? m + r * G : nullptr,
+                            yp + t * N + n, N);
     }
   });
   return y;
 }
 
-// ---------------- int8 weights (per-channel), fp32 x ----------------
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "int4 weight-only linear (AVX-512)");
   m.def("q4_moe_linear", &q4_moe_linear, "int4 linear over selected experts, one row per id (AVX-512)");
