@@ -13,6 +13,11 @@ from typing import Sequence
 import torch
 
 
+def text_positions(start: int, n: int) -> torch.Tensor:
+    """[3, n] mRoPE positions of plain text tokens start .. start+n-1: T = H = W = the index."""
+    return torch.arange(start, start + n).expand(3, -1)
+
+
 @dataclass(frozen=True)
 class ForwardBatch:
     slots: tuple[int, ...]
@@ -45,7 +50,7 @@ class ForwardBatch:
         """logits: "last" (last new token of each sequence), "all", or explicit row indices.
         positions default to plain text positions (T = H = W = absolute index)."""
         if positions is None:
-            positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]).expand(3, -1)
+            positions = torch.cat([text_positions(s, n) for s, n in zip(starts, lens)], dim=1)
         cu = torch.tensor([0, *lens]).cumsum(0)
         if logits == "last":
             idx = cu[1:] - 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batch import ForwardBatch
+from .batch import ForwardBatch, text_positions
 from .cache import HybridCache
 from .model import TextModel
 from .multimodal import MultimodalPrompt
@@ -115,7 +115,7 @@ class Engine:
             start = w.seq.num_computed
             tokens.extend((r.prompt_ids + r.output_ids)[start:start + w.num_new])
             positions.append(r.mm.positions_for(start, w.num_new) if r.mm is not None
-                             else torch.arange(start, start + w.num_new).expand(3, -1))
+                             else text_positions(start, w.num_new))
             if w.samples:
                 rows.append(len(tokens) - 1)
         batch = ForwardBatch.build([w.seq.slot for w in work], [w.seq.num_computed for w in work],

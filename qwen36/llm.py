@@ -13,10 +13,10 @@ from .image import VisionPreprocess
 from .inputs import MediaInputs, MediaPolicy, PromptInputs
 from .model import load_model
 from .multimodal import MultimodalPrompt
-from .vision import load_vision_tower
 from .parsers import ChatResult, parse_assistant
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, TokenizerError
+from .vision import load_vision_tower
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = (None, "int8", "int4")
@@ -171,9 +171,6 @@ class LLM:
             inputs = self.media.build(text, media)
             return PromptInputs(self._check_ids(inputs.ids), inputs.mm)
         return PromptInputs(self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt))
-
-    def _prompt_ids(self, prompt) -> list[int]:
-        return self.encode_prompt(prompt).ids
 
     def generate(self, prompt, params: SamplingParams | None = None):
         """prompt: str | list[int] -> Completion; a list of those -> list[Completion], run as one batch."""

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from .batch import text_positions
+
 
 @dataclass(frozen=True)
 class MultimodalPrompt:
@@ -31,8 +33,8 @@ class MultimodalPrompt:
         """[3, n] positions of tokens start .. start+n-1 of the sequence (prompt or generated)."""
         L = self.positions.shape[1]
         inside = self.positions[:, start:min(start + n, L)]
-        after = torch.arange(max(start, L), max(start + n, L)) + self.delta
-        return torch.cat([inside, after.expand(3, -1)], dim=1)
+        first = max(start, L)                                                  # generated tokens from here on
+        return torch.cat([inside, text_positions(first, max(0, start + n - first)) + self.delta], dim=1)
 
     def scatter_into(self, x: torch.Tensor, start: int, n: int, offset: int) -> None:
         """Put the embeddings of pads among tokens start .. start+n-1 into x[offset: offset+n] in place."""
@@ -55,7 +57,7 @@ def mrope_positions(ids: Sequence[int], image_grids: Sequence[Sequence[int]], vi
             j = i
             while j < L and ids[j] not in queues:
                 j += 1
-            out.append(torch.arange(p, p + j - i).expand(3, -1))
+            out.append(text_positions(p, j - i))
             p, i = p + j - i, j
             continue
         kind, k = ids[i], used[ids[i]]
