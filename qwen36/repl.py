@@ -2,9 +2,10 @@
 
 Streaming output; reasoning shown dimmed and apart from the answer; tool calls shown as such.
 Commands: /think on|off, /reset, /system TEXT, /image PATH, /video PATH, /help, /exit. /image and /video
-attach a file to the next message (checked at once: a bad file is reported and not attached). A line ending in a backslash continues on
-the next line; a line of three double quotes starts and ends a multi-line block. Ctrl-C stops the current
-answer (what was said so far stays in the history) without leaving; Ctrl-D or /exit leaves.
+attach a file to the next message (checked at once: a bad file is reported and not attached). A line
+ending in a backslash continues on the next line; a line of three double quotes starts and ends a
+multi-line block. Ctrl-C stops the current answer (what was said so far stays in the history) without
+leaving; Ctrl-D or /exit leaves.
 """
 from __future__ import annotations
 
