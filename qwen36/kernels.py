@@ -5,7 +5,10 @@ csrc/qkernels512.cpp: the int4 ones again for AVX-512 CPUs, ~25 % faster decode 
 compiled on first use with torch's cpp_extension into the cache directory (about a minute, once). Why our
 own: on this CPU (2 cores) PyTorch's int4 op needs bf16 activations and its fp32 path runs at well under
 1 GB/s, and its int8 op is as slow with fp32 activations; ours reads int4 weights at ~10 GB/s per thread
-(measurements in the README). Large batches (prefill) dequantize once and use the fp32 GEMM. Anything
+(measurements in the README). Large batches (prefill, more than PREFILL_ROWS rows) of int4 weights use
+int8 activations where the CPU has AVX-512 VNNI (`q4q8_linear`: ~5x the fp32 GEMM's multiply rate on this
+machine; its accuracy is in the README's quantization table; QWEN36_ACT8=0 turns it off); elsewhere they
+dequantize once and use the fp32 GEMM. Decode steps always multiply fp32 activations. Anything
 the kernels cannot take (no compiler, widths not a multiple of 32) uses the reference path: dequantize and
 F.linear, which is also what the fast path is tested against.
 """
@@ -74,6 +77,12 @@ def native512():
     return _ext512 or None
 
 
+def act8() -> bool:
+    """Whether large int4 batches may use int8 activations: AVX-512 VNNI present and QWEN36_ACT8 not 0."""
+    ext = native512()
+    return ext is not None and os.environ.get("QWEN36_ACT8") != "0" and ext.has_vnni()
+
+
 def pack(t: dict[str, torch.Tensor]):
     return {k: v.contiguous() for k, v in t.items()}
 
@@ -88,14 +97,34 @@ def qlinear_reference(x: torch.Tensor, packed) -> torch.Tensor:
     return F.linear(x, dequantize(packed).to(x.dtype))
 
 
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] rounded as `q4q8_linear` rounds it: per row and group of `group`, a = max|x| / 127 and
+    x ~ a * round(x * (127 / max|x|)) in [-127, 127]. Returns that approximation of x (fp32)."""
+    M, K = x.shape
+    g = x.float().reshape(M, K // group, group)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv).clamp(-127, 127) * (amax / 127)).reshape(M, K)
+
+
+def qlinear_act8_reference(x: torch.Tensor, packed) -> torch.Tensor:
+    """What the int8-activation path computes, in float64: the rounded activations times the dequantized
+    weight (the kernel's group sums are exact integers; only the final scaling rounds in fp32)."""
+    from .quant import dequantize
+
+    group = packed["q"].shape[-1] * 2 // packed["scale"].shape[-1]
+    return (quantize_activations(x, group).double() @ dequantize(packed).double().t()).float()
+
+
 def _native_ok(packed, K: int) -> bool:
     if packed["q"].dtype == torch.int8:
         return K % 32 == 0
     return K % 32 == 0 and (K // packed["scale"].shape[-1]) % 32 == 0
 
 
-def qlinear(x: torch.Tensor, packed) -> torch.Tensor:
-    """x [..., K] @ W^T for a quantized W [N, K] (as stored: see quant.py)."""
+def qlinear(x: torch.Tensor, packed, prefill: bool | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T for a quantized W [N, K] (as stored: see quant.py). prefill: whether this belongs
+    to a large step (int8 activations where `act8()`); None decides by the row count."""
     ext = native()
     q = packed["q"]
     K = q.shape[-1] * (1 if q.dtype == torch.int8 else 2)
@@ -104,6 +133,9 @@ def qlinear(x: torch.Tensor, packed) -> torch.Tensor:
     x2 = x.reshape(-1, K).contiguous()
     if q.dtype == torch.int8:
         y = ext.q8w_linear(x2, q, packed["scale"])
+    elif (x2.shape[0] > PREFILL_ROWS if prefill is None else prefill) and packed["scale"].dtype == torch.float32 \
+            and act8():
+        y = native512().q4q8_linear(x2, q, packed["scale"], packed["min"], K // packed["scale"].shape[-1])
     elif x2.shape[0] > PREFILL_ROWS:
         y = F.linear(x2, ext.q4_dequant(q, packed["scale"], packed["min"], K // packed["scale"].shape[-1], False))
     else:

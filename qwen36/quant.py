@@ -140,6 +140,7 @@ class StackedQuant:
 class QuantExperts(nn.Module):
     """Drop-in for layers.moe.Experts: gate_up [E, 2I, H] and down [E, H, I], quantized per expert."""
     linear = staticmethod(lambda x, packed: kernels.qlinear(x, packed))
+    prefill_linear = staticmethod(lambda x, packed: kernels.qlinear(x, packed, prefill=True))
 
     def __init__(self, n: int, hidden: int, inter: int, cfg: QuantConfig):
         super().__init__()

@@ -52,6 +52,20 @@ def test_bench_runs_on_a_checkpoint(checkpoint):
         assert out[key] > 0, key
 
 
+def test_bench_against_transformers_on_a_checkpoint(checkpoint):
+    """--vs-transformers times transformers, ours in fp32 and ours in int4 on the same checkpoint and prompt,
+    decode timed from the first new token to the last (prefill apart), and reports the ratios."""
+    from qwen36.bench import run
+
+    r = run(str(checkpoint("ratio2")), quantization=None, prompt_len=24, decode_tokens=5, vs_transformers=True,
+            image=False)
+    for engine in ("transformers", "ours_fp32", "ours_int4"):
+        assert r[engine]["prefill_s"] > 0 and r[engine]["decode_tok_s"] > 0, engine
+    for tag in ("fp32", "int4"):
+        assert r[f"speedup_decode_{tag}"] == round(r[f"ours_{tag}"]["decode_tok_s"] / r["transformers"]["decode_tok_s"], 2)
+        assert r[f"speedup_prefill_{tag}"] == round(r["transformers"]["prefill_s"] / r[f"ours_{tag}"]["prefill_s"], 2)
+
+
 def test_make_demo_real_geometry_quantized(tmp_path):
     """--geometry real writes Qwen3.6's widths directly in int4 (one layer here, to stay small)."""
     import json

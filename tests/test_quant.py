@@ -102,14 +102,54 @@ def test_native_kernels_are_built_and_used():
 
 
 @pytest.mark.parametrize("M", [1, 5, 100])
-def test_native_int4_layout_and_paths(M):
+def test_native_int4_layout_and_paths(M, monkeypatch):
     """The kernel reads the stored nibble order: compare with the dequantized reference at real widths,
-    for GEMV, small-M tiles and the dequantize-then-GEMM path."""
+    for GEMV, small-M tiles and the dequantize-then-GEMM path (int8 activations turned off)."""
+    monkeypatch.setenv("QWEN36_ACT8", "0")
     g = torch.Generator().manual_seed(M)
     w, x = torch.randn(256, 512, generator=g), torch.randn(M, 512, generator=g)
     t = quantize_int4(w, 64)
     torch.testing.assert_close(kernels.qlinear(x, kernels.pack(t)), kernels.qlinear_reference(x, t),
                                rtol=1e-4, atol=1e-3)
+
+
+def vnni_or_skip():
+    """This machine kind (Zen 5) has AVX-512 VNNI: there the int8-activation path must be available."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or kernels.native512() is None \
+            or not kernels.native512().has_vnni():
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    assert kernels.act8()
+
+
+@pytest.mark.parametrize("M,N,K,group", [(1, 32, 256, 128), (5, 40, 256, 64), (7, 100, 512, 32),
+                                         (100, 256, 512, 64), (130, 1030, 2048, 128)])
+def test_act8_kernel_matches_its_reference(M, N, K, group):
+    """int4 x int8 (VNNI): equal to rounded activations times the dequantized weight, for any row count,
+    N not a multiple of the 32-row panel, every group size; a zero row stays zero."""
+    vnni_or_skip()
+    g = torch.Generator().manual_seed(M * N)
+    x, t = torch.randn(M, K, generator=g) * 3, quantize_int4(torch.randn(N, K, generator=g), group)
+    x[0, :group] = 0                                                  # a group with max|x| = 0
+    got = kernels.native512().q4q8_linear(x, t["q"], t["scale"], t["min"], group)
+    want = kernels.qlinear_act8_reference(x, t)
+    assert rel_err(got, want) < 1e-6
+    # and it is close to the fp32-activation product: int8 rounding of activations is a small error
+    # next to int4 rounding of the weights (about 10 % here)
+    assert rel_err(got, kernels.qlinear_reference(x, t)) < 0.01
+
+
+def test_act8_used_for_large_batches_only(monkeypatch):
+    """qlinear takes the int8-activation path above PREFILL_ROWS rows (or when told it is prefill), the
+    fp32-activation kernels below it, and QWEN36_ACT8=0 turns the int8 path off."""
+    vnni_or_skip()
+    g = torch.Generator().manual_seed(1)
+    t = kernels.pack(quantize_int4(torch.randn(96, 256, generator=g), 128))
+    big, small = torch.randn(kernels.PREFILL_ROWS + 1, 256, generator=g), torch.randn(3, 256, generator=g)
+    assert rel_err(kernels.qlinear(big, t), kernels.qlinear_act8_reference(big, t)) < 1e-6
+    assert rel_err(kernels.qlinear(small, t), kernels.qlinear_reference(small, t)) < 1e-6
+    assert rel_err(kernels.qlinear(small, t, prefill=True), kernels.qlinear_act8_reference(small, t)) < 1e-6
+    monkeypatch.setenv("QWEN36_ACT8", "0")
+    assert rel_err(kernels.qlinear(big, t), kernels.qlinear_reference(big, t)) < 1e-6
 
 
 def test_native_grouped_experts():
@@ -177,3 +217,22 @@ def test_grouped_experts_odd_rows():
     for ext in exts:
         torch.testing.assert_close(ext.q4_moe_linear(xe, te["q"], te["scale"], te["min"], 64, ids), want,
                                    rtol=1e-4, atol=1e-3)
+
+
+def test_act8_prefill_adds_little_to_int4_error(checkpoint, monkeypatch):
+    """A 100-token prefill of an int4 model with int8 activations against the same with fp32 activations:
+    the divergence it adds is a small fraction of int4's own, and greedy decoding after it still agrees
+    with full forwards (the engine's decode steps use fp32 activations)."""
+    vnni_or_skip()
+    path = checkpoint("ratio2", seed=3)
+    ids = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(1)).tolist()
+    kl = lambda p, q: float((p.exp() * (p - q)).sum(-1).mean())
+    ref = LLM(path).logits(ids).log_softmax(-1)
+    q = LLM(path, quantization="int4")
+    act8 = q.logits(ids).log_softmax(-1)
+    monkeypatch.setenv("QWEN36_ACT8", "0")
+    fp32 = q.logits(ids).log_softmax(-1)
+    assert 0 < kl(fp32, act8) < 0.1 * kl(ref, fp32)
+    monkeypatch.setenv("QWEN36_ACT8", "1")
+    out = q.generate(ids, SamplingParams(temperature=0, max_tokens=4)).token_ids
+    assert out[0] == int(act8[-1].argmax())

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <vector>
 #include <cmath>
+#include <algorithm>
 
 #include "qcommon.h"
 
@@ -181,7 +182,173 @@ torch::Tensor q4_moe_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc,
   return y;
 }
 
+
+// ---------------- prefill: int8 activations x int4 weights with AVX-512 VNNI ----------------------------
+// Activations are quantized per row and per weight group: a = max|x| / 127, xq = round(x / a) (int8), so
+//   y[m,n] = sum_g a[m,g] * ( s[n,g] * sum_k q[n,k] xq[m,k]  +  mn[n,g] * sum_k xq[m,k] )
+// where the inner sum over the group is exact in int32 (vpdpbusd: uint8 codes times int8 activations).
+// Why: prefill is bound by multiply throughput, not memory; one vpdpbusd does 64 multiply-adds where an
+// fp32 FMA does 16. Weights stay as stored: each thread copies a panel of 32 rows into a transposed
+// scratch (16 rows x 4 bytes per 64-byte vector) once and runs every activation row across it.
+#define Q8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+bool has_vnni() { return __builtin_cpu_supports("avx512vnni"); }
+
+// xq [M,K] int8; xa[m,g] = a; xb[m,g] = a * sum(xq over the group)
+Q8_TARGET static void quantize_rows(const float* x, int64_t M, int64_t K, int gs, int8_t* xq, float* xa,
+                                    float* xb) {
+  const int64_t G = K / gs;
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* xr = x + m * K + g * gs;
+        __m512 mx = _mm512_setzero_ps();
+        for (int k = 0; k < gs; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+        const float amax = _mm512_reduce_max_ps(mx);
+        const float a = amax / 127.f;
+        const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = 0; k < gs; k += 16) {
+          // round half to even, as torch.round
+          __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv));
+          q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+          sum = _mm512_add_epi32(sum, q);
+          _mm_storeu_si128((__m128i*)(xq + m * K + g * gs + k), _mm512_cvtepi32_epi8(q));
+        }
+        xa[m * G + g] = a;
+        xb[m * G + g] = a * (float)_mm512_reduce_add_epi32(sum);
+      }
+  });
+}
+
+// rows n0.. n0+31 of wq [N, K/2] -> wt [K/8][32] dwords (row r's dword j at wt[j*32 + r]); scales and mins
+// -> [G][32]; rows past N are zero
+static void panel(const uint8_t* wq, const float* sc, const float* mn, int64_t N, int64_t K, int64_t G,
+                  int64_t n0, uint32_t* wt, float* st, float* mt) {
+  const int64_t D = K / 8;
+  for (int r = 0; r < 32; ++r) {
+    const int64_t n = n0 + r;
+    if (n < N) {
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(wq + n * (K / 2));
+      for (int64_t j = 0; j < D; ++j) wt[j * 32 + r] = src[j];
+      for (int64_t g = 0; g < G; ++g) {
+        st[g * 32 + r] = sc[n * G + g];
+        mt[g * 32 + r] = mn ? mn[n * G + g] : -8.f * sc[n * G + g];
+      }
+    } else {
+      for (int64_t j = 0; j < D; ++j) wt[j * 32 + r] = 0;
+      for (int64_t g = 0; g < G; ++g) st[g * 32 + r] = mt[g * 32 + r] = 0.f;
+    }
+  }
+}
+
+// MR activation rows x the 32 rows of one panel
+template <int MR>
+Q8_TARGET static inline void q8_tile(const uint32_t* wt, const float* st, const float* mt, const int8_t* xq,
+                                     int64_t K, const float* xa, const float* xb, int64_t G, int gs, float* y,
+                                     int64_t ldy, int nvalid) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  __m512 f[MR][2];
+  for (int t = 0; t < MR; ++t) f[t][0] = f[t][1] = _mm512_setzero_ps();
+  const int steps = gs / 8;
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i lo[MR][2], hi[MR][2];
+    for (int t = 0; t < MR; ++t)
+      lo[t][0] = lo[t][1] = hi[t][0] = hi[t][1] = _mm512_setzero_si512();
+    const uint32_t* w = wt + g * steps * 32;
+    const int8_t* xg = xq + g * gs;
+    for (int s = 0; s < steps; ++s) {
+      const __m512i w0 = _mm512_loadu_si512(w + s * 32), w1 = _mm512_loadu_si512(w + s * 32 + 16);
+      const __m512i l0 = _mm512_and_si512(w0, mask), h0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), mask);
+      const __m512i l1 = _mm512_and_si512(w1, mask), h1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), mask);
+      const int kl = (s >> 2) * 32 + (s & 3) * 4;            // low nibbles: k = kl..kl+3, high: kl+16..
+      for (int t = 0; t < MR; ++t) {
+        const __m512i xl = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xg + t * K + kl));
+        const __m512i xh = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xg + t * K + kl + 16));
+        lo[t][0] = _mm512_dpbusd_epi32(lo[t][0], l0, xl);
+        lo[t][1] = _mm512_dpbusd_epi32(lo[t][1], l1, xl);
+        hi[t][0] = _mm512_dpbusd_epi32(hi[t][0], h0, xh);
+        hi[t][1] = _mm512_dpbusd_epi32(hi[t][1], h1, xh);
+      }
+    }
+    const __m512 s0 = _mm512_loadu_ps(st + g * 32), s1 = _mm512_loadu_ps(st + g * 32 + 16);
+    const __m512 m0 = _mm512_loadu_ps(mt + g * 32), m1 = _mm512_loadu_ps(mt + g * 32 + 16);
+    for (int t = 0; t < MR; ++t) {
+      const __m512 a = _mm512_set1_ps(xa[t * G + g]), b = _mm512_set1_ps(xb[t * G + g]);
+      const __m512 d0 = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[t][0], hi[t][0]));
+      const __m512 d1 = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[t][1], hi[t][1]));
+      f[t][0] = _mm512_fmadd_ps(m0, b, _mm512_fmadd_ps(d0, _mm512_mul_ps(s0, a), f[t][0]));
+      f[t][1] = _mm512_fmadd_ps(m1, b, _mm512_fmadd_ps(d1, _mm512_mul_ps(s1, a), f[t][1]));
+    }
+  }
+  const __mmask16 k0 = nvalid >= 16 ? 0xFFFF : (__mmask16)((1u << nvalid) - 1);
+  const __mmask16 k1 = nvalid >= 32 ? 0xFFFF : nvalid <= 16 ? 0 : (__mmask16)((1u << (nvalid - 16)) - 1);
+  for (int t = 0; t < MR; ++t) {
+    _mm512_mask_storeu_ps(y + t * ldy, k0, f[t][0]);
+    _mm512_mask_storeu_ps(y + t * ldy + 16, k1, f[t][1]);
+  }
+}
+
+// y[M,N] for one weight (panels p0..p1 of 32 rows), the activations already quantized
+Q8_TARGET static void q8_panels(const int8_t* xq, const float* xa, const float* xb, int64_t M, int64_t K,
+                                int gs, const uint8_t* wq, const float* sc, const float* mn, int64_t N,
+                                float* y, int64_t p0, int64_t p1) {
+  const int64_t G = K / gs;
+  std::vector<uint32_t> wt(K / 8 * 32);
+  std::vector<float> st(G * 32), mt(G * 32);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * 32;
+    const int nv = (int)std::min<int64_t>(32, N - n0);
+    panel(wq, sc, mn, N, K, G, n0, wt.data(), st.data(), mt.data());
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      q8_tile<4>(wt.data(), st.data(), mt.data(), xq + m * K, K, xa + m * G, xb + m * G, G, gs, y + m * N + n0, N, nv);
+    for (; m < M; ++m)
+      q8_tile<1>(wt.data(), st.data(), mt.data(), xq + m * K, K, xa + m * G, xb + m * G, G, gs, y + m * N + n0, N, nv);
+  }
+}
+
+static void check_q4(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sc,
+                     const c10::optional<torch::Tensor>& mn, int64_t gs) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x fp32 [M,K] contiguous");
+  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.is_contiguous(), "wq uint8 contiguous");
+  TORCH_CHECK(gs % 32 == 0 && x.size(1) % gs == 0, "gs");
+  TORCH_CHECK(sc.dtype() == torch::kFloat32 && sc.is_contiguous() &&
+              (!mn || (mn->dtype() == torch::kFloat32 && mn->is_contiguous())), "scales and mins: contiguous fp32");
+  TORCH_CHECK(wq.size(-1) == x.size(1) / 2 && sc.size(-1) == x.size(1) / gs, "shape");
+}
+
+// x [M,K] fp32 -> (xq int8 [M,K], xa fp32 [M,K/gs], xb fp32 [M,K/gs])
+std::vector<torch::Tensor> q8_quantize(torch::Tensor x, int64_t gs) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x fp32 [M,K] contiguous");
+  TORCH_CHECK(gs % 16 == 0 && x.size(1) % gs == 0, "gs");
+  const int64_t M = x.size(0), K = x.size(1), G = K / gs;
+  auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto xa = torch::empty({M, G}, x.options()), xb = torch::empty({M, G}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, (int)gs, xq.data_ptr<int8_t>(), xa.data_ptr<float>(), xb.data_ptr<float>());
+  return {xq, xa, xb};
+}
+
+torch::Tensor q4q8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c10::optional<torch::Tensor> mn,
+                          int64_t gs) {
+  TORCH_CHECK(has_vnni(), "q4q8_linear needs AVX-512 VNNI");
+  check_q4(x, wq, sc, mn, gs);
+  TORCH_CHECK(wq.dim() == 2, "wq [N,K/2]");
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0), P = (N + 31) / 32;
+  auto q = q8_quantize(x, gs);
+  auto y = torch::empty({M, N}, x.options());
+  at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
+    q8_panels(q[0].data_ptr<int8_t>(), q[1].data_ptr<float>(), q[2].data_ptr<float>(), M, K, (int)gs,
+              wq.data_ptr<uint8_t>(), sc.data_ptr<float>(), mn ? mn->data_ptr<float>() : nullptr, N,
+              y.data_ptr<float>(), b, e);
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "int4 weight-only linear (AVX-512)");
+  m.def("has_vnni", &has_vnni, "whether this CPU has AVX-512 VNNI");
+  m.def("q8_quantize", &q8_quantize, "int8 activations per row and group (a, a*sum)");
+  m.def("q4q8_linear", &q4q8_linear, "int4 weights x int8 activations (AVX-512 VNNI), for prefill");
   m.def("q4_moe_linear", &q4_moe_linear, "int4 linear over selected experts, one row per id (AVX-512)");
 }

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from ..kernels import PREFILL_ROWS
 from ..ops.moe import float_linear, moe
 from .linear import Linear
 
@@ -57,6 +58,7 @@ class SparseMoE(nn.Module):
         if getattr(e, "on_use", None) is not None:
             e.on_use(ids)
         routed = e.grouped(x, ids, w) if x.shape[0] * self.top_k <= GROUPED_ROWS and hasattr(e, "grouped") else None
-        if routed is None:
-            routed = moe(x, ids, w, e.gate_up_proj, e.down_proj, e.linear)
+        if routed is None:  # a large step: each expert's rows are few, but the step counts as prefill
+            linear = getattr(e, "prefill_linear", e.linear) if x.shape[0] > PREFILL_ROWS else e.linear
+            routed = moe(x, ids, w, e.gate_up_proj, e.down_proj, linear)
         return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
