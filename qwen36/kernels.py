@@ -5,10 +5,13 @@ csrc/qkernels512.cpp: the int4 ones again for AVX-512 CPUs, ~25 % faster decode 
 compiled on first use with torch's cpp_extension into the cache directory (about a minute, once). Why our
 own: on this CPU (2 cores) PyTorch's int4 op needs bf16 activations and its fp32 path runs at well under
 1 GB/s, and its int8 op is as slow with fp32 activations; ours reads int4 weights at ~10 GB/s per thread
-(measurements in the README). Large batches (prefill, more than PREFILL_ROWS rows) of int4 weights use
-int8 activations where the CPU has AVX-512 VNNI (`q4q8_linear`: ~5x the fp32 GEMM's multiply rate on this
-machine; its accuracy is in the README's quantization table; QWEN36_ACT8=0 turns it off); elsewhere they
-dequantize once and use the fp32 GEMM. Decode steps always multiply fp32 activations. Anything
+(measurements in the README). Where the CPU has AVX-512 VNNI, int4 weights multiply int8-rounded
+activations (per row and weight group; `quantize_activations` is the rounding, `qlinear_act8_reference`
+the math): `q4q8_linear` for large batches (prefill, more than PREFILL_ROWS rows; ~5x the fp32 GEMM's
+multiply rate here), `q4q8_gemv` / `q4q8_moe` for decode (weights read as stored, ~1.4x the fp32-activation
+kernels' bandwidth on large matrices). Both need groups a multiple of 128 (the default). The accuracy cost is in the README's
+quantization table; QWEN36_ACT8=0 keeps fp32 activations everywhere. Otherwise large batches dequantize
+once and use the fp32 GEMM, and small ones use the fp32-activation kernels. Anything
 the kernels cannot take (no compiler, widths not a multiple of 32) uses the reference path: dequantize and
 F.linear, which is also what the fast path is tested against.
 """
@@ -122,24 +125,35 @@ def _native_ok(packed, K: int) -> bool:
     return K % 32 == 0 and (K // packed["scale"].shape[-1]) % 32 == 0
 
 
+def _group(t: dict[str, torch.Tensor]) -> int:
+    return t["q"].shape[-1] * 2 // t["scale"].shape[-1]
+
+
+def _act8_ok(t: dict[str, torch.Tensor]) -> bool:
+    """int4 weights the int8-activation kernels take: fp32 scales (as stored) and groups a multiple of 128
+    (the decode kernels' chunk; prefill uses the same rule so that prefill and decode round alike)."""
+    return t["q"].dtype == torch.uint8 and t["scale"].dtype == torch.float32 and _group(t) % 128 == 0 and act8()
+
+
 def qlinear(x: torch.Tensor, packed, prefill: bool | None = None) -> torch.Tensor:
     """x [..., K] @ W^T for a quantized W [N, K] (as stored: see quant.py). prefill: whether this belongs
-    to a large step (int8 activations where `act8()`); None decides by the row count."""
+    to a large step (the panel kernel for int8 activations); None decides by the row count."""
     ext = native()
     q = packed["q"]
     K = q.shape[-1] * (1 if q.dtype == torch.int8 else 2)
     if ext is None or x.dtype != torch.float32 or not _native_ok(packed, K):
         return qlinear_reference(x, packed)
     x2 = x.reshape(-1, K).contiguous()
+    large = x2.shape[0] > PREFILL_ROWS if prefill is None else prefill
     if q.dtype == torch.int8:
         y = ext.q8w_linear(x2, q, packed["scale"])
-    elif (x2.shape[0] > PREFILL_ROWS if prefill is None else prefill) and packed["scale"].dtype == torch.float32 \
-            and act8():
-        y = native512().q4q8_linear(x2, q, packed["scale"], packed["min"], K // packed["scale"].shape[-1])
+    elif _act8_ok(packed):
+        kernel = native512().q4q8_linear if large else native512().q4q8_gemv
+        y = kernel(x2, q, packed["scale"], packed["min"], _group(packed))
     elif x2.shape[0] > PREFILL_ROWS:
-        y = F.linear(x2, ext.q4_dequant(q, packed["scale"], packed["min"], K // packed["scale"].shape[-1], False))
+        y = F.linear(x2, ext.q4_dequant(q, packed["scale"], packed["min"], _group(packed), False))
     else:
-        y = (native512() or ext).q4_linear(x2, q, packed["scale"], packed["min"], K // packed["scale"].shape[-1])
+        y = (native512() or ext).q4_linear(x2, q, packed["scale"], packed["min"], _group(packed))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -152,6 +166,6 @@ def grouped_ok(stacked: dict[str, torch.Tensor]) -> bool:
 def qlinear_experts(x: torch.Tensor, stacked: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     """Row t of x times expert ids[t]'s weight, all rows in one call (decode; check `grouped_ok` first).
     x [T, K] fp32 or [1, K] (shared by every row); stacked parts carry a leading expert axis."""
-    K = stacked["q"].shape[-1] * 2
-    return (native512() or native()).q4_moe_linear(x.contiguous(), stacked["q"], stacked["scale"], stacked["min"],
-                                                    K // stacked["scale"].shape[-1], ids)
+    ext = native512() if _act8_ok(stacked) else None
+    kernel = ext.q4q8_moe if ext is not None else (native512() or native()).q4_moe_linear
+    return kernel(x.contiguous(), stacked["q"], stacked["scale"], stacked["min"], _group(stacked), ids)

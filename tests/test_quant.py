@@ -124,8 +124,9 @@ def vnni_or_skip():
 @pytest.mark.parametrize("M,N,K,group", [(1, 32, 256, 128), (5, 40, 256, 64), (7, 100, 512, 32),
                                          (100, 256, 512, 64), (130, 1030, 2048, 128)])
 def test_act8_kernel_matches_its_reference(M, N, K, group):
-    """int4 x int8 (VNNI): equal to rounded activations times the dequantized weight, for any row count,
-    N not a multiple of the 32-row panel, every group size; a zero row stays zero."""
+    """int4 x int8 (VNNI): the panel kernel equals rounded activations times the dequantized weight for any
+    row count, N not a multiple of the 32-row panel, every group size; so does the stored-row kernel for
+    groups of 128; a zero group stays zero."""
     vnni_or_skip()
     g = torch.Generator().manual_seed(M * N)
     x, t = torch.randn(M, K, generator=g) * 3, quantize_int4(torch.randn(N, K, generator=g), group)
@@ -133,23 +134,39 @@ def test_act8_kernel_matches_its_reference(M, N, K, group):
     got = kernels.native512().q4q8_linear(x, t["q"], t["scale"], t["min"], group)
     want = kernels.qlinear_act8_reference(x, t)
     assert rel_err(got, want) < 1e-6
+    if group % 128 == 0:
+        assert rel_err(kernels.native512().q4q8_gemv(x, t["q"], t["scale"], t["min"], group), want) < 1e-6
     # and it is close to the fp32-activation product: int8 rounding of activations is a small error
     # next to int4 rounding of the weights (about 10 % here)
     assert rel_err(got, kernels.qlinear_reference(x, t)) < 0.01
 
 
-def test_act8_used_for_large_batches_only(monkeypatch):
-    """qlinear takes the int8-activation path above PREFILL_ROWS rows (or when told it is prefill), the
-    fp32-activation kernels below it, and QWEN36_ACT8=0 turns the int8 path off."""
+def test_act8_paths(monkeypatch):
+    """Where VNNI is present int4 multiplies int8-rounded activations: the panel kernel above PREFILL_ROWS
+    rows (or when told it is prefill), the stored-row kernels for fewer rows and for grouped experts; groups
+    that are not a multiple of 128 and QWEN36_ACT8=0 keep fp32 activations everywhere."""
     vnni_or_skip()
     g = torch.Generator().manual_seed(1)
-    t = kernels.pack(quantize_int4(torch.randn(96, 256, generator=g), 128))
-    big, small = torch.randn(kernels.PREFILL_ROWS + 1, 256, generator=g), torch.randn(3, 256, generator=g)
-    assert rel_err(kernels.qlinear(big, t), kernels.qlinear_act8_reference(big, t)) < 1e-6
-    assert rel_err(kernels.qlinear(small, t), kernels.qlinear_reference(small, t)) < 1e-6
-    assert rel_err(kernels.qlinear(small, t, prefill=True), kernels.qlinear_act8_reference(small, t)) < 1e-6
+    t = kernels.pack(quantize_int4(torch.randn(96, 512, generator=g), 128))
+    t64 = kernels.pack(quantize_int4(torch.randn(96, 512, generator=g), 64))
+    big, small = torch.randn(kernels.PREFILL_ROWS + 1, 512, generator=g), torch.randn(3, 512, generator=g)
+    te = quantize_int4(torch.randn(5, 64, 512, generator=g), 128)
+    ids = torch.tensor([4, 1, 4])
+    experts = lambda ref: torch.stack([ref(small[i:i + 1], {k: v[e] for k, v in te.items()})[0]
+                                       for i, e in enumerate(ids.tolist())])
+    act8, fp32 = kernels.qlinear_act8_reference, kernels.qlinear_reference
+    assert rel_err(kernels.qlinear(big, t), act8(big, t)) < 1e-6
+    assert rel_err(kernels.qlinear(small, t), act8(small, t)) < 1e-6
+    assert rel_err(kernels.qlinear(small, t, prefill=True), act8(small, t)) < 1e-6
+    assert rel_err(kernels.qlinear(small, t64), fp32(small, t64)) < 1e-6
+    assert rel_err(kernels.qlinear(big, t64), fp32(big, t64)) < 1e-6
+    assert rel_err(kernels.qlinear_experts(small, te, ids), experts(act8)) < 1e-6
+    assert rel_err(kernels.qlinear_experts(small[:1], te, ids), experts(lambda x, w: act8(small[:1], w))) < 1e-6
+    assert rel_err(act8(small, t), fp32(small, t)) > 1e-4                    # the two references differ
     monkeypatch.setenv("QWEN36_ACT8", "0")
-    assert rel_err(kernels.qlinear(big, t), kernels.qlinear_reference(big, t)) < 1e-6
+    for x in (big, small):
+        assert rel_err(kernels.qlinear(x, t), fp32(x, t)) < 1e-6
+    assert rel_err(kernels.qlinear_experts(small, te, ids), experts(fp32)) < 1e-5
 
 
 def test_native_grouped_experts():
@@ -219,12 +236,12 @@ def test_grouped_experts_odd_rows():
                                    rtol=1e-4, atol=1e-3)
 
 
-def test_act8_prefill_adds_little_to_int4_error(checkpoint, monkeypatch):
-    """A 100-token prefill of an int4 model with int8 activations against the same with fp32 activations:
-    the divergence it adds is a small fraction of int4's own, and greedy decoding after it still agrees
-    with full forwards (the engine's decode steps use fp32 activations)."""
+def test_act8_adds_little_to_int4_error(checkpoint, monkeypatch):
+    """An int4 model with int8 activations against the same with fp32 activations: over a 100-token prefill
+    the divergence it adds is a small fraction of int4's own; greedy decoding (the stored-row kernels)
+    agrees with full forwards (the panel kernel)."""
     vnni_or_skip()
-    path = checkpoint("ratio2", seed=3)
+    path = checkpoint("wide", seed=3)
     ids = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(1)).tolist()
     kl = lambda p, q: float((p.exp() * (p - q)).sum(-1).mean())
     ref = LLM(path).logits(ids).log_softmax(-1)
@@ -234,5 +251,8 @@ def test_act8_prefill_adds_little_to_int4_error(checkpoint, monkeypatch):
     fp32 = q.logits(ids).log_softmax(-1)
     assert 0 < kl(fp32, act8) < 0.1 * kl(ref, fp32)
     monkeypatch.setenv("QWEN36_ACT8", "1")
-    out = q.generate(ids, SamplingParams(temperature=0, max_tokens=4)).token_ids
-    assert out[0] == int(act8[-1].argmax())
+    out = q.generate(ids, SamplingParams(temperature=0, max_tokens=6)).token_ids
+    seq = list(ids)
+    for tok in out:
+        assert tok == int(q.logits(seq)[-1].argmax())
+        seq.append(tok)

@@ -14,6 +14,7 @@
 #include <vector>
 #include <cmath>
 #include <algorithm>
+#include <cstring>
 
 #include "qcommon.h"
 
@@ -345,10 +346,140 @@ torch::Tensor q4q8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c
   return y;
 }
 
+// ---------------- decode: the same int8-activation math, weights read straight from the stored rows ----------
+// For few activation rows (decode, small batches) the panel copy would cost more than the product: each
+// 64-byte load of a stored row is one 128-element chunk (4 sub-blocks); its low nibbles are elements
+// 32b+j and its high nibbles 32b+16+j of sub-block b, so the activations are arranged once per call in that
+// order (xl, xh: 64 bytes each per chunk) and every chunk is two vpdpbusd per activation row.
+// Needs gs a multiple of 128 (one scale per whole chunk); the default group is 128.
+
+// xq [M,K] natural order -> xr [M][K/128][2][64]: per chunk the 4 low-nibble halves, then the 4 high ones
+static void arrange_chunks(const int8_t* xq, int64_t M, int64_t K, int8_t* xr) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K / 128; ++c) {
+      const int8_t* src = xq + m * K + c * 128;
+      int8_t* dst = xr + (m * (K / 128) + c) * 128;
+      for (int b = 0; b < 4; ++b) {
+        std::memcpy(dst + 16 * b, src + 32 * b, 16);
+        std::memcpy(dst + 64 + 16 * b, src + 32 * b + 16, 16);
+      }
+    }
+}
+
+// NR stored weight rows (consecutive in memory at stride KB, or given) times MT arranged activation rows
+template <int MT>
+Q8_TARGET static inline void q8_rows(const int8_t* xr, int64_t K, const float* xa, const float* xb, int64_t G,
+                                     int gs, const uint8_t* w, const float* s, const float* mn, float* y,
+                                     int64_t ldy) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  const int cpg = gs / 128;                                   // chunks per group
+  const int64_t C = K / 128;
+  __m512 f[MT];
+  float z[MT];
+  for (int t = 0; t < MT; ++t) { f[t] = _mm512_setzero_ps(); z[t] = 0.f; }
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i a[MT];
+    for (int t = 0; t < MT; ++t) a[t] = _mm512_setzero_si512();
+    for (int c = 0; c < cpg; ++c) {
+      const int64_t ch = g * cpg + c;
+      _mm_prefetch((const char*)(w + ch * 64 + kPrefetch), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(w + ch * 64);
+      const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+      for (int t = 0; t < MT; ++t) {
+        const int8_t* xc = xr + (t * C + ch) * 128;
+        a[t] = _mm512_dpbusd_epi32(a[t], lo, _mm512_loadu_si512(xc));
+        a[t] = _mm512_dpbusd_epi32(a[t], hi, _mm512_loadu_si512(xc + 64));
+      }
+    }
+    const float sg = s[g], mg = mn ? mn[g] : -8.f * sg;
+    for (int t = 0; t < MT; ++t) {
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[t]), _mm512_set1_ps(sg * xa[t * G + g]), f[t]);
+      z[t] += mg * xb[t * G + g];
+    }
+  }
+  for (int t = 0; t < MT; ++t) y[t * ldy] = _mm512_reduce_add_ps(f[t]) + z[t];
+}
+
+// one stored weight row against all M activation rows, in blocks of 4
+Q8_TARGET static inline void q8_row_all(const int8_t* xr, int64_t M, int64_t K, const float* xa, const float* xb,
+                                        int64_t G, int gs, const uint8_t* w, const float* s, const float* mn,
+                                        float* y, int64_t ldy) {
+  const int64_t C = K / 128;
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) q8_rows<4>(xr + m * C * 128, K, xa + m * G, xb + m * G, G, gs, w, s, mn, y + m * ldy, ldy);
+  for (; m + 2 <= M; m += 2) q8_rows<2>(xr + m * C * 128, K, xa + m * G, xb + m * G, G, gs, w, s, mn, y + m * ldy, ldy);
+  for (; m < M; ++m) q8_rows<1>(xr + m * C * 128, K, xa + m * G, xb + m * G, G, gs, w, s, mn, y + m * ldy, ldy);
+}
+
+struct Q8Act {                                 // activations of one call, quantized and arranged
+  torch::Tensor xr, xa, xb;
+};
+
+static Q8Act q8_prepare(const torch::Tensor& x, int64_t gs) {
+  auto q = q8_quantize(x, gs);
+  const int64_t M = x.size(0), K = x.size(1);
+  auto xr = torch::empty({M, K}, q[0].options());
+  arrange_chunks(q[0].data_ptr<int8_t>(), M, K, xr.data_ptr<int8_t>());
+  return {xr, q[1], q[2]};
+}
+
+torch::Tensor q4q8_gemv(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c10::optional<torch::Tensor> mn,
+                        int64_t gs) {
+  TORCH_CHECK(has_vnni(), "q4q8_gemv needs AVX-512 VNNI");
+  check_q4(x, wq, sc, mn, gs);
+  TORCH_CHECK(wq.dim() == 2 && gs % 128 == 0, "wq [N,K/2], gs a multiple of 128");
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0), G = K / gs, KB = K / 2;
+  auto a = q8_prepare(x, gs);
+  auto y = torch::empty({M, N}, x.options());
+  const int8_t* xr = a.xr.data_ptr<int8_t>();
+  const float *xa = a.xa.data_ptr<float>(), *xb = a.xb.data_ptr<float>();
+  const uint8_t* wp = wq.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  const float* mp = mn ? mn->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n)
+      q8_row_all(xr, M, K, xa, xb, G, (int)gs, wp + n * KB, sp + n * G, mp ? mp + n * G : nullptr, yp + n, N);
+  });
+  return y;
+}
+
+// grouped experts, as q4_moe_linear: row t of x (or its only row) times expert ids[t]
+torch::Tensor q4q8_moe(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c10::optional<torch::Tensor> mn,
+                       int64_t gs, torch::Tensor ids) {
+  TORCH_CHECK(has_vnni(), "q4q8_moe needs AVX-512 VNNI");
+  check_q4(x, wq, sc, mn, gs);
+  TORCH_CHECK(wq.dim() == 3 && gs % 128 == 0, "wq [E,N,K/2], gs a multiple of 128");
+  TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.is_contiguous(), "ids int64");
+  const int64_t T = ids.numel(), K = x.size(1), N = wq.size(1), G = K / gs, KB = K / 2, C = K / 128;
+  const bool bc = x.size(0) == 1;
+  TORCH_CHECK(bc || x.size(0) == T, "x must be [1,K] or [T,K]");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < wq.size(0), "expert id out of range");
+  auto a = q8_prepare(x, gs);
+  auto y = torch::empty({T, N}, x.options());
+  const int8_t* xr = a.xr.data_ptr<int8_t>();
+  const float *xa = a.xa.data_ptr<float>(), *xb = a.xb.data_ptr<float>();
+  const uint8_t* wp = wq.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  const float* mp = mn ? mn->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T * N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t t = i / N, n = i % N, r = id[t] * N + n, xi = bc ? 0 : t;
+      q8_rows<1>(xr + xi * C * 128, K, xa + xi * G, xb + xi * G, G, (int)gs, wp + r * KB, sp + r * G,
+                 mp ? mp + r * G : nullptr, yp + t * N + n, N);
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "int4 weight-only linear (AVX-512)");
   m.def("has_vnni", &has_vnni, "whether this CPU has AVX-512 VNNI");
   m.def("q8_quantize", &q8_quantize, "int8 activations per row and group (a, a*sum)");
   m.def("q4q8_linear", &q4q8_linear, "int4 weights x int8 activations (AVX-512 VNNI), for prefill");
+  m.def("q4q8_gemv", &q4q8_gemv, "int4 weights x int8 activations for few rows (AVX-512 VNNI), decode");
+  m.def("q4q8_moe", &q4q8_moe, "grouped experts, int8 activations (AVX-512 VNNI), decode");
   m.def("q4_moe_linear", &q4_moe_linear, "int4 linear over selected experts, one row per id (AVX-512)");
 }
