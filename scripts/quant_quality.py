@@ -2,9 +2,9 @@
 
     python scripts/quant_quality.py CHECKPOINT [--tokens 256]
 For each method: mean KL(fp32 || quantized) of the next-token distributions and top-1 agreement over a
-fixed random token sequence (seed 0), one forward pass each. A pass of more than 64 tokens is a prefill: on
-CPUs with AVX-512 VNNI int4 multiplies int8-rounded activations there (kernels.py); the last row repeats
-int4 group 128 with fp32 activations (QWEN36_ACT8=0) to show what that rounding adds.
+fixed random token sequence (seed 0), one forward pass each. On CPUs with AVX-512 VNNI, int4 with groups of
+128 multiplies int8-rounded activations (kernels.py); the last row repeats it with fp32 activations
+(QWEN36_ACT8=0) to show what that rounding adds.
 """
 from __future__ import annotations
 
