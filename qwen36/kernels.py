@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 _ext = None                      # the compiled module, False if it could not be built
 _ext512 = None                   # the AVX-512 build of the int4 kernels (csrc/qkernels512.cpp), False if none
+_vnni = None                     # whether that build may run its AVX-512 VNNI kernels (checked once)
 PREFILL_ROWS = 64                # above this many rows, dequantize once and use the fp32 GEMM
 
 
@@ -81,9 +82,13 @@ def native512():
 
 
 def act8() -> bool:
-    """Whether large int4 batches may use int8 activations: AVX-512 VNNI present and QWEN36_ACT8 not 0."""
-    ext = native512()
-    return ext is not None and os.environ.get("QWEN36_ACT8") != "0" and ext.has_vnni()
+    """Whether int4 weights may use int8 activations: AVX-512 VNNI present and QWEN36_ACT8 not 0 (read per
+    call, so it can be switched at run time; the CPU check is made once)."""
+    global _vnni
+    if _vnni is None:
+        ext = native512()
+        _vnni = ext is not None and ext.has_vnni()
+    return _vnni and os.environ.get("QWEN36_ACT8") != "0"
 
 
 def pack(t: dict[str, torch.Tensor]):

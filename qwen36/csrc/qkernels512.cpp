@@ -309,18 +309,28 @@ Q8_TARGET static void q8_panels(const int8_t* xq, const float* xa, const float* 
   }
 }
 
-static void check_q4(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sc,
-                     const c10::optional<torch::Tensor>& mn, int64_t gs) {
+// the stored parts of an int4 weight (fp32 scales, optional mins), checked against x [M,K] once
+struct Q4W {
+  const uint8_t* q;
+  const float* s;
+  const float* m;
+};
+
+static Q4W q4_parts(const char* kernel, const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sc,
+                    const c10::optional<torch::Tensor>& mn, int64_t gs, int64_t wdim) {
+  TORCH_CHECK(has_vnni(), kernel, " needs AVX-512 VNNI");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x fp32 [M,K] contiguous");
-  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.is_contiguous(), "wq uint8 contiguous");
+  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.is_contiguous() && wq.dim() == wdim, "wq uint8 contiguous, ",
+              wdim, " dims");
   TORCH_CHECK(gs % 32 == 0 && x.size(1) % gs == 0, "gs");
   TORCH_CHECK(sc.dtype() == torch::kFloat32 && sc.is_contiguous() &&
               (!mn || (mn->dtype() == torch::kFloat32 && mn->is_contiguous())), "scales and mins: contiguous fp32");
   TORCH_CHECK(wq.size(-1) == x.size(1) / 2 && sc.size(-1) == x.size(1) / gs, "shape");
+  return {wq.data_ptr<uint8_t>(), sc.data_ptr<float>(), mn ? mn->data_ptr<float>() : nullptr};
 }
 
 // x [M,K] fp32 -> (xq int8 [M,K], xa fp32 [M,K/gs], xb fp32 [M,K/gs])
-std::vector<torch::Tensor> q8_quantize(torch::Tensor x, int64_t gs) {
+static std::vector<torch::Tensor> q8_quantize(torch::Tensor x, int64_t gs) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x fp32 [M,K] contiguous");
   TORCH_CHECK(gs % 16 == 0 && x.size(1) % gs == 0, "gs");
   const int64_t M = x.size(0), K = x.size(1), G = K / gs;
@@ -332,16 +342,13 @@ std::vector<torch::Tensor> q8_quantize(torch::Tensor x, int64_t gs) {
 
 torch::Tensor q4q8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c10::optional<torch::Tensor> mn,
                           int64_t gs) {
-  TORCH_CHECK(has_vnni(), "q4q8_linear needs AVX-512 VNNI");
-  check_q4(x, wq, sc, mn, gs);
-  TORCH_CHECK(wq.dim() == 2, "wq [N,K/2]");
+  const Q4W w = q4_parts("q4q8_linear", x, wq, sc, mn, gs, 2);
   const int64_t M = x.size(0), K = x.size(1), N = wq.size(0), P = (N + 31) / 32;
   auto q = q8_quantize(x, gs);
   auto y = torch::empty({M, N}, x.options());
   at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
     q8_panels(q[0].data_ptr<int8_t>(), q[1].data_ptr<float>(), q[2].data_ptr<float>(), M, K, (int)gs,
-              wq.data_ptr<uint8_t>(), sc.data_ptr<float>(), mn ? mn->data_ptr<float>() : nullptr, N,
-              y.data_ptr<float>(), b, e);
+              w.q, w.s, w.m, N, y.data_ptr<float>(), b, e);
   });
   return y;
 }
@@ -411,35 +418,36 @@ Q8_TARGET static inline void q8_row_all(const int8_t* xr, int64_t M, int64_t K, 
   for (; m < M; ++m) q8_rows<1>(xr + m * C * 128, K, xa + m * G, xb + m * G, G, gs, w, s, mn, y + m * ldy, ldy);
 }
 
-struct Q8Act {                                 // activations of one call, quantized and arranged
-  torch::Tensor xr, xa, xb;
+// activations of one call, quantized (q8_quantize) and arranged (arrange_chunks)
+struct Q8Act {
+  torch::Tensor xr, xa, xb;                    // owners; the pointers below are read in the inner loops
+  const int8_t* rp;
+  const float *ap, *bp;
+  const int8_t* r(int64_t row, int64_t K) const { return rp + row * K; }
+  const float* a(int64_t row, int64_t G) const { return ap + row * G; }
+  const float* b(int64_t row, int64_t G) const { return bp + row * G; }
 };
 
 static Q8Act q8_prepare(const torch::Tensor& x, int64_t gs) {
+  TORCH_CHECK(gs % 128 == 0, "gs a multiple of 128");
   auto q = q8_quantize(x, gs);
   const int64_t M = x.size(0), K = x.size(1);
   auto xr = torch::empty({M, K}, q[0].options());
   arrange_chunks(q[0].data_ptr<int8_t>(), M, K, xr.data_ptr<int8_t>());
-  return {xr, q[1], q[2]};
+  return {xr, q[1], q[2], xr.data_ptr<int8_t>(), q[1].data_ptr<float>(), q[2].data_ptr<float>()};
 }
 
 torch::Tensor q4q8_gemv(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c10::optional<torch::Tensor> mn,
                         int64_t gs) {
-  TORCH_CHECK(has_vnni(), "q4q8_gemv needs AVX-512 VNNI");
-  check_q4(x, wq, sc, mn, gs);
-  TORCH_CHECK(wq.dim() == 2 && gs % 128 == 0, "wq [N,K/2], gs a multiple of 128");
+  const Q4W w = q4_parts("q4q8_gemv", x, wq, sc, mn, gs, 2);
   const int64_t M = x.size(0), K = x.size(1), N = wq.size(0), G = K / gs, KB = K / 2;
-  auto a = q8_prepare(x, gs);
+  const Q8Act a = q8_prepare(x, gs);
   auto y = torch::empty({M, N}, x.options());
-  const int8_t* xr = a.xr.data_ptr<int8_t>();
-  const float *xa = a.xa.data_ptr<float>(), *xb = a.xb.data_ptr<float>();
-  const uint8_t* wp = wq.data_ptr<uint8_t>();
-  const float* sp = sc.data_ptr<float>();
-  const float* mp = mn ? mn->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n)
-      q8_row_all(xr, M, K, xa, xb, G, (int)gs, wp + n * KB, sp + n * G, mp ? mp + n * G : nullptr, yp + n, N);
+      q8_row_all(a.r(0, K), M, K, a.a(0, G), a.b(0, G), G, (int)gs, w.q + n * KB, w.s + n * G,
+                 w.m ? w.m + n * G : nullptr, yp + n, N);
   });
   return y;
 }
@@ -447,28 +455,21 @@ torch::Tensor q4q8_gemv(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c10
 // grouped experts, as q4_moe_linear: row t of x (or its only row) times expert ids[t]
 torch::Tensor q4q8_moe(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c10::optional<torch::Tensor> mn,
                        int64_t gs, torch::Tensor ids) {
-  TORCH_CHECK(has_vnni(), "q4q8_moe needs AVX-512 VNNI");
-  check_q4(x, wq, sc, mn, gs);
-  TORCH_CHECK(wq.dim() == 3 && gs % 128 == 0, "wq [E,N,K/2], gs a multiple of 128");
+  const Q4W w = q4_parts("q4q8_moe", x, wq, sc, mn, gs, 3);
   TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.is_contiguous(), "ids int64");
-  const int64_t T = ids.numel(), K = x.size(1), N = wq.size(1), G = K / gs, KB = K / 2, C = K / 128;
+  const int64_t T = ids.numel(), K = x.size(1), N = wq.size(1), G = K / gs, KB = K / 2;
   const bool bc = x.size(0) == 1;
   TORCH_CHECK(bc || x.size(0) == T, "x must be [1,K] or [T,K]");
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < wq.size(0), "expert id out of range");
-  auto a = q8_prepare(x, gs);
+  const Q8Act a = q8_prepare(x, gs);
   auto y = torch::empty({T, N}, x.options());
-  const int8_t* xr = a.xr.data_ptr<int8_t>();
-  const float *xa = a.xa.data_ptr<float>(), *xb = a.xb.data_ptr<float>();
-  const uint8_t* wp = wq.data_ptr<uint8_t>();
-  const float* sp = sc.data_ptr<float>();
-  const float* mp = mn ? mn->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, T * N, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t t = i / N, n = i % N, r = id[t] * N + n, xi = bc ? 0 : t;
-      q8_rows<1>(xr + xi * C * 128, K, xa + xi * G, xb + xi * G, G, (int)gs, wp + r * KB, sp + r * G,
-                 mp ? mp + r * G : nullptr, yp + t * N + n, N);
+      q8_rows<1>(a.r(xi, K), K, a.a(xi, G), a.b(xi, G), G, (int)gs, w.q + r * KB, w.s + r * G,
+                 w.m ? w.m + r * G : nullptr, yp + t * N + n, N);
     }
   });
   return y;
@@ -477,7 +478,6 @@ torch::Tensor q4q8_moe(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c10:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "int4 weight-only linear (AVX-512)");
   m.def("has_vnni", &has_vnni, "whether this CPU has AVX-512 VNNI");
-  m.def("q8_quantize", &q8_quantize, "int8 activations per row and group (a, a*sum)");
   m.def("q4q8_linear", &q4q8_linear, "int4 weights x int8 activations (AVX-512 VNNI), for prefill");
   m.def("q4q8_gemv", &q4q8_gemv, "int4 weights x int8 activations for few rows (AVX-512 VNNI), decode");
   m.def("q4q8_moe", &q4q8_moe, "grouped experts, int8 activations (AVX-512 VNNI), decode");
