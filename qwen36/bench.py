@@ -104,7 +104,7 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
     bandwidth = memory_bandwidth_gbs()
     llm, load_s = _timed(lambda: LLM(path, dtype="bfloat16", quantization=None if model is None else quantization,
                                     max_model_len=prompt_len + decode_tokens + 8, max_num_seqs=8,
-                                    max_ram=max_ram))
+                                    max_ram=max_ram, enable_prefix_caching=False))   # repeated prompts
     V = llm.config.text.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(V, 200000), (prompt_len,), generator=g).tolist()
@@ -187,7 +187,7 @@ def _decode_rate(stamps: list[float]) -> float:
 def _ours(path: Path, prompt: list[int], n: int, quantization: str | None) -> dict:
     from . import LLM, SamplingParams
 
-    llm = LLM(path, dtype="float32", quantization=quantization)
+    llm = LLM(path, dtype="float32", quantization=quantization, enable_prefix_caching=False)
     p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(prompt, p1)                                                   # warm-up, same shapes
     _, prefill = _timed(lambda: llm.generate(prompt, p1))

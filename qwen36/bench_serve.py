@@ -64,24 +64,37 @@ def _one_request(port: int, body: bytes, timeout: float) -> tuple[float, float |
     return first - t0, (last - first) / (tokens - 1) if tokens > 1 else None, tokens
 
 
-def run(model: str, clients: int = 8, duration: float = 30.0, max_tokens: int = 32, max_num_seqs: int = 8) -> dict:
+def start_server(model: str, args: list[str], timeout: float = 600) -> tuple[subprocess.Popen, int]:
+    """`qwen36 serve model *args` on a free port of 127.0.0.1, once /health answers."""
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "qwen36.cli", "serve", model, "--port", str(port),
-                               "--max-num-seqs", str(max_num_seqs), "--max-model-len", "2048"],
+    server = subprocess.Popen([sys.executable, "-m", "qwen36.cli", "serve", model, "--port", str(port), *args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return server, port
+        except OSError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            server.kill()
+            raise RuntimeError("the server did not start")
+        time.sleep(0.3)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.3)
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def run(model: str, clients: int = 8, duration: float = 30.0, max_tokens: int = 32, max_num_seqs: int = 8) -> dict:
+    server, port = start_server(model, ["--max-num-seqs", str(max_num_seqs), "--max-model-len", "2048"], 120)
+    try:
         body = json.dumps({"model": "bench", "max_tokens": max_tokens, "temperature": 0.7, "stream": True,
                            "stream_options": {"include_usage": True},
                            "messages": [{"role": "user", "content": "Write a short poem about the sea."}]}).encode()
@@ -112,8 +125,7 @@ def run(model: str, clients: int = 8, duration: float = 30.0, max_tokens: int = 
         elapsed = time.perf_counter() - t0
         rss_after = _rss_mb(server.pid)
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop_server(server)
     return {
         "clients": clients, "duration_s": round(elapsed, 1), "requests": done[0], "errors": len(errors),
         "error_examples": errors[:3], "requests_per_s": round(done[0] / elapsed, 2),

@@ -61,3 +61,50 @@ class HybridCache:
     def bytes_per_block(self) -> int:
         return sum(t[: self.block_size].numel() * t.element_size()
                    for tensors in self.layers.values() for name, t in tensors.items() if name in ("k", "v"))
+
+
+class SnapshotStore:
+    """Saved prefix states for the prefix cache, one row per snapshot slot:
+
+      DeltaNet layers:  conv [S, W-1, C], state [S, Hv, Dk, Dv] (fp32)     the recurrent state at position P
+      attention layers: k, v [S, block_size - 1, Hkv, D]                   KV rows of the partial last block
+    Allocated with torch.empty: pages are touched (and count in resident memory) only once a slot is written.
+    """
+
+    def __init__(self, cache: HybridCache, num_slots: int):
+        self.cache, self.num_slots = cache, num_slots
+        B = cache.block_size
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+        for layer, tensors in cache.layers.items():
+            self.layers[layer] = {}
+            for name, t in tensors.items():
+                rows = (B - 1,) if name in ("k", "v") else ()
+                self.layers[layer][name] = torch.empty((num_slots, *rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+
+    @staticmethod
+    def bytes_per_slot(cache: HybridCache) -> int:
+        B = cache.block_size
+        return sum((B - 1 if name in ("k", "v") else 1) * t[0].numel() * t.element_size()
+                   for tensors in cache.layers.values() for name, t in tensors.items())
+
+    def save(self, snap: int, slot: int, tail_rows: torch.Tensor) -> None:
+        """Copy sequence slot `slot`'s states and its KV rows `tail_rows` (< block_size of them) into `snap`."""
+        n = len(tail_rows)
+        for layer, tensors in self.cache.layers.items():
+            store = self.layers[layer]
+            for name, t in tensors.items():
+                if name in ("k", "v"):
+                    store[name][snap, :n] = t[tail_rows]
+                else:
+                    store[name][snap] = t[slot]
+
+    def restore(self, snap: int, slot: int, tail_rows: torch.Tensor) -> None:
+        """The reverse of `save`: states into sequence slot `slot`, the KV tail into rows `tail_rows`."""
+        n = len(tail_rows)
+        for layer, tensors in self.cache.layers.items():
+            store = self.layers[layer]
+            for name, t in tensors.items():
+                if name in ("k", "v"):
+                    t[tail_rows] = store[name][snap, :n]
+                else:
+                    t[slot] = store[name][snap]

@@ -142,7 +142,7 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or Path(args.model).resolve().name
     config = ServerConfig(name, args.api_key or os.environ.get("QWEN36_API_KEY") or None,
                           parse_size(args.max_body_size), defaults, args.allowed_local_media_path,
-                          args.max_image_pixels, args.max_video_pixels)
+                          args.max_image_pixels, args.max_video_pixels, args.background_prefill)
     app = create_app(llm, config)
     print(f"qwen36: serving {name} on http://{args.host}:{args.port}/v1 "
           f"(max context {llm.engine().max_model_len} tokens, {args.max_num_seqs} sequences)", flush=True)
@@ -171,6 +171,8 @@ def cmd_quantize(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
+    if args.agent:
+        return _bench_agent(args)
     if args.serve:
         from .bench_serve import run
         result = run(args.model or str(demo_checkpoint()), args.clients, args.duration, args.max_tokens or 32)
@@ -182,19 +184,57 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def _bench_agent(args) -> int:
+    """Replay the agent transcript against --url, or against a `qwen36 serve` of MODEL / --synthetic started
+    here (with --server-args)."""
+    import json
+    import shlex
+
+    from . import bench_agent
+    from .bench_serve import start_server, stop_server
+
+    preserve = {"on": (True,), "off": (False,), "both": (True, False)}[args.preserve_thinking]
+    session = {"tasks": args.tasks, "turns_per_task": args.turns_per_task, "file_lines": args.file_lines}
+    server = None
+    url = args.url
+    if url is None:
+        if args.model is None and not args.synthetic:
+            raise ValueError("bench --agent needs --url, MODEL or --synthetic")
+        from .bench import synthetic_checkpoint
+        model = args.model or str(synthetic_checkpoint(args.layers, None if args.quantization == "none"
+                                                       else args.quantization))
+        server, port = start_server(model, ["--max-model-len", "32768", *shlex.split(args.server_args)])
+        url = f"http://127.0.0.1:{port}"
+    try:
+        results = bench_agent.run(url, None, preserve, args.idle_tool, args.idle_user, None, session,
+                                  log=(lambda *a: None) if args.json else print)
+    finally:
+        if server is not None:
+            stop_server(server)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantization", default=None, choices=["int8", "int4"])
     p.add_argument("--max-ram", default=None, help="keep resident memory under SIZE (e.g. 8G) by letting "
                                                  "least recently used experts leave memory (quantized checkpoints)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the cached state of earlier prompts' prefixes (on by default)")
+    p.add_argument("--prefix-cache-memory", default="1G",
+                   help="memory for prefix-cache state snapshots, e.g. 512M, 4G (cached KV stays in the KV cache)")
 
 
 def _llm(args, **kw):
     from . import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-               max_ram=parse_size(args.max_ram) if args.max_ram else None, **kw)
+               max_ram=parse_size(args.max_ram) if args.max_ram else None,
+               enable_prefix_caching=args.enable_prefix_caching,
+               prefix_cache_memory=parse_size(args.prefix_cache_memory), **kw)
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -256,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap each video's pixel budget over all its frames")
     s.add_argument("--default-chat-template-kwargs", default=None,
                    help='JSON, e.g. \'{"enable_thinking": false}\'')
+    s.add_argument("--background-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="when idle after a chat answer, prefill the history as the next turn will render it "
+                        "(earlier reasoning dropped), so the next user message hits the prefix cache")
     s.add_argument("--log-level", default="warning")
     _add_model_options(s)
     s.set_defaults(func=cmd_serve)
@@ -282,6 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--max-ram", default=None, help="as for serve: keep resident memory under SIZE")
     b.add_argument("--no-image", action="store_true", help="skip the 1024x768 image encode timing")
+    b.add_argument("--agent", action="store_true",
+                   help="replay a coding-agent session (see bench_agent.py) against --url or a server started here")
+    b.add_argument("--url", default=None, help="--agent: an OpenAI-compatible server (ours, llama.cpp's, ...)")
+    b.add_argument("--preserve-thinking", default="both", choices=["on", "off", "both"])
+    b.add_argument("--idle-tool", type=float, default=0.0, help="--agent: seconds idle after each tool result")
+    b.add_argument("--idle-user", type=float, default=0.0, help="--agent: seconds idle before each new task")
+    b.add_argument("--tasks", type=int, default=3)
+    b.add_argument("--turns-per-task", type=int, default=4)
+    b.add_argument("--file-lines", type=int, default=120, help="--agent: lines of each file a tool returns")
+    b.add_argument("--server-args", default="", help="--agent: extra `qwen36 serve` options, e.g. "
+                                                     "'--no-enable-prefix-caching'")
     b.add_argument("--vs-transformers", action="store_true",
                    help="also time HF transformers and our fp32 path on the same (unquantized) checkpoint")
     b.set_defaults(func=cmd_bench)

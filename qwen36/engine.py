@@ -4,19 +4,27 @@ A request's life: waiting -> (slot + KV blocks reserved) running: prompt prefill
 token per step -> finished (eos / stop token / stop string / max_tokens / aborted), its slot and blocks
 freed at once. Text is detokenized incrementally; text that could be the start of a stop string is held
 back until it cannot be.
+
+Prefix cache (see prefix_cache.py): a request starts from the deepest cached snapshot of its prompt; while
+it runs, the state is saved at its snapshot points (message starts, every `snapshot_every` tokens, the end
+of the prompt) and, when it finishes, at the end of what it generated. `warm` queues a background prefill
+(no output) that runs only while nothing else does and is cut short, keeping its progress as a snapshot,
+as soon as a real request arrives.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from .batch import ForwardBatch, text_positions
-from .cache import HybridCache
+from .cache import HybridCache, SnapshotStore
 from .model import TextModel
 from .multimodal import MultimodalPrompt
 from .sampling import Sampler, SamplingParams
+from .prefix_cache import PrefixKey, snapshot_points
 from .scheduler import Scheduler, SeqState
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -29,6 +37,7 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None   # "stop" | "length" | "abort"
     logprobs: list[dict] = field(default_factory=list)   # per token: {"token_id", "logprob", "top": [(id, lp)]}
+    cached_tokens: int = 0             # prompt tokens taken from the prefix cache
 
 
 @dataclass
@@ -49,10 +58,22 @@ class Request:
     mm: MultimodalPrompt | None = None # image/video embeddings and mRoPE positions of the prompt
 
 
+@dataclass
+class EngineStats:
+    prompt_tokens_computed: int = 0     # prompt tokens run through the model (not taken from the cache)
+    background_started: int = 0
+    background_finished: int = 0
+    background_preempted: int = 0
+
+
+log = logging.getLogger("qwen36.engine")
+
+
 class Engine:
     def __init__(self, model: TextModel, tokenizer: Tokenizer | None, eos_token_ids=(), num_slots: int = 8,
                  max_model_len: int | None = None, kv_cache_bytes: int = 1 << 30, block_size: int = 64,
-                 token_budget: int = 512):
+                 token_budget: int = 512, enable_prefix_caching: bool = True, prefix_cache_bytes: int = 1 << 30,
+                 snapshot_every: int = 4096):
         self.model, self.tokenizer, self.eos = model, tokenizer, set(eos_token_ids)
         self.device = model.embed_tokens.weight.device
         cfg = model.cfg
@@ -61,7 +82,15 @@ class Engine:
         per_block = HybridCache(layout, 0, 1, block_size, model.compute_dtype, "meta").bytes_per_block()
         num_blocks = max(1, min(kv_cache_bytes // max(per_block, 1), num_slots * -(-max_model_len // block_size)))
         self.cache = HybridCache(layout, num_slots, num_blocks, block_size, model.compute_dtype, self.device)
-        self.scheduler = Scheduler(num_slots, num_blocks, block_size, max(token_budget, num_slots), max_model_len)
+        self.snapshot_bytes = SnapshotStore.bytes_per_slot(self.cache)
+        num_snapshots = prefix_cache_bytes // self.snapshot_bytes if enable_prefix_caching else 0
+        self.snapshots = SnapshotStore(self.cache, num_snapshots) if num_snapshots else None
+        self.scheduler = Scheduler(num_slots, num_blocks, block_size, max(token_budget, num_slots), max_model_len,
+                                   snapshot_slots=num_snapshots)
+        self.prefix = self.scheduler.prefix                    # None when prefix caching is off
+        self.snapshot_every = snapshot_every
+        self.boundary_id = tokenizer.token_id("<|im_start|>") if tokenizer is not None else None
+        self.stats = EngineStats()
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -81,8 +110,9 @@ class Engine:
         rid = request_id or f"req-{n}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        seq = SeqState(seq_id=n, prompt_len=len(prompt_ids), max_tokens=params.max_tokens)
+        seq = self._seq(n, prompt_ids, params.max_tokens, mm)
         self.scheduler.add(seq)                       # raises ValueError naming the lengths if it can never fit
+        self._preempt_background()
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         req = Request(rid, list(prompt_ids), params, seq, Sampler(params, self.device), decoder, mm=mm)
         if force is not None:
@@ -91,6 +121,73 @@ class Engine:
                 req.forcing, req.force_ids = list(force[1]), []
         self.requests[rid] = req
         return rid
+
+    def _seq(self, n: int, prompt_ids: list[int], max_tokens: int, mm: MultimodalPrompt | None,
+             background: bool = False) -> SeqState:
+        seq = SeqState(seq_id=n, prompt_len=len(prompt_ids), max_tokens=max_tokens, background=background)
+        if self.prefix is not None:
+            seq.key = PrefixKey(tuple(prompt_ids), mm.spans if mm is not None else ())
+            seq.snap_points = tuple(snapshot_points(prompt_ids, 0, self.boundary_id, self.snapshot_every))
+        return seq
+
+    def warm(self, prompt_ids: list[int]) -> str | None:
+        """Prefill prompt_ids in the background (no output) so that a later request starting with them hits
+        the prefix cache. Replaces any earlier background prefill; None if there is nothing to do."""
+        if self.prefix is None or not prompt_ids:
+            return None
+        for rid in [r.request_id for r in self.requests.values() if r.seq.background]:
+            self.abort(rid)
+        key = PrefixKey(tuple(prompt_ids))
+        if len(prompt_ids) + 1 > self.max_model_len or self.prefix.has(key, len(prompt_ids)):
+            return None
+        n = next(self._ids)
+        seq = self._seq(n, prompt_ids, 0, None, background=True)
+        try:
+            self.scheduler.add(seq)
+        except ValueError:
+            return None
+        rid = f"warm-{n}"
+        self.requests[rid] = Request(rid, list(prompt_ids), SamplingParams(temperature=0, max_tokens=1), seq,
+                                     Sampler(SamplingParams(temperature=0, max_tokens=1), self.device), None)
+        self.stats.background_started += 1
+        return rid
+
+    def _preempt_background(self) -> None:
+        """A real request arrived: stop background prefills, keeping what they computed as a snapshot."""
+        for r in [r for r in self.requests.values() if r.seq.background]:
+            if r.seq.slot >= 0 and r.seq.restore is None and r.seq.num_computed > r.seq.cached:
+                self._snapshot(r, r.seq.num_computed)
+            self.stats.background_preempted += 1
+            self.abort(r.request_id)
+
+    def _snapshot(self, r: Request, pos: int) -> None:
+        """Save the state of r's slot, which covers its first `pos` tokens, in the prefix cache."""
+        seq = r.seq
+        key = PrefixKey(tuple((r.prompt_ids + r.output_ids)[:pos]), seq.key.media)
+        if self.prefix.has(key, pos):
+            return
+        slot = self.prefix.reserve_slot()
+        if slot is None:
+            return
+        B = self.cache.block_size
+        self.snapshots.save(slot, seq.slot, self._tail_rows(seq, pos))
+        boundary = pos < len(r.prompt_ids) and r.prompt_ids[pos] == self.boundary_id
+        self.prefix.add(slot, key, pos, seq.blocks[:pos // B], boundary)
+
+    def _tail_rows(self, seq: SeqState, pos: int) -> torch.Tensor:
+        """KV-cache rows of positions pos//B*B .. pos-1 of seq (the partial last block)."""
+        B = self.cache.block_size
+        return seq.blocks[pos // B] * B + torch.arange(pos % B, device=self.device) if pos % B else \
+            torch.empty(0, dtype=torch.long, device=self.device)
+
+    def _start(self, seq: SeqState) -> None:
+        """A newly admitted sequence: zero its states, or copy in the snapshot it starts from."""
+        if seq.restore is None:
+            self.cache.reset(seq.slot)
+            return
+        self.snapshots.restore(seq.restore.slot, seq.slot, self._tail_rows(seq, seq.cached))
+        seq.restore.pins -= 1
+        seq.restore = None
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -104,11 +201,14 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         work, admitted = self.scheduler.schedule()
+        by_seq = {r.seq.seq_id: r for r in self.requests.values()}
         for seq in admitted:
-            self.cache.reset(seq.slot)
+            self._start(seq)
+            r = by_seq[seq.seq_id]
+            log.debug("request %s admitted: %d prompt tokens, %d from the prefix cache%s", r.request_id,
+                      seq.prompt_len, seq.cached, " (background)" if seq.background else "")
         if not work:
             return []
-        by_seq = {r.seq.seq_id: r for r in self.requests.values()}
         reqs = [by_seq[w.seq.seq_id] for w in work]
         tokens, rows, positions = [], [], []
         for w, r in zip(work, reqs):
@@ -129,10 +229,18 @@ class Engine:
         logits = self.model(x, batch, self.cache)
         outputs, k = [], 0
         for w, r in zip(work, reqs):
-            w.seq.num_computed += w.num_new
+            seq = w.seq
+            if seq.prefilling:
+                self.stats.prompt_tokens_computed += w.num_new
+            seq.num_computed += w.num_new
+            if self.prefix is not None and seq.num_computed in seq.snap_points:
+                self._snapshot(r, seq.num_computed)
             if w.samples:
                 outputs.append(self._sample(r, logits[k]))
                 k += 1
+            elif seq.background and not seq.prefilling:
+                self.stats.background_finished += 1
+                self.abort(r.request_id)
         return outputs
 
     def _sample(self, r: Request, logits: torch.Tensor) -> StepOutput:
@@ -164,7 +272,7 @@ class Engine:
         hold = max((len(s) for s in p.stop), default=1) - 1            # a stop string may still be forming
         upto = max(r.released, len(r.text) - hold)
         delta, r.released = r.text[r.released:upto], upto
-        return StepOutput(r.request_id, [tok], delta, logprobs=logprobs)
+        return StepOutput(r.request_id, [tok], delta, logprobs=logprobs, cached_tokens=r.seq.cached)
 
     def _finish(self, r: Request, reason: str, toks: list[int], logprobs, flush: bool = True) -> StepOutput:
         if flush and r.decoder is not None:
@@ -174,9 +282,11 @@ class Engine:
                 r.text, reason = r.text[:cut], "stop"
         delta = r.text[r.released:]
         r.released, r.finish_reason = len(r.text), reason
+        if self.prefix is not None and r.seq.num_computed > r.seq.prompt_len:
+            self._snapshot(r, r.seq.num_computed)           # the next turn extends prompt + answer
         self.scheduler.finish(r.seq)
         del self.requests[r.request_id]
-        return StepOutput(r.request_id, toks, delta, True, reason, logprobs)
+        return StepOutput(r.request_id, toks, delta, True, reason, logprobs, r.seq.cached)
 
 
 def _find_stop(text: str, stops, released: int) -> int | None:

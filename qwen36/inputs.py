@@ -44,6 +44,17 @@ def _media_key(m: Medium) -> tuple:
     return m.kind, m.grid, digest
 
 
+def _spans(rows: list[int], owner: list[int], digests: list[str]) -> tuple[tuple[int, int, str], ...]:
+    """Runs of consecutive pad rows of one medium -> (start, end, the medium's digest)."""
+    spans: list[list] = []
+    for r, o in zip(rows, owner):
+        if spans and spans[-1][1] == r and spans[-1][2] == digests[o]:
+            spans[-1][1] = r + 1
+        else:
+            spans.append([r, r + 1, digests[o]])
+    return tuple((a, b, d) for a, b, d in spans)
+
+
 class EncoderCache:
     """Vision embeddings of recently seen media, least recently used dropped first past `capacity` bytes."""
 
@@ -186,11 +197,14 @@ class MediaInputs:
                                            c.image_token_id, c.video_token_id, self.pp.merge_size)
         t = torch.tensor(ids)
         # embeddings of the images, then of the videos (one tower call); pad rows in the same order
-        embeds = torch.cat(self.encode(images + videos))
+        parts = self.encode(images + videos)
+        embeds = torch.cat(parts)
         rows = torch.cat([torch.nonzero(t == pad).flatten() for pad in (c.image_token_id, c.video_token_id)])
         order = torch.argsort(rows)
-        return PromptInputs(ids, MultimodalPrompt(positions, delta, rows[order].to(self.device),
-                                                  embeds[order]))
+        digests = ["/".join(map(str, _media_key(m))) for m in images + videos]
+        owner = torch.cat([torch.full((len(e),), i) for i, e in enumerate(parts)])[order]
+        return PromptInputs(ids, MultimodalPrompt(positions, delta, rows[order].to(self.device), embeds[order],
+                                                  _spans(rows[order].tolist(), owner.tolist(), digests)))
 
     @torch.inference_mode()
     def encode(self, media: list[Medium]) -> list[torch.Tensor]:

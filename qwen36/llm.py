@@ -46,7 +46,8 @@ class Completion:
 class LLM:
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", quantization: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_bytes: int = 1 << 30,
-                 max_ram: int | None = None):
+                 max_ram: int | None = None, enable_prefix_caching: bool = True,
+                 prefix_cache_memory: int = 1 << 30):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)}")
         if quantization not in QUANTIZATIONS:
@@ -67,6 +68,9 @@ class LLM:
             self.residency = ExpertResidency(self.model, max_ram)
         self._tokenizer: Tokenizer | None = None
         self.max_model_len, self.max_num_seqs, self.kv_cache_bytes = max_model_len, max_num_seqs, kv_cache_bytes
+        # prefix cache: state snapshots of earlier prompts (bounded by prefix_cache_memory) so a prompt that
+        # extends or shares an earlier one prefills only what is new
+        self.enable_prefix_caching, self.prefix_cache_memory = enable_prefix_caching, prefix_cache_memory
         self._engine: Engine | None = None
         self._chat_template: ChatTemplate | None = None
 
@@ -129,7 +133,9 @@ class LLM:
             except TokenizerError:
                 tokenizer = None                               # id-in/id-out still works
             self._engine = Engine(self.model, tokenizer, self.eos_token_ids, num_slots=self.max_num_seqs,
-                                  max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes)
+                                  max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes,
+                                  enable_prefix_caching=self.enable_prefix_caching,
+                                  prefix_cache_bytes=self.prefix_cache_memory)
         return self._engine
 
     @property

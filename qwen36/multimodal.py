@@ -28,6 +28,7 @@ class MultimodalPrompt:
     delta: int                # position - index for every token after the prompt
     rows: torch.Tensor        # [M] int64 prompt indices of the image/video pad tokens, ascending
     embeds: torch.Tensor      # [M, H] vision embeddings for those tokens, in prompt order
+    spans: tuple[tuple[int, int, str], ...] = ()   # (start, end, digest) of each pad run: the prefix-cache key
 
     def positions_for(self, start: int, n: int) -> torch.Tensor:
         """[3, n] positions of tokens start .. start+n-1 of the sequence (prompt or generated)."""

@@ -13,10 +13,16 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from .prefix_cache import PrefixCache, PrefixKey, Snapshot
+
 
 class BlockAllocator:
+    """KV blocks with reference counts (a running sequence holds one on each block of its table, the prefix
+    cache one on each block it keeps); a block whose count drops to zero goes back to the free list."""
+
     def __init__(self, num_blocks: int):
         self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.count = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -25,10 +31,20 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int] | None:
         if n > len(self.free_blocks):
             return None
-        return [self.free_blocks.pop() for _ in range(n)]
+        out = [self.free_blocks.pop() for _ in range(n)]
+        for b in out:
+            self.count[b] = 1
+        return out
+
+    def ref(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.count[b] += 1
 
     def free(self, blocks: list[int]) -> None:
-        self.free_blocks.extend(reversed(blocks))
+        for b in reversed(blocks):
+            self.count[b] -= 1
+            if self.count[b] == 0:
+                self.free_blocks.append(b)
 
 
 @dataclass
@@ -41,6 +57,11 @@ class SeqState:
     num_computed: int = 0        # tokens already in the cache
     slot: int = -1
     blocks: list[int] = field(default_factory=list)
+    key: PrefixKey | None = None         # prompt tokens + media, to look up in the prefix cache (None: no reuse)
+    snap_points: tuple[int, ...] = ()    # prompt positions to snapshot at: prefill chunks end there
+    background: bool = False             # an idle-time prefill: admitted only when nothing else waits or runs
+    cached: int = 0                      # prompt tokens taken from the prefix cache
+    restore: Snapshot | None = None      # copy this snapshot into the slot before the first step
 
     def __post_init__(self):
         self.num_tokens = self.prompt_len
@@ -58,13 +79,20 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, num_blocks: int, block_size: int, token_budget: int, max_model_len: int):
+    def __init__(self, num_slots: int, num_blocks: int, block_size: int, token_budget: int, max_model_len: int,
+                 snapshot_slots: int = 0, background_chunk: int = 128):
         self.block_size, self.token_budget, self.max_model_len = block_size, token_budget, max_model_len
-        self.num_blocks = num_blocks
+        self.num_blocks, self.background_chunk = num_blocks, background_chunk
         self.blocks = BlockAllocator(num_blocks)
+        self.prefix = PrefixCache(self.blocks, block_size, snapshot_slots) if snapshot_slots > 0 else None
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []
+
+    @property
+    def num_available(self) -> int:
+        """KV blocks no request holds: free, or kept only by the prefix cache (evicted when needed)."""
+        return self.blocks.num_free + (self.prefix.cached_only_blocks if self.prefix is not None else 0)
 
     def blocks_needed(self, seq: SeqState) -> int:
         return math.ceil((seq.prompt_len + seq.max_tokens) / self.block_size)
@@ -88,6 +116,9 @@ class Scheduler:
 
     def finish(self, seq: SeqState) -> None:
         """Release the sequence's slot and blocks (finished, aborted, or failed)."""
+        if seq.restore is not None:                          # admitted, never ran: unpin its snapshot
+            seq.restore.pins -= 1
+            seq.restore = None
         if seq in self.running:
             self.running.remove(seq)
             self.blocks.free(seq.blocks)
@@ -96,15 +127,36 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
+    def _next_waiting(self) -> SeqState | None:
+        if not self.waiting:
+            return None
+        seq = self.waiting[0]
+        if seq.background:   # background work only when nothing else runs or waits
+            if any(not s.background for s in self.running) or any(not s.background for s in self.waiting):
+                return next((s for s in self.waiting if not s.background), None)
+        return seq
+
     def _admit(self) -> list[SeqState]:
         admitted = []
-        while self.waiting and self.free_slots:
-            seq = self.waiting[0]
-            blocks = self.blocks.allocate(self.blocks_needed(seq))
-            if blocks is None:
+        while self.free_slots:
+            seq = self._next_waiting()
+            if seq is None:
+                break
+            hit = self.prefix.lookup(seq.key) if self.prefix is not None and seq.key is not None else None
+            shared = hit.blocks if hit else []
+            need = self.blocks_needed(seq) - len(shared)
+            if self.blocks.num_free < need and not (
+                    self.prefix is not None and self.prefix.make_room(need, [hit.snapshot] if hit else [])):
                 break                                        # keep arrival order: no overtaking
-            self.waiting.popleft()
-            seq.blocks, seq.slot = blocks, self.free_slots.pop()
+            self.waiting.remove(seq)
+            self.blocks.ref(shared)
+            seq.blocks, seq.slot = shared + self.blocks.allocate(need), self.free_slots.pop()
+            if hit:
+                seq.num_computed = seq.cached = hit.pos
+                seq.restore = hit.snapshot
+                hit.snapshot.pins += 1                       # the engine unpins it once copied
+                self.prefix.stats.hits += 1
+                self.prefix.stats.tokens_reused += hit.pos
             self.running.append(seq)
             admitted.append(seq)
         return admitted
@@ -120,7 +172,8 @@ class Scheduler:
                 budget -= 1
         for seq in self.running:                             # then prompt chunks, oldest first
             if seq.prefilling and budget > 0:
-                n = min(seq.prompt_len - seq.num_computed, budget)
-                work.append(Scheduled(seq, n, seq.num_computed + n == seq.prompt_len))
+                end = next((p for p in seq.snap_points if p > seq.num_computed), seq.prompt_len)
+                n = min(end - seq.num_computed, budget, self.background_chunk if seq.background else budget)
+                work.append(Scheduled(seq, n, seq.num_computed + n == seq.prompt_len and not seq.background))
                 budget -= n
         return work, admitted

@@ -38,7 +38,7 @@ def test_sixteen_concurrent_equal_alone(llm):
         steps += 1
     assert [got[r] for r in rids] == alone
     assert steps < sum(lens) + sum(len(p) for p in ps)        # requests really shared steps
-    assert engine.scheduler.blocks.num_free == engine.scheduler.num_blocks
+    assert engine.scheduler.num_available == engine.scheduler.num_blocks
     assert sorted(engine.scheduler.free_slots) == list(range(5))
 
 
@@ -69,7 +69,7 @@ def test_abort_frees_slot_and_blocks(llm):
     while engine.has_work():
         outs += engine.step()
     assert {o.request_id for o in outs} == {b} and outs[-1].finished
-    assert engine.scheduler.blocks.num_free == engine.scheduler.num_blocks
+    assert engine.scheduler.num_available == engine.scheduler.num_blocks
 
 
 def test_too_long_is_rejected_and_others_unaffected(llm):
@@ -121,7 +121,7 @@ def test_streaming_text_and_stop_strings(checkpoint):
     it = demo.generate_stream("Hi", greedy(12))
     next(it)
     it.close()
-    assert not demo.engine().has_work() and demo.engine().scheduler.blocks.num_free == demo.engine().scheduler.num_blocks
+    assert not demo.engine().has_work() and demo.engine().scheduler.num_available == demo.engine().scheduler.num_blocks
 
 
 def test_forced_tokens_after_trigger(llm):

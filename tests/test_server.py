@@ -326,3 +326,41 @@ def test_server_defaults_from_flags_and_env(checkpoint, tmp_path):
 def test_server_log_has_no_tracebacks(server):
     """Every failure above was answered, none crashed a handler (runs last in this module)."""
     assert "Traceback" not in server["log"].read_text()
+
+
+def test_prefix_cache_usage_metrics_and_background_prefill(server, client, checkpoint, tmp_path):
+    """cached_tokens in usage; the idle-time prefill makes the next user turn hit past the dropped reasoning;
+    a --no-enable-prefix-caching server answers the same with nothing cached."""
+    from qwen36.chat import render_chat
+
+    tok = LLM(server["path"]).tokenizer
+    first = [{"role": "system", "content": "You are terse. " * 20}, {"role": "user", "content": "Name a colour."}]
+    kw = {"model": "qwen36-demo", "max_tokens": 6, "temperature": 0}
+    before = metrics(server)
+    r1 = client.chat.completions.create(messages=first, **kw)
+    assert r1.usage.prompt_tokens_details.cached_tokens == 0
+    m1 = r1.choices[0].message
+    history = first + [{"role": "assistant", "content": m1.content or "", "reasoning_content": m1.reasoning_content}]
+    turn2 = history + [{"role": "user", "content": "And another?"}]
+    deadline = time.time() + 60                    # the background prefill of the history runs while idle
+    while time.time() < deadline and metrics(server)['qwen36_background_prefills_total{state="finished"}'] \
+            <= before['qwen36_background_prefills_total{state="finished"}']:
+        time.sleep(0.2)
+    r2 = client.chat.completions.create(messages=turn2, **kw)
+    ids = tok.encode(render_chat(turn2))
+    starts = [i for i, t in enumerate(ids) if t == tok.token_id("<|im_start|>")]
+    assert r2.usage.prompt_tokens == len(ids)
+    assert r2.usage.prompt_tokens_details.cached_tokens == starts[-2]   # everything before the new message
+    m = metrics(server)
+    assert m["qwen36_prompt_tokens_cached_total"] >= starts[-2] and m["qwen36_prefix_cache_snapshots"] > 0
+    assert m["qwen36_prompt_tokens_computed_total"] > 0 and m["qwen36_prefix_cache_bytes"] > 0
+    proc, base = launch(server["path"], tmp_path / "off.log", "--max-model-len", "512", "--no-enable-prefix-caching")
+    try:
+        off = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        for msgs, want in ((first, r1), (turn2, r2)):
+            got = off.chat.completions.create(messages=msgs, **kw)
+            assert got.usage.prompt_tokens_details.cached_tokens == 0
+            assert got.choices[0].message.content == want.choices[0].message.content
+            assert got.choices[0].message.reasoning_content == want.choices[0].message.reasoning_content
+    finally:
+        stop(proc)

@@ -31,6 +31,7 @@ class ServerConfig:
     allowed_local_media_path: str | None = None   # file:// media URLs allowed inside this directory only
     max_image_pixels: int | None = None           # caps on the pixel budgets (the vision tower's cost)
     max_video_pixels: int | None = None
+    background_prefill: bool = True               # prefill the next turn's history while idle (prefix cache)
 
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
@@ -142,6 +143,7 @@ class _Job:
         self.rids: list[str] = []
         self.queue: asyncio.Queue | None = None
         self.generated: dict[str, int] = {}                    # request id -> tokens generated
+        self.cached: dict[str, int] = {}                       # request id -> prompt tokens from the prefix cache
 
     def submit(self, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
                force: tuple[int | None, list[int]] | None = None, mm=None) -> None:
@@ -215,11 +217,16 @@ class _Job:
 
     def count(self, out: StepOutput) -> None:
         self.generated[out.request_id] = self.generated.get(out.request_id, 0) + len(out.token_ids)
+        self.cached[out.request_id] = out.cached_tokens
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
         done = sum(self.generated.values())
-        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+        cached = [0] * len(self.prompts)                       # per prompt: the best of its n choices
+        for rid, i in zip(self.rids, self.choices):
+            cached[i] = max(cached[i], self.cached.get(rid, 0))
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+                "prompt_tokens_details": {"cached_tokens": sum(cached)}}
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": self.id, "object": self.object_name + ".chunk" if self.prefix == "chatcmpl" else self.object_name,
@@ -255,6 +262,7 @@ class ChatJob(_Job):
         self.tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
         media = self.llm.media
         messages = media.normalize([m.model_dump(exclude_none=True) for m in req.messages])
+        self.messages, self.preserve = messages, preserve
         try:
             prompt = self.template.render(messages, tools=self.tools, add_generation_prompt=True,
                                           enable_thinking=self.thinking, preserve_thinking=preserve)
@@ -264,6 +272,7 @@ class ChatJob(_Job):
             # decoding, resizing and the vision tower run off the event loop (other requests keep streaming)
             limit = self.runner.engine.max_model_len
             inputs = await asyncio.to_thread(lambda: media.build(prompt, media.media_of(messages, policy), limit))
+            self.has_media = inputs.mm is not None
         except ChatTemplateError as e:
             raise APIError(f"messages: {e}", param="messages") from None
         except ValueError as e:                                 # MediaError and placeholder/media mismatches
@@ -292,6 +301,30 @@ class ChatJob(_Job):
     def _finish_reason(self, reason: str, tool_calls: bool) -> str:
         return "tool_calls" if tool_calls and reason == "stop" else reason
 
+    def _warm_next_turn(self, text: str, reason: str) -> None:
+        """After a final answer (no tool call) the client's next request adds a user message, and the
+        template then drops the reasoning of this task's turns: prefill that history now, in the background
+        (the engine runs it only while idle and stops it when a request arrives)."""
+        if not self.config.background_prefill or self.has_media or reason not in ("stop", "length"):
+            return
+        result = parse_assistant(text, self.tools, thinking=self.thinking)
+        if result.tool_calls:                        # a tool result comes next: the history is kept as it is
+            return
+        answer = {"role": "assistant", "content": result.content or ""}
+        if result.reasoning_content:
+            answer["reasoning_content"] = result.reasoning_content
+
+        def work():
+            try:
+                text = self.template.render(self.messages + [answer, {"role": "user", "content": "."}],
+                                            tools=self.tools, add_generation_prompt=False,
+                                            enable_thinking=self.thinking, preserve_thinking=self.preserve)
+            except ChatTemplateError:
+                return
+            self.runner.warm(self.tokenizer.encode(text[:text.rfind("<|im_start|>user")]))
+
+        asyncio.get_running_loop().run_in_executor(None, work)
+
     async def complete(self, request: Request) -> dict:
         texts, reasons, logprobs = await self.collect(request)
         choices = []
@@ -303,17 +336,22 @@ class ChatJob(_Job):
             choices.append({"index": i, "message": message,
                             "logprobs": {"content": logprobs[i]} if self.req.logprobs else None,
                             "finish_reason": self._finish_reason(reasons[i], bool(result.tool_calls))})
+        self._warm_next_turn(texts[0], reasons[0])
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.config.served_model_name, "choices": choices, "usage": self.usage()}
 
     async def stream(self, request: Request) -> AsyncIterator[str]:
         parsers = [AssistantStreamParser(self.tools, thinking=self.thinking) for _ in self.rids]
         saw_tools = [False] * len(self.rids)
+        first_text, first_reason = [], None
         for i in range(len(self.rids)):
             yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                "finish_reason": None}])
         async for i, out in self.outputs(request):
             self.count(out)
+            if i == 0:
+                first_text.append(out.text)
+                first_reason = out.finish_reason if out.finished else first_reason
             deltas = parsers[i].feed(out.text) if out.text else []
             if out.finished:
                 deltas += parsers[i].finish()
@@ -330,6 +368,7 @@ class ChatJob(_Job):
         if self.req.stream_options and self.req.stream_options.include_usage:
             yield self.chunk([], self.usage())
         yield "data: [DONE]\n\n"
+        self._warm_next_turn("".join(first_text), first_reason)
 
 
 class CompletionJob(_Job):

@@ -28,4 +28,26 @@ def render_metrics(stats, load: dict[str, float]) -> str:
               "# TYPE qwen36_num_requests_waiting gauge", f"qwen36_num_requests_waiting {load['waiting']:.0f}",
               "# HELP qwen36_kv_cache_usage_ratio Fraction of KV cache blocks reserved.",
               "# TYPE qwen36_kv_cache_usage_ratio gauge", f"qwen36_kv_cache_usage_ratio {load['cache_usage']:.4f}"]
+    lines += _metric("qwen36_prompt_tokens_computed_total", "counter", "Prompt tokens run through the model.",
+                     load["prompt_tokens_computed"])
+    if "prefix_hits" in load:
+        lines += _metric("qwen36_prompt_tokens_cached_total", "counter",
+                         "Prompt tokens taken from the prefix cache.", load["prompt_tokens_cached"])
+        lines += _metric("qwen36_prefix_cache_hits_total", "counter", "Requests that started from a cached prefix.",
+                         load["prefix_hits"])
+        lines += _metric("qwen36_prefix_cache_snapshots", "gauge", "State snapshots held.", load["snapshots"])
+        lines += _metric("qwen36_prefix_cache_bytes", "gauge",
+                         "Bytes held by the prefix cache: snapshots and KV blocks no request uses.",
+                         load["prefix_cache_bytes"])
+        lines += _metric("qwen36_prefix_cache_snapshots_saved_total", "counter", "State snapshots saved.",
+                         load["snapshots_saved"])
+        lines += _metric("qwen36_prefix_cache_evictions_total", "counter", "Snapshots evicted.", load["evictions"])
+    lines += ["# HELP qwen36_background_prefills_total Idle-time prefills of the next turn's history.",
+              "# TYPE qwen36_background_prefills_total counter"]
+    for state in ("started", "finished", "preempted"):
+        lines.append(f'qwen36_background_prefills_total{{state="{state}"}} {load["background_" + state]}')
     return "\n".join(lines) + "\n"
+
+
+def _metric(name: str, kind: str, help_: str, value) -> list[str]:
+    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

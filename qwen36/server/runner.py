@@ -51,6 +51,13 @@ class EngineRunner:
         self.wake.set()
         return rid, q
 
+    def warm(self, prompt_ids: list[int]) -> None:
+        """Prefill prompt_ids in the background while the server is idle (see Engine.warm)."""
+        with self.lock:
+            rid = self.engine.warm(prompt_ids)
+        if rid is not None:
+            self.wake.set()
+
     def abort(self, rid: str) -> None:
         with self.lock:
             self.engine.abort(rid)
@@ -62,9 +69,26 @@ class EngineRunner:
         self.thread.join(timeout=5)
 
     def load(self) -> dict[str, float]:
-        s = self.engine.scheduler
-        return {"running": len(s.running), "waiting": len(s.waiting),
-                "cache_usage": 1 - s.blocks.num_free / s.num_blocks}
+        with self.lock:                                # the engine thread changes these between steps
+            return self._load()
+
+    def _load(self) -> dict[str, float]:
+        e = self.engine
+        s, p = e.scheduler, e.prefix
+        out = {"running": sum(not q.background for q in s.running),
+               "waiting": sum(not q.background for q in s.waiting),
+               "cache_usage": 1 - s.num_available / s.num_blocks,
+               "prompt_tokens_computed": e.stats.prompt_tokens_computed,
+               "background_started": e.stats.background_started,
+               "background_finished": e.stats.background_finished,
+               "background_preempted": e.stats.background_preempted}
+        if p is not None:
+            out.update(prefix_hits=p.stats.hits, prompt_tokens_cached=p.stats.tokens_reused,
+                       snapshots=p.num_snapshots, snapshots_saved=p.stats.snapshots_saved,
+                       evictions=p.stats.evictions,
+                       prefix_cache_bytes=p.num_snapshots * e.snapshot_bytes
+                       + p.cached_only_blocks * e.cache.bytes_per_block())
+        return out
 
     def _loop(self) -> None:
         while not self._stop:
