@@ -205,9 +205,14 @@ def _bench_agent(args) -> int:
                                                        else args.quantization))
         server, port = start_server(model, ["--max-model-len", "32768", *shlex.split(args.server_args)])
         url = f"http://127.0.0.1:{port}"
+    log = (lambda *a: None) if args.json else print
     try:
-        results = bench_agent.run(url, None, preserve, args.idle_tool, args.idle_user, None, session,
-                                  log=(lambda *a: None) if args.json else print)
+        results = bench_agent.run(url, None, preserve, args.idle_tool, args.idle_user, None, session, log=log)
+        if server is not None:                           # the server we started: its peak resident memory
+            hwm = next(int(line.split()[1]) for line in open(f"/proc/{server.pid}/status")
+                       if line.startswith("VmHWM:"))
+            results.append({"server_peak_rss_gb": round(hwm / (1 << 20), 2)})
+            log(f"server peak RSS {hwm / (1 << 20):.2f} GB")
     finally:
         if server is not None:
             stop_server(server)
