@@ -89,22 +89,20 @@ class SnapshotStore:
 
     def save(self, snap: int, slot: int, tail_rows: torch.Tensor) -> None:
         """Copy sequence slot `slot`'s states and its KV rows `tail_rows` (< block_size of them) into `snap`."""
-        n = len(tail_rows)
-        for layer, tensors in self.cache.layers.items():
-            store = self.layers[layer]
-            for name, t in tensors.items():
-                if name in ("k", "v"):
-                    store[name][snap, :n] = t[tail_rows]
-                else:
-                    store[name][snap] = t[slot]
+        self._copy(snap, slot, tail_rows, to_store=True)
 
     def restore(self, snap: int, slot: int, tail_rows: torch.Tensor) -> None:
         """The reverse of `save`: states into sequence slot `slot`, the KV tail into rows `tail_rows`."""
+        self._copy(snap, slot, tail_rows, to_store=False)
+
+    def _copy(self, snap: int, slot: int, tail_rows: torch.Tensor, to_store: bool) -> None:
         n = len(tail_rows)
         for layer, tensors in self.cache.layers.items():
-            store = self.layers[layer]
             for name, t in tensors.items():
-                if name in ("k", "v"):
-                    t[tail_rows] = store[name][snap, :n]
+                kv = name in ("k", "v")
+                stored = self.layers[layer][name][snap, :n] if kv else self.layers[layer][name][snap]   # a view
+                where = tail_rows if kv else slot
+                if to_store:
+                    stored.copy_(t[where])
                 else:
-                    t[slot] = store[name][snap]
+                    t[where] = stored

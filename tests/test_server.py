@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from qwen36 import LLM, SamplingParams
+from qwen36.bench_serve import stop_server
 
 KEY = "sk-test-key"
 
@@ -45,12 +46,7 @@ def launch(path, log, *args, env=None) -> tuple[subprocess.Popen, str]:
     pytest.fail("server did not come up in 120 s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+stop = stop_server
 
 
 @pytest.fixture(scope="module")
