@@ -4,6 +4,8 @@ The step's tokens are flattened: sequence i owns tokens [cu[i], cu[i+1]) of the 
 its DeltaNet state in slot `slots[i]`, already has `starts[i]` tokens in the cache and adds `lens[i]`.
 Attention KV lives in fixed-size blocks; `kv_rows[i]` lists the flat cache rows of its positions
 0 .. starts[i] + lens[i] - 1 (row = block * block_size + offset), the last lens[i] of which are written.
+`captures[i]` lists (k, snapshot slot): after its first k new tokens (1 <= k <= lens[i]), sequence i's
+DeltaNet states are also written to that prefix-cache snapshot slot (the engine copies the KV tail).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class ForwardBatch:
     positions: torch.Tensor            # [3, N] int64 mRoPE (T, H, W) position of every new token
     logits_index: torch.Tensor         # [M] int64: rows of the N tokens whose logits are wanted
     kv_rows: tuple[torch.Tensor, ...]  # per sequence: [starts[i] + lens[i]] int64 KV-cache rows
+    captures: tuple[tuple[tuple[int, int], ...], ...] = ()   # per sequence: (k, snapshot slot), k ascending
     cu: tuple[int, ...] = field(init=False)
 
     def __post_init__(self):
@@ -46,7 +49,8 @@ class ForwardBatch:
     @staticmethod
     def build(slots: Sequence[int], starts: Sequence[int], lens: Sequence[int],
               block_tables: Sequence[Sequence[int]], block_size: int, logits: str | Sequence[int] = "last",
-              positions: torch.Tensor | None = None, device="cpu") -> "ForwardBatch":
+              positions: torch.Tensor | None = None, device="cpu",
+              captures: Sequence[Sequence[tuple[int, int]]] = ()) -> "ForwardBatch":
         """logits: "last" (last new token of each sequence), "all", or explicit row indices.
         positions default to plain text positions (T = H = W = absolute index)."""
         if positions is None:
@@ -63,4 +67,5 @@ class ForwardBatch:
             p = torch.arange(s + n)
             rows.append((torch.tensor(list(table), dtype=torch.long)[p // block_size] * block_size
                          + p % block_size).to(device))
-        return ForwardBatch(tuple(slots), tuple(starts), tuple(lens), positions.to(device), idx.to(device), tuple(rows))
+        return ForwardBatch(tuple(slots), tuple(starts), tuple(lens), positions.to(device), idx.to(device), tuple(rows),
+                            tuple(tuple(c) for c in captures))

@@ -69,6 +69,8 @@ class SnapshotStore:
       DeltaNet layers:  conv [S, W-1, C], state [S, Hv, Dk, Dv] (fp32)     the recurrent state at position P
       attention layers: k, v [S, block_size - 1, Hkv, D]                   KV rows of the partial last block
     Allocated with torch.empty: pages are touched (and count in resident memory) only once a slot is written.
+    A DeltaNet layer's rows are also in its cache dict as "snap_conv" / "snap_state", so the layer can write a
+    state reached in the middle of a prefill chunk (ForwardBatch.captures).
     """
 
     def __init__(self, cache: HybridCache, num_slots: int):
@@ -77,32 +79,44 @@ class SnapshotStore:
         self.layers: dict[int, dict[str, torch.Tensor]] = {}
         for layer, tensors in cache.layers.items():
             self.layers[layer] = {}
-            for name, t in tensors.items():
+            for name, t in list(tensors.items()):
                 rows = (B - 1,) if name in ("k", "v") else ()
                 self.layers[layer][name] = torch.empty((num_slots, *rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                if name in ("conv", "state"):
+                    tensors["snap_" + name] = self.layers[layer][name]
 
     @staticmethod
     def bytes_per_slot(cache: HybridCache) -> int:
         B = cache.block_size
         return sum((B - 1 if name in ("k", "v") else 1) * t[0].numel() * t.element_size()
-                   for tensors in cache.layers.values() for name, t in tensors.items())
+                   for tensors in cache.layers.values() for name, t in tensors.items() if name in STATE_NAMES)
 
     def save(self, snap: int, slot: int, tail_rows: torch.Tensor) -> None:
         """Copy sequence slot `slot`'s states and its KV rows `tail_rows` (< block_size of them) into `snap`."""
         self._copy(snap, slot, tail_rows, to_store=True)
 
+    def save_tail(self, snap: int, tail_rows: torch.Tensor) -> None:
+        """Only the KV rows (the states were written by the layers during the step)."""
+        self._copy(snap, None, tail_rows, to_store=True)
+
     def restore(self, snap: int, slot: int, tail_rows: torch.Tensor) -> None:
         """The reverse of `save`: states into sequence slot `slot`, the KV tail into rows `tail_rows`."""
         self._copy(snap, slot, tail_rows, to_store=False)
 
-    def _copy(self, snap: int, slot: int, tail_rows: torch.Tensor, to_store: bool) -> None:
+    def _copy(self, snap: int, slot: int | None, tail_rows: torch.Tensor, to_store: bool) -> None:
         n = len(tail_rows)
         for layer, tensors in self.cache.layers.items():
-            for name, t in tensors.items():
+            for name, stored_all in self.layers[layer].items():
                 kv = name in ("k", "v")
-                stored = self.layers[layer][name][snap, :n] if kv else self.layers[layer][name][snap]   # a view
+                if not kv and slot is None:
+                    continue
+                t = tensors[name]
+                stored = stored_all[snap, :n] if kv else stored_all[snap]                  # a view
                 where = tail_rows if kv else slot
                 if to_store:
                     stored.copy_(t[where])
                 else:
                     t[where] = stored
+
+
+STATE_NAMES = ("k", "v", "conv", "state")

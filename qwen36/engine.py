@@ -174,6 +174,19 @@ class Engine:
         boundary = pos < len(r.prompt_ids) and r.prompt_ids[pos] == self.boundary_id
         self.prefix.add(slot, key, pos, seq.blocks[:pos // B], boundary)
 
+    def _captures(self, seq: SeqState, n: int) -> list[tuple[int, int]]:
+        """(k, snapshot slot) for the snapshot points among the n prompt tokens seq runs next (not yet cached)."""
+        if self.prefix is None or not seq.prefilling:
+            return []
+        start, out = seq.num_computed, []
+        for p in seq.snap_points:
+            if start < p <= start + n and not self.prefix.has(seq.key, p):
+                slot = self.prefix.reserve_slot()
+                if slot is None:
+                    break
+                out.append((p - start, slot))
+        return out
+
     def _tail_rows(self, seq: SeqState, pos: int) -> torch.Tensor:
         """KV-cache rows of positions pos//B*B .. pos-1 of seq (the partial last block)."""
         B = self.cache.block_size
@@ -218,23 +231,27 @@ class Engine:
                              else text_positions(start, w.num_new))
             if w.samples:
                 rows.append(len(tokens) - 1)
+        captures = [self._captures(w.seq, w.num_new) for w in work]
         batch = ForwardBatch.build([w.seq.slot for w in work], [w.seq.num_computed for w in work],
                                    [w.num_new for w in work], [w.seq.blocks for w in work],
                                    self.cache.block_size, logits=rows, positions=torch.cat(positions, dim=1),
-                                   device=self.device)
+                                   device=self.device, captures=captures)
         x = self.model.embed(torch.tensor(tokens, device=self.device))
         for w, r, offset in zip(work, reqs, batch.cu):
             if r.mm is not None:
                 r.mm.scatter_into(x, w.seq.num_computed, w.num_new, offset)
         logits = self.model(x, batch, self.cache)
         outputs, k = [], 0
-        for w, r in zip(work, reqs):
+        for w, r, caps in zip(work, reqs, captures):
             seq = w.seq
             if seq.prefilling:
                 self.stats.prompt_tokens_computed += w.num_new
+            for upto, snap in caps:               # the layers wrote the states; add the KV tail, register
+                pos = seq.num_computed + upto
+                self.snapshots.save_tail(snap, self._tail_rows(seq, pos))
+                self.prefix.add(snap, seq.key, pos, seq.blocks[:pos // self.cache.block_size],
+                                pos < seq.prompt_len and r.prompt_ids[pos] == self.boundary_id)
             seq.num_computed += w.num_new
-            if self.prefix is not None and seq.num_computed in seq.snap_points:
-                self._snapshot(r, seq.num_computed)
             if w.samples:
                 outputs.append(self._sample(r, logits[k]))
                 k += 1

@@ -58,7 +58,7 @@ class SeqState:
     slot: int = -1
     blocks: list[int] = field(default_factory=list)
     key: PrefixKey | None = None         # prompt tokens + media, to look up in the prefix cache (None: no reuse)
-    snap_points: tuple[int, ...] = ()    # prompt positions to snapshot at: prefill chunks end there
+    snap_points: tuple[int, ...] = ()    # prompt positions where the engine snapshots the state
     background: bool = False             # an idle-time prefill: admitted only when nothing else waits or runs
     cached: int = 0                      # prompt tokens taken from the prefix cache
     restore: Snapshot | None = None      # copy this snapshot into the slot before the first step
@@ -172,8 +172,7 @@ class Scheduler:
                 budget -= 1
         for seq in self.running:                             # then prompt chunks, oldest first
             if seq.prefilling and budget > 0:
-                end = next((p for p in seq.snap_points if p > seq.num_computed), seq.prompt_len)
-                n = min(end - seq.num_computed, budget, self.background_chunk if seq.background else budget)
+                n = min(seq.prompt_len - seq.num_computed, budget, self.background_chunk if seq.background else budget)
                 work.append(Scheduled(seq, n, seq.num_computed + n == seq.prompt_len and not seq.background))
                 budget -= n
         return work, admitted

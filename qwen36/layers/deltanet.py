@@ -80,6 +80,12 @@ class GatedDeltaNet(nn.Module):
         o, state = rule(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)
         return o.transpose(1, 2), conv, state
 
+    @staticmethod
+    def _capture(cache: dict[str, torch.Tensor], snap: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        """Copy one sequence's states into prefix-cache snapshot slot `snap` (cache.SnapshotStore)."""
+        cache["snap_conv"][snap] = conv
+        cache["snap_state"][snap] = state
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: dict[str, torch.Tensor]) -> torch.Tensor:
         N = x.shape[0]
         m = self.in_proj_qkv(x)                                                # [N, C]
@@ -89,13 +95,22 @@ class GatedDeltaNet(nn.Module):
         conv_c, state_c = cache["conv"], cache["state"]
         if batch.is_decode:  # one token per sequence: all sequences in one recurrent step
             o = self._decode(m, g, beta, cache, batch.slots)
+            for slot, caps in zip(batch.slots, batch.captures):
+                for _, snap in caps:
+                    self._capture(cache, snap, conv_c[slot], state_c[slot])
         else:
             o = torch.empty(N, self.n_v, self.d_v, dtype=torch.float32, device=x.device)
             for i, slot in enumerate(batch.slots):
                 a, b = batch.cu[i], batch.cu[i + 1]
-                oi, conv, state = self._mix(m[None, a:b], g[None, a:b], beta[None, a:b], conv_c[slot:slot + 1],
-                                            state_c[slot:slot + 1], b - a == 1)
-                conv_c[slot], state_c[slot] = conv[0].to(conv_c.dtype), state[0]
-                o[a:b] = oi[0]
+                caps = dict(batch.captures[i]) if batch.captures else {}
+                # split the chunk where a prefix-cache snapshot wants the state (the recurrence is sequential)
+                for lo, hi in zip([a, *(a + k for k in sorted(caps) if k < b - a)],
+                                  [*(a + k for k in sorted(caps) if k < b - a), b]):
+                    oi, conv, state = self._mix(m[None, lo:hi], g[None, lo:hi], beta[None, lo:hi],
+                                                conv_c[slot:slot + 1], state_c[slot:slot + 1], hi - lo == 1)
+                    conv_c[slot], state_c[slot] = conv[0].to(conv_c.dtype), state[0]
+                    o[lo:hi] = oi[0]
+                    if hi - a in caps:
+                        self._capture(cache, caps[hi - a], conv_c[slot], state_c[slot])
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(N, self.value_dim))
