@@ -124,6 +124,7 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     import json
+    import logging
     import os
 
     import uvicorn
@@ -144,6 +145,8 @@ def cmd_serve(args) -> int:
                           parse_size(args.max_body_size), defaults, args.allowed_local_media_path,
                           args.max_image_pixels, args.max_video_pixels, args.background_prefill)
     app = create_app(llm, config)
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("qwen36").setLevel(args.log_level.upper())     # debug: a line per request (cache hits)
     print(f"qwen36: serving {name} on http://{args.host}:{args.port}/v1 "
           f"(max context {llm.engine().max_model_len} tokens, {args.max_num_seqs} sequences)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -174,3 +174,15 @@ def qlinear_experts(x: torch.Tensor, stacked: dict[str, torch.Tensor], ids: torc
     ext = native512() if _act8_ok(stacked) else None
     kernel = ext.q4q8_moe if ext is not None else (native512() or native()).q4_moe_linear
     return kernel(x.contiguous(), stacked["q"], stacked["scale"], stacked["min"], _group(stacked), ids)
+
+
+def sorted_experts_ok(stacked: dict[str, torch.Tensor]) -> bool:
+    """Whether `qlinear_experts_sorted` can take these stacked int4 expert weights (int8-activation CPUs)."""
+    return native512() is not None and _act8_ok(stacked)
+
+
+def qlinear_experts_sorted(x: torch.Tensor, stacked: dict[str, torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
+    """Prefill's grouped experts: x [T, K] rows sorted by expert, rows offsets[e] .. offsets[e+1]-1 times
+    expert e's weight, every used expert in one call (check `sorted_experts_ok` first)."""
+    return native512().q4q8_moe_sorted(x.contiguous(), stacked["q"], stacked["scale"], stacked["min"],
+                                       _group(stacked), offsets)

@@ -169,6 +169,25 @@ class QuantExperts(nn.Module):
         return (y.view(N, k, -1) * w.view(N, k, 1).to(y.dtype)).sum(1)
 
 
+    def sorted_prefill(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        """Prefill: the (token, chosen expert) pairs sorted by expert, each used expert's weights read once
+        for all its rows, in two kernel calls (no loop over experts); None where the kernel is unavailable.
+        Sums in the same order as ops.moe.moe (pairs by expert, stably)."""
+        if x.dtype != torch.float32 or not (kernels.sorted_experts_ok(self.gate_up_proj.tensors)
+                                            and kernels.sorted_experts_ok(self.down_proj.tensors)):
+            return None
+        N, k = ids.shape
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        offsets = torch.zeros(self.n + 1, dtype=torch.long)
+        offsets[1:] = torch.bincount(flat, minlength=self.n).cumsum(0)
+        token = order // k
+        gu = kernels.qlinear_experts_sorted(x[token], self.gate_up_proj.tensors, offsets)
+        g, u = gu.chunk(2, dim=-1)
+        y = kernels.qlinear_experts_sorted(F.silu(g) * u, self.down_proj.tensors, offsets)      # [N*k, H]
+        return torch.zeros_like(x).index_add_(0, token, y * w.reshape(-1)[order, None].to(y.dtype))
+
+
 # Which weights are quantized: every projection of the decoder and the output head. Kept float: the
 # router, shared-expert gate, DeltaNet in_proj_a/b, conv, norms, embedding (reasons at the top).
 QUANTIZED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -350,7 +350,8 @@ def test_prefix_cache_usage_metrics_and_background_prefill(server, client, check
     m = metrics(server)
     assert m["qwen36_prompt_tokens_cached_total"] >= starts[-2] and m["qwen36_prefix_cache_snapshots"] > 0
     assert m["qwen36_prompt_tokens_computed_total"] > 0 and m["qwen36_prefix_cache_bytes"] > 0
-    proc, base = launch(server["path"], tmp_path / "off.log", "--max-model-len", "512", "--no-enable-prefix-caching")
+    proc, base = launch(server["path"], tmp_path / "off.log", "--max-model-len", "512", "--no-enable-prefix-caching",
+                        "--log-level", "debug")
     try:
         off = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
         for msgs, want in ((first, r1), (turn2, r2)):
@@ -360,3 +361,5 @@ def test_prefix_cache_usage_metrics_and_background_prefill(server, client, check
             assert got.choices[0].message.reasoning_content == want.choices[0].message.reasoning_content
     finally:
         stop(proc)
+    lines = [x for x in (tmp_path / "off.log").read_text().splitlines() if "from the prefix cache" in x]
+    assert len(lines) == 2 and f"{len(ids)} prompt tokens, 0 from the prefix cache" in lines[1]

@@ -475,7 +475,39 @@ torch::Tensor q4q8_moe(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c10:
   return y;
 }
 
+// grouped experts for prefill: x [T,K] rows sorted by expert, offsets [E+1] (rows of expert e are
+// offsets[e] .. offsets[e+1]-1). Each used expert's stored weight rows are read once for all its activation
+// rows (q8_row_all, in blocks of 4), and every (expert, output row) pair of the step is one parallel region:
+// no loop over experts outside the kernel.
+torch::Tensor q4q8_moe_sorted(torch::Tensor x, torch::Tensor wq, torch::Tensor sc, c10::optional<torch::Tensor> mn,
+                              int64_t gs, torch::Tensor offsets) {
+  const Q4W w = q4_parts("q4q8_moe_sorted", x, wq, sc, mn, gs, 3);
+  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.is_contiguous() && offsets.numel() == wq.size(0) + 1,
+              "offsets int64 [E+1]");
+  const int64_t T = x.size(0), K = x.size(1), N = wq.size(1), G = K / gs, KB = K / 2, E = wq.size(0);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[E] == T, "offsets must run from 0 to the row count");
+  std::vector<int64_t> used;                                  // experts with rows
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(off[e + 1] >= off[e], "offsets must not decrease");
+    if (off[e + 1] > off[e]) used.push_back(e);
+  }
+  const Q8Act a = q8_prepare(x, gs);
+  auto y = torch::empty({T, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t U = (int64_t)used.size();
+  at::parallel_for(0, U * N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t ex = used[i / N], n = i % N, r = ex * N + n, t0 = off[ex];
+      q8_row_all(a.r(t0, K), off[ex + 1] - t0, K, a.a(t0, G), a.b(t0, G), G, (int)gs, w.q + r * KB, w.s + r * G,
+                 w.m ? w.m + r * G : nullptr, yp + t0 * N + n, N);
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4q8_moe_sorted", &q4q8_moe_sorted, "grouped experts over expert-sorted rows, int8 activations, prefill");
   m.def("q4_linear", &q4_linear, "int4 weight-only linear (AVX-512)");
   m.def("has_vnni", &has_vnni, "whether this CPU has AVX-512 VNNI");
   m.def("q4q8_linear", &q4q8_linear, "int4 weights x int8 activations (AVX-512 VNNI), for prefill");

@@ -75,7 +75,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = self._qkv(F.silu(y))
         rep = self.n_v // self.n_k
         q, k = (t.repeat_interleave(rep, dim=2) for t in (q, k))
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                        # [B, Hv, T, D]
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))           # [B, Hv, T, D]
         rule = gated_delta_recurrent if decode else gated_delta_chunked
         o, state = rule(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)
         return o.transpose(1, 2), conv, state

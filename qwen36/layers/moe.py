@@ -57,7 +57,11 @@ class SparseMoE(nn.Module):
         e = self.experts
         if getattr(e, "on_use", None) is not None:
             e.on_use(ids)
-        routed = e.grouped(x, ids, w) if x.shape[0] * self.top_k <= GROUPED_ROWS and hasattr(e, "grouped") else None
+        routed = None
+        if x.shape[0] * self.top_k <= GROUPED_ROWS and hasattr(e, "grouped"):
+            routed = e.grouped(x, ids, w)
+        elif hasattr(e, "sorted_prefill"):
+            routed = e.sorted_prefill(x, ids, w)
         if routed is None:  # a large step: each expert's rows are few, but the step counts as prefill
             linear = getattr(e, "prefill_linear", e.linear) if x.shape[0] > PREFILL_ROWS else e.linear
             routed = moe(x, ids, w, e.gate_up_proj, e.down_proj, linear)
