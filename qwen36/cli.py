@@ -145,6 +145,7 @@ def cmd_serve(args) -> int:
                           parse_size(args.max_body_size), defaults, args.allowed_local_media_path,
                           args.max_image_pixels, args.max_video_pixels, args.background_prefill)
     app = create_app(llm, config)
+    llm.warm_up()
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.getLogger("qwen36").setLevel(args.log_level.upper())     # debug: a line per request (cache hits)
     print(f"qwen36: serving {name} on http://{args.host}:{args.port}/v1 "

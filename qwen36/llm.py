@@ -125,6 +125,15 @@ class LLM:
             positions = mm.positions_for(0, len(ids))
         return self.model(x, cache.batch([0], [0], [len(ids)], logits="all", positions=positions), cache)
 
+    @torch.inference_mode()
+    def warm_up(self, n: int = 128) -> None:
+        """One forward of n tokens through a throwaway cache: the first real request then does not pay for
+        first-touch allocations and kernel set-up (llama.cpp's server does the same at load)."""
+        n = min(n, self.config.text.max_position_embeddings)
+        cache = self.model.new_cache(1, n)
+        ids = torch.arange(n, device=self.device) % min(self.config.text.vocab_size, 1000)
+        self.model(self.model.embed(ids), cache.batch([0], [0], [n]), cache)
+
     def engine(self) -> Engine:
         """The continuous-batching engine behind generate/chat (made on first use)."""
         if self._engine is None:
