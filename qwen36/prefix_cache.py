@@ -36,12 +36,14 @@ class PrefixKey:
     media: tuple[tuple[int, int, str], ...] = ()
 
     def chain(self, block_size: int):
-        """Yield (j, key of blocks 0..j-1) for j = 0, 1, ...: the hash chain over full blocks."""
-        h = ROOT
-        yield 0, h
+        """Yield (j, key of blocks 0..j-1) for j = 0, 1, ...: the hash chain over full blocks, each hash
+        computed once per key (lookups, `has` and `add` walk the same prompt several times)."""
+        hashes = self.__dict__.setdefault("_chain", {}).setdefault(block_size, [ROOT])  # frozen: bypass setattr
+        yield 0, ROOT
         for j in range(len(self.ids) // block_size):
-            h = _digest(h, self, j * block_size, (j + 1) * block_size)
-            yield j + 1, h
+            if j + 1 == len(hashes):
+                hashes.append(_digest(hashes[j], self, j * block_size, (j + 1) * block_size))
+            yield j + 1, hashes[j + 1]
 
     def media_in(self, a: int, b: int) -> tuple[str, ...]:
         return tuple(d for s, e, d in self.media if s < b and e > a)

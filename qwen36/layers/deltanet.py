@@ -104,8 +104,8 @@ class GatedDeltaNet(nn.Module):
                 a, b = batch.cu[i], batch.cu[i + 1]
                 caps = dict(batch.captures[i]) if batch.captures else {}
                 # split the chunk where a prefix-cache snapshot wants the state (the recurrence is sequential)
-                for lo, hi in zip([a, *(a + k for k in sorted(caps) if k < b - a)],
-                                  [*(a + k for k in sorted(caps) if k < b - a), b]):
+                cuts = [a + k for k in sorted(caps) if k < b - a]
+                for lo, hi in zip([a, *cuts], [*cuts, b]):
                     oi, conv, state = self._mix(m[None, lo:hi], g[None, lo:hi], beta[None, lo:hi],
                                                 conv_c[slot:slot + 1], state_c[slot:slot + 1], hi - lo == 1)
                     conv_c[slot], state_c[slot] = conv[0].to(conv_c.dtype), state[0]

@@ -319,7 +319,7 @@ class ChatJob(_Job):
                 text = self.template.render(self.messages + [answer, {"role": "user", "content": "."}],
                                             tools=self.tools, add_generation_prompt=False,
                                             enable_thinking=self.thinking, preserve_thinking=self.preserve)
-            except ChatTemplateError:
+            except (ChatTemplateError, ValueError):   # a history the template refuses: nothing to warm
                 return
             self.runner.warm(self.tokenizer.encode(text[:text.rfind("<|im_start|>user")]))
 
