@@ -67,6 +67,7 @@ class EngineStats:
 
 
 log = logging.getLogger("qwen36.engine")
+BOUNDARY_GAP, MAX_BOUNDARIES = 16, 32   # message-start snapshots per prompt: >= 16 tokens apart, the last 32
 
 
 class Engine:
@@ -127,7 +128,8 @@ class Engine:
         seq = SeqState(seq_id=n, prompt_len=len(prompt_ids), max_tokens=max_tokens, background=background)
         if self.prefix is not None:
             seq.key = PrefixKey(tuple(prompt_ids), mm.spans if mm is not None else ())
-            seq.snap_points = tuple(snapshot_points(prompt_ids, 0, self.boundary_id, self.snapshot_every))
+            seq.snap_points = tuple(snapshot_points(prompt_ids, 0, self.boundary_id, self.snapshot_every,
+                                                    min_gap=BOUNDARY_GAP, max_boundaries=MAX_BOUNDARIES))
         return seq
 
     def warm(self, prompt_ids: list[int]) -> str | None:

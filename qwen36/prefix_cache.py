@@ -204,13 +204,21 @@ class PrefixCache:
 
 
 def snapshot_points(ids: Sequence[int], start: int, boundary_id: int | None, every: int,
-                    end: int | None = None) -> list[int]:
+                    end: int | None = None, min_gap: int = 0, max_boundaries: int | None = None) -> list[int]:
     """Where to snapshot while prefilling ids[start:end]: before each `boundary_id` token (a message start),
-    every `every` tokens, and at the end. Sorted, all in (start, end]."""
+    every `every` tokens, and at the end. Sorted, all in (start, end]. Walking back from the end, a message
+    start closer than min_gap to the one kept after it is skipped, and at most max_boundaries are kept: text
+    that is full of boundary tokens (a file quoting chat markup) cannot make a request snapshot at every one."""
     end = len(ids) if end is None else end
     points = {end}
     if boundary_id is not None:
-        points.update(i for i in range(start + 1, end) if ids[i] == boundary_id)
+        kept: list[int] = []
+        for i in range(end - 1, start, -1):
+            if ids[i] == boundary_id and (not kept or kept[-1] - i >= min_gap):
+                kept.append(i)
+                if max_boundaries is not None and len(kept) == max_boundaries:
+                    break
+        points.update(kept)
     if every > 0:
         points.update(range((start // every + 1) * every, end, every))
     return sorted(p for p in points if p > start)

@@ -89,6 +89,18 @@ def test_snapshot_points():
     assert snapshot_points(ids, 0, 7, 0) == [1, 4, 10]
     assert snapshot_points(ids, 2, 7, 4) == [4, 8, 10]
     assert snapshot_points(ids, 0, None, 0, end=6) == [6]
+    assert snapshot_points(ids, 0, 7, 0, min_gap=4) == [4, 10]              # 1 is too close to 4
+    flood = [7] * 1000 + [5]                                                # a file quoting chat markup
+    assert snapshot_points(flood, 0, 7, 0, min_gap=16, max_boundaries=3) == [967, 983, 999, 1001]
+
+
+def test_boundary_flood_is_bounded_and_exact(llm):
+    """Content full of the message-start token costs a bounded number of snapshots, and stays exact."""
+    on, off = engine(llm, token_budget=512), engine(llm, on=False)
+    flood = rand(20, 40) + [BOUNDARY] * 1500 + rand(20, 41)
+    got = run(on, [flood], n=3)[0]
+    same(got, run(off, [flood], n=3)[0])
+    assert on.prefix.stats.snapshots_saved <= 33 + 1                       # boundaries + end (+ the answer's end)
 
 
 def test_scheduler_admits_from_the_cache():
