@@ -24,6 +24,7 @@ the same output, or a `ChatTemplateError` carrying the template's own message.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,9 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["ChatTemplate", "ChatTemplateError", "CHAT_TEMPLATE", "make_sandbox", "normalize_messages", "render_chat"]
+
+
+log = logging.getLogger("qwen36.chat")
 
 
 class ChatTemplateError(ValueError):
@@ -164,13 +168,17 @@ def _tojson(value, where: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def render_chat(messages, tools=None, add_generation_prompt: bool = True, enable_thinking: bool = True,
-                preserve_thinking: bool = False, add_vision_id: bool = False) -> str:
+                preserve_thinking: bool = False, add_vision_id: bool = False, escape=None) -> str:
     """The Qwen3.6 prompt for a conversation (OpenAI-style message dicts), exactly as the official template.
 
     Like the template's variables, only `enable_thinking is False` turns thinking off (it changes only the
     generation prompt) and only `preserve_thinking is True` keeps the think blocks of every past turn.
+    With `escape` (a `tokenizer.ContentEscape`) the prompt comes back in escaped form: every piece of text
+    taken from the messages or tools is escaped as it is written out, after the format's logic has read
+    it, so the special-token strings left are the format's own.
     """
-    renderer = _Renderer(add_vision_id=bool(add_vision_id), preserve_thinking=preserve_thinking is True)
+    renderer = _Renderer(add_vision_id=bool(add_vision_id), preserve_thinking=preserve_thinking is True,
+                         escape=escape)
     return renderer.render(normalize_messages(messages), _check_tools(tools), add_generation_prompt,
                            thinking=enable_thinking is not False)
 
@@ -190,9 +198,10 @@ def media_kind(part) -> str | None:
 class _Renderer:
     """One rendering: holds the options and the image/video counters, which run across the conversation."""
 
-    def __init__(self, add_vision_id: bool, preserve_thinking: bool):
+    def __init__(self, add_vision_id: bool, preserve_thinking: bool, escape=None):
         self.add_vision_id = add_vision_id
         self.preserve_thinking = preserve_thinking
+        self.text = escape.escape if escape is not None else str   # text from the input, as written out
         self.images = 0
         self.videos = 0
 
@@ -212,7 +221,7 @@ class _Renderer:
     def content(self, content, count: bool, system: bool = False) -> str:
         """A message's content as text; media placeholders are numbered only when `count` (the main pass)."""
         if isinstance(content, str):
-            return content
+            return self.text(content)
         if content is None:
             return ""
         if not isinstance(content, (list, tuple)):
@@ -234,14 +243,14 @@ class _Renderer:
                 self.videos += 1
             return (f"Video {self.videos}: " if self.add_vision_id else "") + VIDEO
         if "text" in part:
-            return part["text"]
+            return self.text(part["text"])
         raise ChatTemplateError("Unexpected item type in content.")
 
     # -- structure ----------------------------------------------------------------------------------------
     def system_block(self, first: dict, tools: list[dict] | None) -> str:
         is_system = first.get("role") == "system"
         if tools:
-            listed = "".join("\n" + _tojson(tool, f"tools[{i}]") for i, tool in enumerate(tools))
+            listed = "".join("\n" + self.text(_tojson(tool, f"tools[{i}]")) for i, tool in enumerate(tools))
             system = self.content(first.get("content"), count=False, system=True).strip() if is_system else ""
             return ("<|im_start|>system\n" + TOOLS_HEADER + listed + TOOLS_FOOTER
                     + ("\n\n" + system if system else "") + "<|im_end|>\n")
@@ -255,7 +264,7 @@ class _Renderer:
         for index in range(len(messages) - 1, -1, -1):
             if messages[index].get("role") == "user":
                 text = self.content(messages[index].get("content"), count=False).strip()
-                if not (text.startswith("<tool_response>") and text.endswith("</tool_response>")):
+                if not (text.startswith(self.text("<tool_response>")) and text.endswith(self.text("</tool_response>"))):
                     return index
         raise ChatTemplateError("No user query found in messages.")
 
@@ -277,11 +286,14 @@ class _Renderer:
 
     def assistant(self, message: dict, content: str, show_thinking: bool) -> str:
         reasoning = message.get("reasoning_content")
-        if not isinstance(reasoning, str):
-            reasoning = ""
-            if "</think>" in content:  # reasoning left inline in the content by the client
-                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-                content = content.split("</think>")[-1].lstrip("\n")
+        if isinstance(reasoning, str):
+            reasoning = self.text(reasoning)
+        else:
+            # reasoning left inline in the content by the client (content is escaped text: so are the tags)
+            reasoning, opened, closed = "", self.text("<think>"), self.text("</think>")
+            if closed in content:
+                reasoning = content.split(closed)[0].rstrip("\n").split(opened)[-1].lstrip("\n")
+                content = content.split(closed)[-1].lstrip("\n")
         if show_thinking:  # even an empty reasoning gives "<think>\n\n</think>\n\n"
             out = "<|im_start|>assistant\n<think>\n" + reasoning.strip() + "\n</think>\n\n" + content
         else:
@@ -291,12 +303,11 @@ class _Renderer:
             out += separator + self.tool_call(call.get("function", call))
         return out + "<|im_end|>\n"
 
-    @staticmethod
-    def tool_call(function: dict) -> str:
-        out = "<tool_call>\n<function=" + function["name"] + ">\n"
+    def tool_call(self, function: dict) -> str:
+        out = "<tool_call>\n<function=" + self.text(function["name"]) + ">\n"
         for name, value in function["arguments"].items():
             text = value if isinstance(value, str) else _tojson(value, f"tool call argument {name!r}")
-            out += "<parameter=" + name + ">\n" + text + "\n</parameter>\n"
+            out += "<parameter=" + self.text(name) + ">\n" + self.text(text) + "\n</parameter>\n"
         return out + "</function>\n</tool_call>"
 
     @staticmethod
@@ -566,14 +577,48 @@ class ChatTemplate:
         return cls(source="builtin", special_tokens=special_tokens)
 
     def render(self, messages, tools=None, add_generation_prompt: bool = True, enable_thinking: bool = True,
-               preserve_thinking: bool = False, add_vision_id: bool = False) -> str:
-        """The prompt string; same options and normalisation as `render_chat`."""
+               preserve_thinking: bool = False, add_vision_id: bool = False, escape=None) -> str:
+        """The prompt string; same options and normalisation as `render_chat`.
+
+        With `escape` (the tokenizer's `ContentEscape`) the prompt comes back in escaped form, for
+        `Tokenizer.encode_escaped`: text from the messages and tools is escaped, so that only the
+        template's own special-token strings become control tokens; `escape.unescape` of it is the
+        prompt this method returns without `escape`, byte for byte. A Jinja template renders the escaped
+        messages; where its logic reads special-token strings in the content (the official one splits
+        `</think>` out of assistant content) and so renders differently, the built-in renderer's escaped
+        prompt is used when its text is the template's, else the template's escaped rendering (logged).
+        """
         if self._compiled is None:
             return render_chat(messages, tools, add_generation_prompt, enable_thinking, preserve_thinking,
-                               add_vision_id)
+                               add_vision_id, escape)
         variables = {**self.special_tokens, "messages": normalize_messages(messages), "tools": _check_tools(tools),
                      "add_generation_prompt": add_generation_prompt, "enable_thinking": enable_thinking,
                      "preserve_thinking": preserve_thinking, "add_vision_id": add_vision_id}
+        text = self._render(variables)
+        if escape is None or not escape.needed([variables["messages"], variables["tools"]]):
+            return text               # nothing in the input to escape: every special-token string is structure
+        try:
+            escaped = self._render({**variables, "messages": escape.escape_tree(variables["messages"]),
+                                    "tools": escape.escape_tree(variables["tools"])})
+        except ChatTemplateError:
+            escaped = None
+        if escaped is not None and escape.unescape(escaped) == text:
+            return escaped
+        try:
+            builtin = render_chat(messages, tools, add_generation_prompt, enable_thinking, preserve_thinking,
+                                  add_vision_id, escape)
+        except ChatTemplateError:
+            builtin = None
+        if builtin is not None and escape.unescape(builtin) == text:
+            return builtin
+        if escaped is None:
+            raise ChatTemplateError(f"{self.origin}: the template cannot render this conversation with its "
+                                    "special-token strings kept as text")
+        log.warning("%s: the template reads special-token strings in message content; the prompt differs "
+                    "from its plain rendering so that they stay text", self.origin)
+        return escaped
+
+    def _render(self, variables: dict) -> str:
         try:
             return self._compiled.render(**variables)
         except ChatTemplateError:

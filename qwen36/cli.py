@@ -57,7 +57,7 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     llm = LLM(path)
     t1 = time.perf_counter()
-    prompt = llm.chat_template.render(DEMO_MESSAGES)
+    prompt = llm.encode_chat(DEMO_MESSAGES)
     result = llm.chat(DEMO_MESSAGES, SamplingParams(temperature=0, max_tokens=args.max_tokens))
     t2 = time.perf_counter()
     cfg = llm.config.text
@@ -67,7 +67,7 @@ def cmd_demo(args) -> int:
     print(f"checkpoint: {path}")
     print(f"model: {cfg.num_hidden_layers} layers {''.join('A' if t == 'full_attention' else 'D' for t in cfg.layer_types)}, "
           f"hidden {cfg.hidden_size}, {cfg.num_experts} experts (top {cfg.num_experts_per_tok}), vocab {cfg.vocab_size}")
-    print(f"user: {DEMO_MESSAGES[0]['content']!r} -> prompt of {len(llm.tokenizer.encode(prompt))} tokens")
+    print(f"user: {DEMO_MESSAGES[0]['content']!r} -> prompt of {len(prompt.ids)} tokens")
     print(f"reasoning_content: {result.reasoning_content!r}")
     print(f"content: {result.content!r}")
     print(f"finish_reason: {result.finish_reason} (greedy, max_tokens={args.max_tokens})")

@@ -174,14 +174,16 @@ class MediaInputs:
         return Medium("video", pixels, tuple(int(v) for v in grid[0].tolist()), list(stamps))
 
     # -------------------------------------------------------------------- prompt text + media -> inputs
-    def build(self, text: str, media: list[Medium], max_len: int | None = None) -> PromptInputs:
+    def build(self, text: str, media: list[Medium], max_len: int | None = None, escaped: bool = False) -> PromptInputs:
         """text holds one placeholder per medium (in order); -> token ids with pads, embeddings, positions.
-        A prompt longer than max_len is refused before the (costly) vision tower runs."""
+        A prompt longer than max_len is refused before the (costly) vision tower runs. `escaped`: text is a
+        chat prompt in escaped form (`ChatTemplate.render(escape=...)`): only the template's placeholders
+        count, and message text stays text."""
         images = [m for m in media if m.kind == "image"]
         videos = [m for m in media if m.kind == "video"]
         text = expand_vision_tokens(text, [m.grid for m in images], [(m.grid, m.timestamps) for m in videos],
                                     self.pp.merge_size)
-        ids = self.tokenizer.encode(text)
+        ids = self.tokenizer.encode_escaped(text) if escaped else self.tokenizer.encode(text)
         if max_len is not None and len(ids) > max_len:
             hint = (" with its images/videos expanded; send smaller images (max_pixels) or fewer frames"
                     if media else "")

@@ -161,8 +161,9 @@ class LLM:
         messages = self.media.normalize(messages)
         media = self.media.media_of(messages, policy)
         prompt = self.chat_template.render(messages, tools=tools, add_generation_prompt=True,
-                                           enable_thinking=enable_thinking, preserve_thinking=preserve_thinking)
-        return self.media.build(prompt, media)
+                                           enable_thinking=enable_thinking, preserve_thinking=preserve_thinking,
+                                           escape=self.tokenizer.escape)
+        return self.media.build(prompt, media, escaped=True)   # message text never becomes control tokens
 
     def encode_prompt(self, prompt) -> PromptInputs:
         """str | list[int] | PromptInputs | {"prompt": str, "multi_modal_data": {"image": [...], "video": [...]}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import shutil
 import unicodedata
 from functools import lru_cache
@@ -68,6 +69,54 @@ def _to_str(token: bytes) -> str:
     return "".join(m[b] for b in token)
 
 
+ESCAPE = "\ue000"       # starts a placeholder in escaped prompt text (a private-use character)
+_ESCAPE_BASE = 0xF0000    # the placeholder's second character: Supplementary Private Use Area-A + index
+
+
+class ContentEscape:
+    """Keeps text that came from a message out of the control tokens.
+
+    `escape` replaces every special-token string (and the escape character itself) in a piece of text
+    with a two-character placeholder; `unescape` undoes it exactly. A chat template renders escaped
+    content, so the special-token strings left in its output are its own structure;
+    `Tokenizer.encode_escaped` turns that output into ids with the placeholders as plain text.
+    """
+
+    def __init__(self, specials):
+        self.strings = [ESCAPE] + sorted(specials, key=lambda t: (-len(t), t))   # longest first
+        self._code = {t: ESCAPE + chr(_ESCAPE_BASE + i) for i, t in enumerate(self.strings)}
+        self._find = re.compile("|".join(map(re.escape, self.strings)))
+        self._back = re.compile(re.escape(ESCAPE) + "(.)", re.S)
+        self._decode = {code[1]: t for t, code in self._code.items()}
+
+    def escape(self, text: str) -> str:
+        return self._find.sub(lambda m: self._code[m.group(0)], text)
+
+    def unescape(self, text: str) -> str:
+        return self._back.sub(lambda m: self._decode.get(m.group(1), m.group(0)), text)
+
+    def escape_tree(self, value):
+        """A copy of a JSON-like value (dicts, lists, strings: messages, tools) with every string escaped,
+        dict keys included; other values are kept as they are."""
+        if isinstance(value, str):
+            return self.escape(value)
+        if isinstance(value, dict):
+            return {self.escape(k) if isinstance(k, str) else k: self.escape_tree(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.escape_tree(v) for v in value]
+        return value
+
+    def needed(self, value) -> bool:
+        """Whether any string in a JSON-like value holds a special-token string or the escape character."""
+        if isinstance(value, str):
+            return self._find.search(value) is not None
+        if isinstance(value, dict):
+            return any(self.needed(k) or self.needed(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return any(self.needed(v) for v in value)
+        return False
+
+
 class Tokenizer:
     def __init__(self, ranks: dict[bytes, int], special: dict[str, int], pattern: str = QWEN35_PATTERN,
                  nfc: bool = True, non_special: tuple[str, ...] = NON_SPECIAL):
@@ -82,15 +131,41 @@ class Tokenizer:
         self.im_start_id = special.get("<|im_start|>")
         self.im_end_id = special.get("<|im_end|>")
         self.eos_ids = tuple(i for i in (special.get("<|im_end|>"), special.get("<|endoftext|>")) if i is not None)
+        self.escape = ContentEscape(special)
+        longest_first = sorted(special, key=lambda t: (-len(t), t))
+        self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if special else None
 
     @property
     def vocab_size(self) -> int:
         return self._enc.n_vocab
 
     def encode(self, text: str) -> list[int]:
+        """Ids of `text`, its special-token strings as control tokens (a raw prompt written by the caller).
+        As the reference does, the text is cut at the special tokens first and each piece normalised."""
+        return self._encode(text, escaped=False)
+
+    def encode_text(self, text: str) -> list[int]:
+        """`text` as plain text: a special-token string in it is encoded like any other characters."""
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
-        return self._enc.encode(text, allowed_special="all")
+        return self._enc.encode_ordinary(text)
+
+    def encode_escaped(self, text: str) -> list[int]:
+        """Ids of a prompt in escaped form (`ContentEscape`, `ChatTemplate.render(escape=...)`): its
+        special-token strings become control tokens and everything between them, placeholders restored,
+        is plain text. Where no content was escaped, the ids are those of `encode`."""
+        return self._encode(text, escaped=True)
+
+    def _encode(self, text: str, escaped: bool) -> list[int]:
+        if self._split is None:
+            return self.encode_text(self.escape.unescape(text) if escaped else text)
+        ids = []
+        for i, piece in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids += self.encode_text(self.escape.unescape(piece) if escaped else piece)
+        return ids
 
     def decode_bytes(self, ids) -> bytes:
         return self._enc.decode_bytes([i for i in ids if i in self._known])   # padding ids decode to nothing

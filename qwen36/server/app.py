@@ -265,13 +265,15 @@ class ChatJob(_Job):
         self.messages, self.preserve = messages, preserve
         try:
             prompt = self.template.render(messages, tools=self.tools, add_generation_prompt=True,
-                                          enable_thinking=self.thinking, preserve_thinking=preserve)
+                                          enable_thinking=self.thinking, preserve_thinking=preserve,
+                                          escape=self.tokenizer.escape)
             c = self.config
             policy = MediaPolicy(allow_paths=False, allowed_local_dir=c.allowed_local_media_path,
                                  max_image_pixels=c.max_image_pixels, max_video_pixels=c.max_video_pixels)
             # decoding, resizing and the vision tower run off the event loop (other requests keep streaming)
             limit = self.runner.engine.max_model_len
-            inputs = await asyncio.to_thread(lambda: media.build(prompt, media.media_of(messages, policy), limit))
+            inputs = await asyncio.to_thread(lambda: media.build(prompt, media.media_of(messages, policy), limit,
+                                                                     escaped=True))
             self.has_media = inputs.mm is not None
         except ChatTemplateError as e:
             raise APIError(f"messages: {e}", param="messages") from None
@@ -293,10 +295,10 @@ class ChatJob(_Job):
             name = choice.function.get("name")
             if name not in {t["function"]["name"] for t in self.tools}:
                 raise APIError(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
-            text = f"<tool_call>\n<function={name}>\n"
+            text = f"<tool_call>\n<function={self.tokenizer.escape.escape(name)}>\n"   # the name is text
         if self.thinking:
-            return self.tokenizer.token_id("</think>"), self.tokenizer.encode("\n\n" + text)
-        return None, self.tokenizer.encode(text)
+            return self.tokenizer.token_id("</think>"), self.tokenizer.encode_escaped("\n\n" + text)
+        return None, self.tokenizer.encode_escaped(text)
 
     def _finish_reason(self, reason: str, tool_calls: bool) -> str:
         return "tool_calls" if tool_calls and reason == "stop" else reason
@@ -318,10 +320,12 @@ class ChatJob(_Job):
             try:
                 text = self.template.render(self.messages + [answer, {"role": "user", "content": "."}],
                                             tools=self.tools, add_generation_prompt=False,
-                                            enable_thinking=self.thinking, preserve_thinking=self.preserve)
+                                            enable_thinking=self.thinking, preserve_thinking=self.preserve,
+                                            escape=self.tokenizer.escape)
             except (ChatTemplateError, ValueError):   # a history the template refuses: nothing to warm
                 return
-            self.runner.warm(self.tokenizer.encode(text[:text.rfind("<|im_start|>user")]))
+            # escaped form: the last <|im_start|>user found is the template's, not one quoted in a message
+            self.runner.warm(self.tokenizer.encode_escaped(text[:text.rfind("<|im_start|>user")]))
 
         asyncio.get_running_loop().run_in_executor(None, work)
 
