@@ -107,6 +107,9 @@ class Engine:
             raise ValueError(f"multimodal positions cover {mm.positions.shape[1]} tokens, the prompt has {len(prompt_ids)}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the checkpoint's tokenizer files")
+        if params.logit_bias and max(params.logit_bias) >= self.model.cfg.vocab_size:
+            raise ValueError(f"logit_bias: token id {max(params.logit_bias)} is outside the vocabulary "
+                             f"(ids 0..{self.model.cfg.vocab_size - 1})")
         n = next(self._ids)
         rid = request_id or f"req-{n}"
         if rid in self.requests:

@@ -18,25 +18,29 @@ Reasoning
     the stray `<think>` of old templates is dropped. A `<think>` anywhere else is literal text.
 
 Tool calls
-  * A tool call is a block from `<tool_call>` (followed, after optional whitespace, by `<function=`) to the
-    first `</tool_call>`; a new `<tool_call>` before that cuts the block off (malformed), so values cannot
-    contain these two tags. A `<tool_call>` not followed by `<function=` is literal text.
-  * Blocks are recognised everywhere, in reasoning too: a complete block inside the reasoning (with or
-    without a later `</think>`) becomes a tool call and is cut out of the reasoning, which goes on after
-    it. So a turn that calls tools without closing `</think>` gives reasoning = the text before the call
-    and the call; calls written inside `<think>…</think>` are not lost (vLLM #39056). Text after such a
-    call with no `</think>` stays reasoning (vLLM would make it content).
-  * Inside the block: `<function=NAME>`, then parameters `<parameter=KEY>` VALUE `</parameter>`, then an
-    optional `</function>`; anything but whitespace between these parts makes the call malformed. A value
-    ends at the first `</parameter>` followed (after whitespace) by `<parameter=` or the end of the
-    function (its last `</function>`, else `</tool_call>`), so a value may itself contain `</parameter>`;
-    or, when that closing tag is missing, before the next line starting with `<parameter=`, or at the end
-    of the function. An unclosed value may not contain `</parameter>` (that call is malformed).
-    Exactly one leading and one trailing newline are removed from each value; a repeated key keeps its
-    last value.
-  * A malformed block, or one cut off by the end of the output or by a new `<tool_call>`, goes verbatim
-    to content (also from inside the reasoning): never into tool-call arguments, so no half tags leak,
-    and never dropped.
+  * Calls start at `<tool_call>` followed (after whitespace) by `<function=`, or at a bare
+    `<function=NAME>` at the start of a line (the model skipped `<tool_call>`; only with a valid name, of a
+    given tool when tools are given). A `<tool_call>` not followed by `<function=`, a bare `<function=`
+    elsewhere, and anything inside an open Markdown code fence (an example being shown) are text.
+  * From there on the text is held until the end of the output (or of the reasoning, at `</think>`) and
+    only then decided, because a value may hold any text -- a file that quotes `</parameter>`,
+    `<parameter=...>` lines or a whole example call -- and only what follows tells a closing tag from
+    text inside the value. The grammar (`_CallGrammar`): `[<tool_call>] <function=NAME>` (NAME a valid
+    identifier, so template debris like `{{ tc.name }}` is no call), parameters `<parameter=KEY>` VALUE
+    end, then `</function>` and/or `</tool_call>` (at least one). A value ends at the first closing tag
+    after which the rest parses, and a closing tag counts only when what follows is a parameter of the
+    tool's schema not given yet, `</function>` or `</tool_call>`; malformed closers (`</parameter1>`,
+    `</parameter_function>`, a bare `</parameter`) count too. The readings tried, from the most regular:
+    see `_resolve_calls` (whole region vs. the longest well-formed prefix with text after it, values
+    holding no half call, a broken first block followed by good calls, missing closing tags).
+  * Blocks are recognised in reasoning too: a complete call inside the reasoning (with or without a later
+    `</think>`) becomes a tool call and is cut out of the reasoning, which goes on after it. So a turn that
+    calls tools without closing `</think>` gives reasoning = the text before the call and the call;
+    calls written inside `<think>…</think>` are not lost (vLLM #39056).
+  * Text that does not read as calls goes on as text; an opening block that reads as nothing (truncated,
+    malformed) goes verbatim to content (also from inside the reasoning): never into tool-call arguments,
+    so no half tags leak, and never dropped.
+  * Exactly one leading and one trailing newline are removed from each value (the template adds them).
   * Values are typed by the tool's JSON schema (tools in OpenAI form or flat `{"name", "parameters"}`):
     string/text/str and enums of strings stay verbatim; integer → int; number → int when integral, else
     float; boolean → "true"/"false" (any case); object/array → JSON, else a Python literal; null →
@@ -54,12 +58,12 @@ Whitespace and empty fields (what the chat template re-renders)
     streamed field that never got a delta merges to None too. `tool_calls` is [] when there are none.
 
 Streaming
-  * `feed()` holds back only text that could still start a marker (`</think>`, `<tool_call>`, a
-    leading `<think>`), a `<tool_call>` until it is known whether `<function=` follows, whitespace as
-    above, and an open tool-call block; `finish()` releases the rest as text.
+  * `feed()` holds back only text that could still start a marker (`</think>`, `<tool_call>`,
+    `<function=`, a leading `<think>`), an opener until it is known whether it opens a call, whitespace
+    as above, and the calls (until the end of the output, or `</think>`); `finish()` decides the rest.
   * Deltas are OpenAI chat-completion deltas: `{"reasoning_content": s}`, `{"content": s}` or one
-    `{"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}` per completed call,
-    with its full name and arguments.
+    `{"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}` per call, with its full
+    name and arguments, when the calls are decided.
 """
 from __future__ import annotations
 
@@ -75,9 +79,6 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 FUNCTION_OPEN, FUNCTION_CLOSE = "<function=", "</function>"
 PARAM_OPEN, PARAM_CLOSE = "<parameter=", "</parameter>"
 
-_FUNCTION_RE = re.compile(r"<function=([^<>\n]*)>")
-_PARAM_RE = re.compile(r"<parameter=([^<>\n]*)>")
-_PARAM_CLOSE_RE = re.compile(r"</parameter>(?=\s*(?:<parameter=|\Z))")
 
 
 @dataclass
@@ -139,8 +140,10 @@ class AssistantStreamParser:
         self._schemas = _tool_schemas(tools)
         self._reasoning = thinking      # which field plain text goes to
         self._at_start = True           # a leading `<think>` is still possible
-        self._in_call = False           # _buf starts with an open tool-call block
-        self._scanned = 0               # how far the open block was searched for its end
+        self._in_call = False           # _buf starts with tool calls, held until they can be decided
+        self._scanned = 0               # how much of the held calls was searched for `</think>`
+        self._line_start = True         # _buf starts a line (a bare `<function=` may open a call)
+        self._fence = _Fence()          # Markdown code fences in the text so far: no calls inside them
         self._buf = ""
         self._fields = {"reasoning_content": _Stripped(), "content": _Stripped()}
         self._n_calls = 0
@@ -191,53 +194,61 @@ class AssistantStreamParser:
         return True
 
     def _step_text(self, final: bool, out: list[dict]) -> bool:
-        markers = (THINK_CLOSE, CALL_OPEN) if self._reasoning else (CALL_OPEN,)
-        found = [(i, m) for m in markers if (i := self._buf.find(m)) >= 0]
-        if not found:
+        markers = (THINK_CLOSE, CALL_OPEN, FUNCTION_OPEN) if self._reasoning else (CALL_OPEN, FUNCTION_OPEN)
+        at, marker = self._find_marker(markers)
+        if at < 0:
             keep = 0 if final else _partial_marker_len(self._buf, markers)
             self._emit_text(self._buf[:len(self._buf) - keep], out)
             self._buf = self._buf[len(self._buf) - keep:]
             return False
-        at, marker = min(found)
         self._emit_text(self._buf[:at], out)
         self._buf = self._buf[at:]
         if marker == THINK_CLOSE:
-            self._buf = self._buf[len(THINK_CLOSE):]
+            self._consume(len(THINK_CLOSE))
             self._reasoning = False
+            self._fence = _Fence()
             return True
-        return self._open_call(final, out)
-
-    def _open_call(self, final: bool, out: list[dict]) -> bool:
-        """_buf starts with `<tool_call>`: a block if `<function=` follows, else literal text."""
-        after = self._buf[len(CALL_OPEN):].lstrip()
-        if after.startswith(FUNCTION_OPEN):
-            self._in_call, self._scanned = True, len(CALL_OPEN)
-            return True
-        if not final and FUNCTION_OPEN.startswith(after):
-            return False
-        self._emit_text(CALL_OPEN, out)
-        self._buf = self._buf[len(CALL_OPEN):]
+        status = False if self._fence.open else _opener(self._buf, self._line_start, self._schemas, final)
+        if status is None:
+            return False                                     # wait: not yet known whether a call starts
+        if status:
+            self._in_call = True
+        else:                                                # literal text
+            self._emit_text(marker, out)
+            self._consume(len(marker))
         return True
 
+    def _find_marker(self, markers: tuple[str, ...]) -> tuple[int, str]:
+        found = [(i, m) for m in markers if (i := self._buf.find(m)) >= 0]
+        return min(found) if found else (-1, "")
+
+    def _consume(self, n: int) -> None:
+        if n:
+            self._line_start = self._buf[n - 1] == "\n"
+            self._buf = self._buf[n:]
+
     def _step_call(self, final: bool, out: list[dict]) -> bool:
-        """_buf starts with an open block: it ends after `</tool_call>`, or before a new `<tool_call>`."""
-        start = max(len(CALL_OPEN), self._scanned - len(CALL_CLOSE) + 1)
-        close, reopen = self._buf.find(CALL_CLOSE, start), self._buf.find(CALL_OPEN, start)
-        ends = [i for i in (close + len(CALL_CLOSE) if close >= 0 else -1, reopen) if i >= 0]
-        if not ends and not final:
+        """_buf starts with a call opener. The calls run to the end of the output (or of the reasoning, at
+        `</think>`), and only there are they decided (see the module docstring): hold until then."""
+        end = self._buf.find(THINK_CLOSE, max(0, self._scanned - len(THINK_CLOSE))) if self._reasoning else -1
+        if end < 0 and not final:
             self._scanned = len(self._buf)
             return False
-        end = min(ends, default=len(self._buf))
-        block, self._buf = self._buf[:end], self._buf[end:]
+        self._scanned = 0
+        region = self._buf if end < 0 else self._buf[:end]
+        used, calls = _resolve_calls(region, self._schemas)
+        if calls is None:                                    # not calls: the first block is content
+            self._emit("content", region[:used], out)
+        for name, arguments in calls or ():
+            self._emit_call(name, arguments, out)
         self._in_call = False
-        call = _parse_call(block, self._schemas)
-        if call is None:
-            self._emit("content", block, out)
-        else:
-            self._emit_call(*call, out)
+        self._consume(used)
         return True
 
     def _emit_text(self, text: str, out: list[dict]) -> None:
+        if text:
+            self._line_start = text.endswith("\n")
+            self._fence.feed(text)
         self._emit("reasoning_content" if self._reasoning else "content", text, out)
 
     def _emit(self, key: str, text: str, out: list[dict]) -> None:
@@ -251,6 +262,29 @@ class AssistantStreamParser:
         self._n_calls += 1
 
 
+class _Fence:
+    """Whether the text fed so far leaves a Markdown code fence (``` or ~~~) open: a tool call written
+    inside one is an example being shown, not a call (as vLLM decides, #57541)."""
+    _LINE = re.compile(r" {0,3}(`{3,}|~{3,})(.*)")
+
+    def __init__(self):
+        self.open = ""                  # the fence that opened the current block, "" outside
+        self._line = ""                 # the current line so far
+
+    def feed(self, text: str) -> None:
+        *done, self._line = (self._line + text).split("\n")
+        for line in done:
+            m = self._LINE.match(line)
+            if m is None:
+                continue
+            fence, rest = m.groups()
+            if not self.open:
+                if not (fence[0] == "`" and "`" in rest):     # ``` with a backtick after it is inline code
+                    self.open = fence
+            elif fence[0] == self.open[0] and len(fence) >= len(self.open) and not rest.strip():
+                self.open = ""
+
+
 def _partial_marker_len(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that is the beginning of a marker."""
     for n in range(min(len(text), max(map(len, markers)) - 1), 0, -1):
@@ -259,59 +293,208 @@ def _partial_marker_len(text: str, markers: tuple[str, ...]) -> int:
     return 0
 
 
-# ---- one tool-call block -------------------------------------------------------------------------------
+# ---- tool calls ----------------------------------------------------------------------------------------------
 
-def _parse_call(block: str, schemas: dict[str, dict]) -> tuple[str, str] | None:
-    """(name, JSON arguments) of a complete `<tool_call>…</tool_call>` block, None if malformed."""
-    if not block.endswith(CALL_CLOSE):
-        return None
-    inner = block[len(CALL_OPEN):-len(CALL_CLOSE)].strip()
-    m = _FUNCTION_RE.match(inner)
-    name = m.group(1).strip() if m else ""
-    if not name:
-        return None
-    body = inner[m.end():]
-    close = body.rfind(FUNCTION_CLOSE)
-    if close >= 0:
-        if body[close + len(FUNCTION_CLOSE):].strip():
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}\Z")
+_NAME_WAIT = 160          # a `<function=` with no `>` this far on is text
+
+
+def _opener(buf: str, line_start: bool, schemas: dict, final: bool) -> bool | None:
+    """Does the marker at the start of `buf` open a tool call? None: not known until more text comes.
+    `<tool_call>` does when `<function=` follows; a bare `<function=NAME>` (the model skipped
+    `<tool_call>`) only at the start of a line, with a valid name, of a given tool when tools are given."""
+    if buf.startswith(CALL_OPEN):
+        after = buf[len(CALL_OPEN):].lstrip()
+        if after.startswith(FUNCTION_OPEN):
+            return True
+        return None if not final and FUNCTION_OPEN.startswith(after) else False
+    if not line_start:
+        return False
+    m = _FUNCTION_RE.match(buf)
+    if m is None:
+        rest = buf[len(FUNCTION_OPEN):]
+        waiting = not final and len(rest) < _NAME_WAIT and not any(c in rest for c in "<>\n")
+        return None if waiting else False
+    name = m.group(1).strip()
+    return bool(_NAME_RE.match(name)) and (not schemas or name in schemas)
+
+
+def _resolve_calls(region: str, schemas: dict) -> tuple[int, list[tuple[str, str]] | None]:
+    """`region` starts with a call opener and runs to the end of the output (or of the reasoning).
+
+    Returns (characters used, [(name, JSON arguments)]). A region can often be read more than one way (a
+    value may hold tag-like text), so readings are tried from the most to the least regular; within each,
+    the whole region as calls and whitespace, then the longest prefix ending at a closing tag that is
+    (the rest goes on as text), and parameter names by the tool's schema, then any names:
+      1. every value ends at its closing tag and holds no half of a call (`_balanced`);
+      2. the first block is broken (truncated, say) and calls read as in 1 follow it: the block is content;
+      3. values may hold half calls (source code quoting `</tool_call>`);
+      4.-6. the same with closing tags of values missing (a value then ends before the next parameter or
+         the function's end).
+    (n, None) when nothing reads as calls: the first n characters (the opening block) are then content."""
+    budget = [_STEPS]                                        # shared: text built to make it backtrack stops
+    close, reopen = region.find(CALL_CLOSE), region.find(CALL_OPEN, 1)
+    block = min([i for i in (close + len(CALL_CLOSE) if close >= 0 else -1, reopen) if i > 0], default=len(region))
+    for recover in (False, True):
+        found = _try_calls(region, schemas, False, recover, budget)
+        if found is not None:
+            return found
+        if block < len(region) and _try_calls(region[block:], schemas, False, recover, budget) is not None:
+            return block, None
+        found = _try_calls(region, schemas, True, recover, budget)
+        if found is not None:
+            return found
+    return block, None
+
+
+def _try_calls(region: str, schemas: dict, nested: bool, recover: bool, budget: list[int]) -> tuple[int, list] | None:
+    ends = [m.end() for m in _CALL_END_RE.finditer(region)]
+    for cut in [len(region)] + ends[::-1]:
+        for strict in (True, False):
+            calls = _CallGrammar(region[:cut], schemas, strict, nested, recover, budget).parse()
+            if calls is not None:
+                return cut, calls
+        if budget[0] <= 0:
             return None
-        body = body[:close]
-    params = _parse_params(body)
-    if params is None:
+    return None
+
+
+_CALL_END_RE = re.compile(r"</tool_call>|</function>(?!\s*</tool_call>)")
+_FUNCTION_RE = re.compile(r"<function=([^<>\n]*)>")
+_PARAM_RE = re.compile(r"<parameter=([^<>\n]*)>")
+# where a value may end: a closing tag (also the malformed `</parameter1>`, `</parameter_function>` and a bare
+# `</parameter`), or, its closing tag missing, before a line opening the next parameter or the function's end
+_VALUE_END_RE = re.compile(r"</parameter\w*>?|(?<=\n)(?=<parameter=)|(?=</function>)|(?=</tool_call>)")
+_STEPS = 20_000           # parse steps per region before giving up
+
+
+class _CallGrammar:
+    """Parses text as one or more tool calls and whitespace, nothing else:
+
+        call  := [<tool_call>] <function=NAME> (param)* [</function>] [</tool_call>]   (a closer required)
+        param := <parameter=KEY> VALUE end-of-value
+
+    A value ends at the first end-of-value after which the whole rest still parses, and an end-of-value
+    counts only when what follows is another parameter of the tool (by its schema when `strict`; never one
+    already given), `</function>` or `</tool_call>`. So a value may hold any text (tags, a whole example
+    call) as long as the output around it is well formed."""
+
+    def __init__(self, text: str, schemas: dict, strict: bool, nested: bool, recover: bool, budget: list[int]):
+        self.text, self.schemas, self.strict, self.budget = text, schemas, strict, budget
+        self.nested, self.recover = nested, recover
+        self.failed: set = set()            # (position, tool, keys given) that cannot lead to a parse
+
+    def parse(self) -> list[tuple[str, str]] | None:
+        try:
+            found = self._calls(0, [])
+        except (RecursionError, _GiveUp):
+            return None
+        return [(name, json.dumps({k: _convert(v, self.schemas.get(name, {}).get(k)) for k, v in params},
+                                  ensure_ascii=False)) for name, params in found] if found else None
+
+    def _skip(self, pos: int) -> int:
+        while pos < len(self.text) and self.text[pos].isspace():
+            pos += 1
+        return pos
+
+    def _calls(self, pos: int, done: list) -> list | None:
+        pos = self._skip(pos)
+        if pos == len(self.text):
+            return done or None
+        wrapped = self.text.startswith(CALL_OPEN, pos)
+        if wrapped:
+            pos = self._skip(pos + len(CALL_OPEN))
+        m = _FUNCTION_RE.match(self.text, pos)
+        name = m.group(1).strip() if m else ""
+        if not _NAME_RE.match(name) or (not wrapped and self.schemas and name not in self.schemas):
+            return None
+        return self._params(m.end(), name, [], done)
+
+    def _key(self, pos: int, name: str, params: list) -> tuple[str, int] | None:
+        m = _PARAM_RE.match(self.text, pos)
+        if m is None:
+            return None
+        key, known = m.group(1).strip(), self.schemas.get(name)
+        if not key or any(key == k for k, _ in params) or (self.strict and known and key not in known):
+            return None
+        return key, m.end()
+
+    def _params(self, pos: int, name: str, params: list, done: list) -> list | None:
+        """After a parameter (or the function's opening tag): another parameter, or the call's end."""
+        state = (pos, name, tuple(sorted(k for k, _ in params)))
+        if state in self.failed:
+            return None
+        found = self._params_at(pos, name, params, done)
+        if found is None:
+            self.failed.add(state)
+        return found
+
+    def _params_at(self, pos: int, name: str, params: list, done: list) -> list | None:
+        self._spend()
+        pos = self._skip(pos)
+        key = self._key(pos, name, params)
+        if key is not None:
+            return self._value(key[1], key[0], name, params, done)
+        closed = False
+        if self.text.startswith(FUNCTION_CLOSE, pos):
+            pos, closed = self._skip(pos + len(FUNCTION_CLOSE)), True
+        if self.text.startswith(CALL_CLOSE, pos):
+            pos, closed = pos + len(CALL_CLOSE), True
+        if not closed:
+            return None
+        return self._calls(pos, done + [(name, params)])
+
+    def _value(self, start: int, key: str, name: str, params: list, done: list) -> list | None:
+        given = params + [(key, "")]
+        for m in _VALUE_END_RE.finditer(self.text, start):
+            self._spend()
+            after = self._skip(m.end())
+            follows = (self.text.startswith((FUNCTION_CLOSE, CALL_CLOSE), after)
+                       or self._key(after, name, given) is not None)
+            if m.start() == m.end() and not self.recover:      # an end with the closing tag missing:
+                if follows and self.text.startswith(PARAM_OPEN, after) and _depth(self.text[start:m.start()]) == 0:
+                    break                                      # a line opening a parameter of the tool
+                continue                                       # ends the value, or reads as 4.-6.
+            if not follows:
+                continue
+            value = self.text[start:m.start()]
+            if not self.nested and not _balanced(value):
+                continue
+            value = value[1:] if value.startswith("\n") else value
+            value = value[:-1] if value.endswith("\n") else value
+            found = self._params(m.end(), name, params + [(key, value)], done)
+            if found is not None:
+                return found
         return None
-    properties = schemas.get(name, {})
-    arguments = {key: _convert(value, properties.get(key)) for key, value in params}
-    return name, json.dumps(arguments, ensure_ascii=False)
 
 
-def _parse_params(body: str) -> list[tuple[str, str]] | None:
-    """[(key, raw value)] of a function body, None if anything but parameters and whitespace is there."""
-    params, pos = [], 0
-    while rest := body[pos:].lstrip():
-        m = _PARAM_RE.match(body, len(body) - len(rest))
-        key = m.group(1).strip() if m else ""
-        if not key:
-            return None
-        value, pos = _param_value(body, m.end())
-        if value is None:
-            return None
-        params.append((key, value))
-    return params
+    def _spend(self) -> None:
+        self.budget[0] -= 1
+        if self.budget[0] < 0:
+            raise _GiveUp
 
 
-def _param_value(body: str, start: int) -> tuple[str | None, int]:
-    """The value starting at `start` (one newline trimmed at each end) and where the next part begins."""
-    closed = _PARAM_CLOSE_RE.search(body, start)
-    unclosed = body.find("\n" + PARAM_OPEN, start)
-    if closed and (unclosed < 0 or closed.start() <= unclosed):
-        value, pos = body[start:closed.start()], closed.end()
-    else:
-        pos = len(body) if unclosed < 0 else unclosed + 1
-        value = body[start:pos]
-        if PARAM_CLOSE in value:
-            return None, pos
-    value = value[1:] if value.startswith("\n") else value
-    return (value[:-1] if value.endswith("\n") else value), pos
+class _GiveUp(Exception):
+    pass
+
+
+_CALL_TAGS_RE = re.compile(r"<tool_call>|</tool_call>")
+
+
+def _depth(value: str) -> int:
+    """How many `<tool_call>` blocks `value` leaves open; -1 when it closes one it did not open."""
+    depth = 0
+    for m in _CALL_TAGS_RE.finditer(value):
+        depth += 1 if m.group(0) == CALL_OPEN else -1
+        if depth < 0:
+            return -1
+    return depth
+
+
+def _balanced(value: str) -> bool:
+    """Every `<tool_call>` in `value` is closed in it and every `</tool_call>` opened: a whole example
+    call may be part of a value, half of one is taken for the structure around it first."""
+    return _depth(value) == 0
 
 
 # ---- typing values by the tool schema --------------------------------------------------------------------

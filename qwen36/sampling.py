@@ -1,14 +1,18 @@
 """Sampling parameters and the per-sequence sampler (penalties, temperature, top-k, top-p, min-p, seed)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
 
+# temperatures below this sample greedily, as vLLM does: logits / 1e-300 overflow to inf and NaN
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0            # 0 = greedy
+    temperature: float = 1.0            # 0 (or below 1e-5) = greedy
     top_p: float = 1.0
     top_k: int = -1                     # -1 (or 0) = off
     min_p: float = 0.0
@@ -21,6 +25,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     logprobs: int | None = None         # None: none; k >= 0: the sampled token's logprob and the top k
     ignore_eos: bool = False            # keep going past end-of-sequence tokens (benchmarks)
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit (OpenAI: -100..100)
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -31,6 +36,8 @@ class SamplingParams:
             if f.name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                           "repetition_penalty") and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 bad(f.name, "must be a number")
+            elif isinstance(v, float) and not math.isfinite(v):
+                bad(f.name, "must be a finite number")
         if not self.temperature >= 0:
             bad("temperature", "must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
@@ -59,13 +66,20 @@ class SamplingParams:
         if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             bad("stop_token_ids", "must be a list of token ids")
         object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict) or not all(
+                    isinstance(k, int) and not isinstance(k, bool) and k >= 0 and not isinstance(v, bool)
+                    and isinstance(v, (int, float)) and -100 <= v <= 100 for k, v in bias.items()):
+                bad("logit_bias", "must map token ids to numbers in [-100, 100]")
+            object.__setattr__(self, "logit_bias", {k: float(v) for k, v in bias.items()} or None)
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= 20):
             bad("logprobs", "must be None or an integer in [0, 20]")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
@@ -81,6 +95,10 @@ class Sampler:
 
     def penalize(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
         p = self.p
+        if p.logit_bias:
+            bias = {i: v for i, v in p.logit_bias.items() if i < logits.shape[-1]}   # padding rows: none
+            logits[torch.tensor(list(bias), dtype=torch.long, device=logits.device)] += torch.tensor(
+                list(bias.values()), dtype=logits.dtype, device=logits.device)
         if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
             seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
             x = logits[seen]
@@ -89,6 +107,8 @@ class Sampler:
             ids = torch.tensor(output_ids, device=logits.device)
             counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
             logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if p.logit_bias or p.repetition_penalty != 1.0:   # extreme values overflow (x / 1e-30): keep numbers
+            logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
         return logits
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -112,7 +132,12 @@ class Sampler:
         logits = self.penalize(logits.float().clone(), prompt_ids, output_ids)
         if self.p.greedy:
             return int(logits.argmax())
+        ids = None
         if 0 < self.p.top_k < logits.shape[-1]:  # the same distribution, but sort k values, not the vocabulary
-            values, ids = torch.topk(logits, self.p.top_k)
-            return int(ids[torch.multinomial(self.probs(values), 1, generator=self.gen)])
-        return int(torch.multinomial(self.probs(logits), 1, generator=self.gen))
+            logits, ids = torch.topk(logits, self.p.top_k)
+        probs = self.probs(logits)
+        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:   # e.g. every logit -inf
+            pick = int(logits.argmax())
+        else:
+            pick = int(torch.multinomial(probs, 1, generator=self.gen))
+        return pick if ids is None else int(ids[pick])

@@ -276,15 +276,12 @@ def test_odd_tool_definitions_do_not_break_parsing():
 
 MALFORMED = [
     "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",                    # truncated in a value
-    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n",  # no </tool_call>
     "<tool_call>\n<function=get_wea",                                                  # truncated in the name
     "<tool_call>\n<function=>\n</function>\n</tool_call>",                             # empty name
     "<tool_call>\n<function=f>\ngarbage\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>",
-    "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>junk\n</function>\n</tool_call>",
-    "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>\ntrailing\n</tool_call>",
+    "<tool_call>\n<function={{ tc.name }}>\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>",  # debris
     "<tool_call>\n<function=f>\n<parameter=>\n1\n</parameter>\n</function>\n</tool_call>",   # empty key
     "<tool_call>\n<function=f>\n<parameter=a\n1\n</parameter>\n</function>\n</tool_call>",   # unclosed tag
-    "<tool_call>\n<function=a>\n</function>\n<function=b>\n</function>\n</tool_call>",    # two functions
 ]
 
 
@@ -453,10 +450,10 @@ def test_stream_emits_promptly_and_holds_only_possible_markers():
     assert p.feed("nk>\n\nAns") == [{"content": "Ans"}]
     assert p.feed("wer\n\n") == [{"content": "wer"}]                       # trailing whitespace held
     assert p.feed("<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n") == []
-    [delta] = p.feed("</function>\n</tool_call>")
+    assert p.feed("</function>\n</tool_call>") == []          # more could follow that makes it a value
+    [delta] = p.finish()
     [part] = delta["tool_calls"]
     assert part["index"] == 0 and part["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
-    assert p.finish() == []
     assert p.result().content == "Answer" and p.result().reasoning_content == "Thinking about <b more"
 
 
@@ -491,3 +488,97 @@ def test_merge_deltas_merges_incremental_tool_call_fragments():
     assert r.content == "ab" and r.reasoning_content is None
     assert r.tool_calls == [{"id": "call_" + "0" * 24, "type": "function",
                              "function": {"name": "f", "arguments": '{"x": 1}'}}]
+
+
+# ---- the shapes models emit besides the template's (cases of the kinds peers test, in our own words) -------
+
+WRITE = {"path": "a.py"}
+DEBRIS = "<tool_call>\n<function={{ tc.name }}>\n<parameter={{ k }}>\n{{ v }}\n</parameter>\n</function>\n</tool_call>"
+EXAMPLE = call("get_weather", city="X")
+
+
+@pytest.mark.parametrize("text, calls, content", [
+    # the opening <tool_call> skipped, with or without the closing one
+    ("<function=get_weather>\n<parameter=city>\nDallas\n</parameter>\n</function>",
+     [("get_weather", {"city": "Dallas"})], None),
+    ("On it.\n\n<function=get_weather>\n<parameter=city>\nDallas\n</parameter>\n</function>\n</tool_call>",
+     [("get_weather", {"city": "Dallas"})], "On it."),
+    ("<function=get_weather>\n<parameter=city>\nA\n</parameter>\n</function>\n"
+     "<function=get_weather>\n<parameter=city>\nB\n</parameter>\n</function>",
+     [("get_weather", {"city": "A"}), ("get_weather", {"city": "B"})], None),
+    # ... but not mid-line, nor for a tool that was not given
+    ("see <function=get_weather>\n<parameter=city>\nX\n</parameter>\n</function>", [],
+     "see <function=get_weather>\n<parameter=city>\nX\n</parameter>\n</function>"),
+    ("<function=rm_rf>\n<parameter=city>\nX\n</parameter>\n</function>", [],
+     "<function=rm_rf>\n<parameter=city>\nX\n</parameter>\n</function>"),
+    # </tool_call> missing before the next call
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nTokyo\n</parameter>\n</function>\n"
+     + call("get_weather", city="Paris"), [("get_weather", {"city": "Tokyo"}), ("get_weather", {"city": "Paris"})],
+     None),
+    # malformed parameter closers
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nShanghai\n</parameter1>\n<parameter=days>\n3\n"
+     "</parameter>\n</function>\n</tool_call>", [("get_weather", {"city": "Shanghai", "days": 3})], None),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nShanghai\n</parameter_function>\n</function>\n"
+     "</tool_call>", [("get_weather", {"city": "Shanghai"})], None),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nShanghai\n</parameter\n</function>\n</tool_call>",
+     [("get_weather", {"city": "Shanghai"})], None),
+    # a closer-like tag that is part of the value stays in it
+    ("<tool_call>\n<function=write_file>\n<parameter=content>\n<x></parameters>\n</parameter>\n</function>\n"
+     "</tool_call>", [("write_file", {"content": "<x></parameters>"})], None),
+    # template debris is not a call; the real one after it is
+    (DEBRIS + "\n" + call("write_file", path="a.py"), [("write_file", WRITE)], DEBRIS),
+    # text between two calls stays text
+    (call("get_weather", city="A") + "\nand also\n" + call("get_weather", city="B"),
+     [("get_weather", {"city": "A"}), ("get_weather", {"city": "B"})], "and also"),
+    # an example call inside a Markdown code fence is shown, not made
+    ("Format:\n```xml\n" + EXAMPLE + "\n```\nThat is all.", [], "Format:\n```xml\n" + EXAMPLE + "\n```\nThat is all."),
+])
+def test_shapes_besides_the_template(text, calls, content):
+    for thinking in (False, True):
+        prefix = "plan\n</think>\n\n" if thinking else ""
+        r = parse_assistant(prefix + text, TOOLS, thinking=thinking)
+        assert args_of(r) == calls and r.content == content, (thinking, r)
+        check_chunks(prefix + text, thinking, list(prefix + text), whole(r))
+
+
+SOURCE_WITH_TAGS = [
+    # a file whose lines are parameter tags of this very tool
+    'T = """\n</parameter>\n<parameter=path>\nevil.py\n</parameter>\n"""',
+    # a whole example call, of the same tool
+    "doc = '''\n" + call("write_file", path="other.py", content="hello") + "\n'''",
+    # tag names inside string literals, one per line
+    'ends = [\n    "<tool_call>",\n    "</parameter>",\n    "</function>",\n]',
+    # an unbalanced closing tag inside a string
+    'x = "</tool_call>"\ny = 1',
+]
+
+
+@pytest.mark.parametrize("source, first", [(s, first) for s in SOURCE_WITH_TAGS for first in (True, False)
+                                           if (s, first) != (SOURCE_WITH_TAGS[0], False)])
+def test_values_may_hold_tag_like_text(source, first):
+    """A file being written that quotes the call syntax: the value is the whole file, no key is added,
+    and no call inside it is made, whichever parameter comes first. (Not tested: the first source
+    written before `path`: its `</parameter>` line followed by `<parameter=path>` reads as the real end
+    of the value just as well, and the earliest such end is taken.)"""
+    params = {"path": "a.py", "content": source} if first else {"content": source, "path": "a.py"}
+    text = "Writing it.\n\n" + call("write_file", **params)
+    r = parse_assistant(text, TOOLS, thinking=False)
+    assert args_of(r) == [("write_file", {"path": "a.py", "content": source})] and r.content == "Writing it."
+    check_chunks(text, False, list(text), whole(r))
+
+
+def test_truncated_call_then_the_call_again():
+    """A call cut off in a value and then written again: the second is the call, the first is content."""
+    broken = "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar"
+    r = parse_assistant(broken + "\n" + call("get_weather", city="Paris"), TOOLS, thinking=False)
+    assert args_of(r) == [("get_weather", {"city": "Paris"})] and r.content == broken
+
+
+def test_adversarial_backtracking_is_bounded():
+    import time
+
+    text = ("<tool_call>\n<function=write_file>\n" + "<parameter=content>\n</parameter>\n" * 3000
+            + "</tool_call>x" * 300)
+    t0 = time.perf_counter()
+    parse_assistant(text, TOOLS, thinking=False)
+    assert time.perf_counter() - t0 < 20

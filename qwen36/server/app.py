@@ -120,6 +120,9 @@ def sampling_params(req, llm: LLM, prompt_len: int, max_tokens: int | None, logp
               if getattr(req, k) is not None}
     if req.seed is not None:
         fields["seed"] = req.seed + choice                     # n choices: distinct but reproducible
+    if req.logit_bias:
+        fields["logit_bias"] = _logit_bias(req.logit_bias, llm.config.text.vocab_size)
+    fields["ignore_eos"] = req.ignore_eos
     limit = llm.engine().max_model_len - prompt_len
     if limit <= 0:
         raise APIError(f"this model's maximum context length is {llm.engine().max_model_len} tokens, but the "
@@ -129,7 +132,21 @@ def sampling_params(req, llm: LLM, prompt_len: int, max_tokens: int | None, logp
     try:
         return llm.default_sampling_params(**fields)
     except ValueError as e:
-        raise APIError(str(e)) from None
+        msg = str(e)                                           # "SamplingParams.<field>=<value>: why"
+        field = msg.split("=")[0].removeprefix("SamplingParams.") if msg.startswith("SamplingParams.") else None
+        raise APIError(msg, param=field) from None
+
+
+def _logit_bias(bias: dict[str, float], vocab: int) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids (as JSON object keys) -> a bias in [-100, 100]."""
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:
+            raise APIError(f"logit_bias: {key!r} is not a token id (0..{vocab - 1})", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(f"logit_bias[{key!r}] = {value} is outside [-100, 100]", param="logit_bias")
+        out[int(key)] = value
+    return out
 
 
 class _Job:
@@ -300,6 +317,11 @@ class ChatJob(_Job):
             return self.tokenizer.token_id("</think>"), self.tokenizer.encode_escaped("\n\n" + text)
         return None, self.tokenizer.encode_escaped(text)
 
+    @property
+    def _max_calls(self) -> int:
+        """parallel_tool_calls false: at most one tool call per answer (the first), as OpenAI defines it."""
+        return 1 if self.req.parallel_tool_calls is False else 1 << 30
+
     def _finish_reason(self, reason: str, tool_calls: bool) -> str:
         return "tool_calls" if tool_calls and reason == "stop" else reason
 
@@ -336,7 +358,7 @@ class ChatJob(_Job):
             result = parse_assistant(text, self.tools, thinking=self.thinking)
             message = {"role": "assistant", "content": result.content, "reasoning_content": result.reasoning_content}
             if result.tool_calls:
-                message["tool_calls"] = result.tool_calls
+                message["tool_calls"] = result.tool_calls[:self._max_calls]
             choices.append({"index": i, "message": message,
                             "logprobs": {"content": logprobs[i]} if self.req.logprobs else None,
                             "finish_reason": self._finish_reason(reasons[i], bool(result.tool_calls))})
@@ -361,6 +383,10 @@ class ChatJob(_Job):
                 deltas += parsers[i].finish()
             lp = {"content": self.logprob_entries(out)} if self.req.logprobs and out.logprobs else None
             for d in deltas:
+                if "tool_calls" in d:
+                    d["tool_calls"] = [c for c in d["tool_calls"] if c["index"] < self._max_calls]
+                    if not d["tool_calls"]:
+                        continue
                 saw_tools[i] |= "tool_calls" in d
                 yield self.chunk([{"index": i, "delta": d, "logprobs": lp, "finish_reason": None}])
                 lp = None

@@ -1,7 +1,10 @@
 """OpenAI request schemas and validation. Every rejection is an `APIError` naming the field.
 
-Unknown fields are ignored (clients send vendor extensions); known fields with wrong types or values
-are 400s with an OpenAI-style error object.
+A top-level field we do not implement is a 400 naming it (a client asking for structured output or audio
+must not get silently different output), except `IGNORED_FIELDS`: bookkeeping fields that OpenAI, vLLM and
+llama.cpp accept without any effect on the output. Inside messages, unknown keys reach the chat template
+(as transformers passes them); inside tools and options they are ignored. Known fields with wrong types or
+values are 400s with an OpenAI-style error object.
 """
 from __future__ import annotations
 
@@ -23,6 +26,20 @@ class APIError(Exception):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+# accepted and ignored: they label, store or route a request elsewhere and never change what is generated
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
+                            "prompt_cache_retention", "safety_identifier"})
+_UNSUPPORTED = {
+    "response_format": "structured output is not supported yet; only {\"type\": \"text\"} is accepted",
+    "functions": "the legacy functions API is not supported; use 'tools'",
+    "function_call": "the legacy functions API is not supported; use 'tool_choice'",
+    "audio": "audio output is not supported", "modalities": "only [\"text\"] output is supported",
+    "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
+    "reasoning_effort": "not supported; turn thinking off with chat_template_kwargs {\"enable_thinking\": false}",
+    "best_of": "only best_of = 1 is supported", "suffix": "insertion (suffix) is not supported",
+}
 
 
 class StreamOptions(_Model):
@@ -80,6 +97,8 @@ class SamplingFields(_Model):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False                   # vLLM's extension (benchmark clients send it)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -92,6 +111,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -99,6 +120,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = None
 
 
 def parse(model: type[_Model], raw: bytes) -> Any:
@@ -109,8 +131,12 @@ def parse(model: type[_Model], raw: bytes) -> Any:
         raise APIError(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError("request body must be a JSON object")
+    for name, value in data.items():
+        if name not in model.model_fields and name not in IGNORED_FIELDS and value is not None:
+            why = _UNSUPPORTED.get(name, "this server does not support it")
+            raise APIError(f"unsupported field {name!r}: {why}", param=name)
     try:
-        return model.model_validate(data)
+        req = model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "str", "list[", "dict[", "int", "union")))
@@ -118,3 +144,13 @@ def parse(model: type[_Model], raw: bytes) -> Any:
         if err.get("type") == "literal_error" and "role" in loc:
             msg = f"unknown role {err.get('input')!r}; expected one of system, user, assistant, tool"
         raise APIError(f"invalid field {loc!r}: {msg}", param=loc or None) from None
+    # values of supported fields that ask for something we do not do
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.get("type") != "text":
+        raise APIError(f"unsupported field 'response_format': {_UNSUPPORTED['response_format']}",
+                       param="response_format")
+    if getattr(req, "modalities", None) not in (None, ["text"]):
+        raise APIError(f"unsupported field 'modalities': {_UNSUPPORTED['modalities']}", param="modalities")
+    if getattr(req, "best_of", None) not in (None, 1):
+        raise APIError(f"unsupported field 'best_of': {_UNSUPPORTED['best_of']}", param="best_of")
+    return req
