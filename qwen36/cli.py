@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -170,6 +171,16 @@ def cmd_quantize(args) -> int:
     out = quantize_checkpoint(args.model, args.out, args.quantization, args.group_size)
     print(f"wrote {args.quantization} checkpoint to {out}")
     return 0
+
+
+def cmd_fuzz(args) -> int:
+    from .fuzz import run
+
+    report = run(args.url.rstrip("/"), args.requests, args.seed, args.api_key or os.environ.get("QWEN36_API_KEY"))
+    print(f"sent {report.sent} mutated requests; status counts {dict(sorted(report.by_status.items()))}")
+    for status, route, body in report.failures:
+        print(f"FAIL {status} {route} {body}")
+    return 1 if report.failures else 0
 
 
 def cmd_bench(args) -> int:
@@ -348,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vs-transformers", action="store_true",
                    help="also time HF transformers and our fp32 path on the same (unquantized) checkpoint")
     b.set_defaults(func=cmd_bench)
+
+    f = sub.add_parser("fuzz", help="send mutated requests to a running server; fails on any 5xx")
+    f.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
+    f.add_argument("--requests", type=int, default=500)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--api-key", default=None, help="default: $QWEN36_API_KEY")
+    f.set_defaults(func=cmd_fuzz)
     return p
 
 

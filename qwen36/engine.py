@@ -114,11 +114,14 @@ class Engine:
         rid = request_id or f"req-{n}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        # everything that can fail comes before the scheduler holds the sequence: a refused request
+        # leaves no trace (an orphaned sequence would fail every later step)
+        sampler = Sampler(params, self.device)
+        decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         seq = self._seq(n, prompt_ids, params.max_tokens, mm)
         self.scheduler.add(seq)                       # raises ValueError naming the lengths if it can never fit
         self._preempt_background()
-        decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-        req = Request(rid, list(prompt_ids), params, seq, Sampler(params, self.device), decoder, mm=mm)
+        req = Request(rid, list(prompt_ids), params, seq, sampler, decoder, mm=mm)
         if force is not None:
             req.force_trigger, req.force_ids = force[0], list(force[1])
             if force[0] is None:
@@ -211,6 +214,15 @@ class Engine:
         req = self.requests.pop(request_id, None)
         if req is not None:
             self.scheduler.finish(req.seq)
+
+    def abort_all(self) -> list[str]:
+        """Drop every request (after a failed step) and any sequence the scheduler holds without one."""
+        rids = list(self.requests)
+        for rid in rids:
+            self.abort(rid)
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(seq)
+        return rids
 
     def has_work(self) -> bool:
         return bool(self.requests)

@@ -89,7 +89,7 @@ class Sampler:
         self.p = params
         self.gen = torch.Generator(device=device)
         if params.seed is not None:
-            self.gen.manual_seed(params.seed)
+            self.gen.manual_seed(params.seed % 2 ** 64)       # any integer: the generator takes 64 bits
         else:
             self.gen.seed()
 

@@ -334,6 +334,62 @@ def test_server_defaults_from_flags_and_env(checkpoint, tmp_path):
         stop(proc)
 
 
+M1 = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("body", [
+    {"temperature": 1e-300}, {"temperature": 5e-324}, {"temperature": 1e-6, "seed": 1}, {"top_k": 2 ** 63},
+    {"top_p": 1e-300, "temperature": 1}, {"min_p": 1, "temperature": 1}, {"repetition_penalty": 1e-300},
+    {"repetition_penalty": 1e300, "temperature": 1}, {"logit_bias": {str(i): -100 for i in range(3000)}},
+    {"seed": 2 ** 70, "temperature": 1}, {"seed": -5, "temperature": 1}, {"stop_token_ids": [2 ** 70]},
+    {"n": 16, "stream": True, "logprobs": True, "top_logprobs": 20}, {"stop": ["a"] * 500},
+    {"messages": [{"role": "user", "content": "a\ud800b"}]}, {"user": "u", "metadata": {"k": "v"}, "store": False},
+    {"response_format": {"type": "text"}}, {"ignore_eos": True}, {"parallel_tool_calls": False, "stream": True},
+])
+def test_edge_values_are_answered(server, body):
+    """Valid requests at the edges of every sampling field (1e-300 used to overflow logits/T: a 500)."""
+    raw = json.dumps({"messages": M1, "max_tokens": 3, **body}).encode()   # (ASCII: a lone surrogate escaped)
+    r = post(server, "/v1/chat/completions", None, raw=raw)
+    assert r.status_code == 200 and '"error"' not in r.text, r.text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"1": 101}}, "logit_bias"), ({"logit_bias": {"9999999": 1}}, "logit_bias"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"functions": []}, "functions"),
+    ({"reasoning_effort": "low"}, "reasoning_effort"), ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"frobnicate": 1}, "frobnicate"), ({"tool_choice": "required"}, "tool_choice"),
+])
+def test_unsupported_or_invalid_fields_are_400_naming_them(server, body, param):
+    r = post(server, "/v1/chat/completions", {"messages": M1, "max_tokens": 3, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = post(server, "/v1/completions", {"prompt": "x", "best_of": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+def test_logit_bias_steers_greedy_output(client, offline):
+    forced = client.completions.create(model="m", prompt="Once", max_tokens=3, temperature=0,
+                                       logit_bias={"1003": 100})
+    assert forced.choices[0].text == offline.tokenizer.decode([1003] * 3)
+    banned = client.completions.create(model="m", prompt="Once", max_tokens=3, temperature=0,
+                                       logit_bias={"1003": -100})
+    assert offline.tokenizer.decode([1003]) not in banned.choices[0].text
+
+
+def test_fuzzed_requests_never_get_a_5xx(server):
+    """Mutation fuzzing (qwen36.fuzz, fixed seed): no 5xx, no engine error, the server stays up and
+    still answers a good request the same as before."""
+    from qwen36.fuzz import run
+
+    before = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 5, "temperature": 0}).json()
+    report = run(server["base"], requests=300, seed=0, api_key=KEY)
+    assert report.failures == [] and report.sent == 300
+    assert report.by_status.get(200, 0) > 30 and report.by_status.get(400, 0) > 100   # both kinds exercised
+    after = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 5, "temperature": 0}).json()
+    assert after["choices"][0]["text"] == before["choices"][0]["text"]
+    assert server["proc"].poll() is None
+
+
 def test_server_log_has_no_tracebacks(server):
     """Every failure above was answered, none crashed a handler (runs last in this module)."""
     assert "Traceback" not in server["log"].read_text()

@@ -304,6 +304,8 @@ class ChatJob(_Job):
         """tool_choice "required" / a named function: the turn's answer is made to open a tool call (right
         after </think> when thinking, at once otherwise); the model writes the rest."""
         choice = req.tool_choice
+        if choice not in (None, "auto", "none") and not req.tools:
+            raise APIError("tool_choice asks for a tool call, but no tools were given", param="tool_choice")
         if not self.tools or choice in (None, "auto", "none"):
             return None
         if choice == "required":

@@ -112,10 +112,7 @@ class EngineRunner:
                     loop.call_soon_threadsafe(q.put_nowait, out)
 
     def _fail_running(self, error: Exception) -> list[StepOutput]:
-        outs = []
-        for rid in list(self.engine.requests):
-            self.engine.abort(rid)
-            outs.append(StepOutput(rid, [], "", True, "error"))
+        outs = [StepOutput(rid, [], "", True, "error") for rid in self.engine.abort_all()]
         print(f"qwen36: an engine step failed and its {len(outs)} request(s) were dropped: "
               f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return outs
