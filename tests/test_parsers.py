@@ -538,7 +538,7 @@ def test_shapes_besides_the_template(text, calls, content):
         prefix = "plan\n</think>\n\n" if thinking else ""
         r = parse_assistant(prefix + text, TOOLS, thinking=thinking)
         assert args_of(r) == calls and r.content == content, (thinking, r)
-        check_chunks(prefix + text, thinking, list(prefix + text), whole(r))
+        check_every_split(prefix + text, thinking, whole(r))
 
 
 SOURCE_WITH_TAGS = [
@@ -564,7 +564,14 @@ def test_values_may_hold_tag_like_text(source, first):
     text = "Writing it.\n\n" + call("write_file", **params)
     r = parse_assistant(text, TOOLS, thinking=False)
     assert args_of(r) == [("write_file", {"path": "a.py", "content": source})] and r.content == "Writing it."
-    check_chunks(text, False, list(text), whole(r))
+    check_every_split(text, False, whole(r))
+
+
+def check_every_split(text: str, thinking: bool, expected: dict) -> None:
+    """Streamed in two pieces cut at every position, and one character at a time: the whole-text result."""
+    for i in range(len(text) + 1):
+        check_chunks(text, thinking, [text[:i], text[i:]], expected)
+    check_chunks(text, thinking, list(text), expected)
 
 
 def test_truncated_call_then_the_call_again():
