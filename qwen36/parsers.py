@@ -460,8 +460,7 @@ class _CallGrammar:
             value = self.text[start:m.start()]
             if not self.nested and not _balanced(value):
                 continue
-            value = value[1:] if value.startswith("\n") else value
-            value = value[:-1] if value.endswith("\n") else value
+            value = _trim_value(value)
             found = self._params(m.end(), name, params + [(key, value)], done)
             if found is not None:
                 return found
@@ -476,6 +475,17 @@ class _CallGrammar:
 
 class _GiveUp(Exception):
     pass
+
+
+def _trim_value(raw: str) -> str:
+    """The template writes `<parameter=K>\nVALUE\n</parameter>`: one newline off each end. A closing tag
+    indented on its own line (`\n    </parameter>`, a layout other engines' tests use, never the
+    template's) marks an indented layout: there the value is stripped of all surrounding whitespace."""
+    last_line = raw[raw.rfind("\n") + 1:]
+    if "\n" in raw and last_line and last_line.isspace():
+        return raw.strip()
+    raw = raw[1:] if raw.startswith("\n") else raw
+    return raw[:-1] if raw.endswith("\n") else raw
 
 
 _CALL_TAGS_RE = re.compile(r"<tool_call>|</tool_call>")
@@ -551,6 +561,8 @@ def _convert(raw: str, schema) -> object:
     if not types - {"string"}:
         return raw
     if "string" in types:   # a union with string: only exact JSON of another allowed type converts
+        if "null" in types and raw.strip() == "None":           # (and Python's None where null is allowed)
+            return None
         value = _strict_json(raw)
         if value is _FAIL:
             return raw
