@@ -530,6 +530,10 @@ EXAMPLE = call("get_weather", city="X")
     # text between two calls stays text
     (call("get_weather", city="A") + "\nand also\n" + call("get_weather", city="B"),
      [("get_weather", {"city": "A"}), ("get_weather", {"city": "B"})], "and also"),
+    # an indented layout (never the template's): values stripped; the template's layout keeps indentation
+    ("<tool_call>\n  <function=get_weather>\n    <parameter=city>\n      New York\n    </parameter>\n"
+     "  </function>\n</tool_call>", [("get_weather", {"city": "New York"})], None),
+    (call("write_file", content="    indented\n  code\n"), [("write_file", {"content": "    indented\n  code\n"})], None),
     # an example call inside a Markdown code fence is shown, not made
     ("Format:\n```xml\n" + EXAMPLE + "\n```\nThat is all.", [], "Format:\n```xml\n" + EXAMPLE + "\n```\nThat is all."),
 ])
