@@ -35,7 +35,8 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplate", "ChatTemplateError", "CHAT_TEMPLATE", "make_sandbox", "normalize_messages", "render_chat"]
+__all__ = ["ChatTemplate", "ChatTemplateError", "CHAT_TEMPLATE", "make_sandbox", "merge_system_messages",
+           "normalize_messages", "render_chat"]
 
 
 log = logging.getLogger("qwen36.chat")
@@ -91,6 +92,31 @@ def _normalize_message(index: int, message) -> dict:
     if msg.get("role") == "assistant" and "tool_calls" in msg:
         msg["tool_calls"] = _normalize_tool_calls(f"{where}.tool_calls", msg["tool_calls"])
     return msg
+
+
+def merge_system_messages(messages: list) -> list:
+    """The conversation with every system (and `developer`, OpenAI's newer name) message joined, in order,
+    into one leading system message, texts separated by a blank line; the other messages keep their order.
+    The official template accepts one system message, first: agents also send reminders as later system
+    messages, and servers merge them (this is not the template's behaviour: the server applies it, the
+    Python API does not). A conversation that needs nothing merged, or whose system message holds
+    anything but text (the template's own error then), is returned as it is."""
+    at = [i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") in ("system", "developer")]
+    if not at or (at == [0] and messages[0].get("role") == "system"):
+        return messages
+    texts = []
+    for i in at:
+        content = messages[i].get("content")
+        if isinstance(content, (list, tuple)) and all(isinstance(p, Mapping) and media_kind(p) is None
+                                                      and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if content is None:
+            continue
+        if not isinstance(content, str):
+            return messages
+        if content.strip():
+            texts.append(content.strip())
+    return [{"role": "system", "content": "\n\n".join(texts)}] + [m for i, m in enumerate(messages) if i not in at]
 
 
 def _check_content_parts(where: str, content) -> None:

@@ -38,6 +38,7 @@ class StepOutput:
     finish_reason: str | None = None   # "stop" | "length" | "abort"
     logprobs: list[dict] = field(default_factory=list)   # per token: {"token_id", "logprob", "top": [(id, lp)]}
     cached_tokens: int = 0             # prompt tokens taken from the prefix cache
+    stop_sequence: str | None = None   # the stop string that ended the output (finish_reason "stop")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Request:
     text: str = ""                     # all decoded text
     released: int = 0                  # len of text already handed out
     finish_reason: str | None = None
+    stop_sequence: str | None = None
     force_trigger: int | None = None   # once this token is sampled, force_ids follow (tool_choice forcing)
     force_ids: list[int] = field(default_factory=list)
     forcing: list[int] = field(default_factory=list)   # forced tokens still to emit
@@ -299,6 +301,7 @@ class Engine:
             r.text += r.decoder.feed(tok)
             cut = _find_stop(r.text, p.stop, r.released)
             if cut is not None:
+                r.stop_sequence = _stop_at(r.text, p.stop, cut)
                 r.text = r.text[:cut]
                 return self._finish(r, "stop", [tok], logprobs, flush=False)
         if len(r.output_ids) >= p.max_tokens:
@@ -313,6 +316,7 @@ class Engine:
             r.text += r.decoder.finish()
             cut = _find_stop(r.text, r.params.stop, r.released)
             if cut is not None:
+                r.stop_sequence = _stop_at(r.text, r.params.stop, cut)
                 r.text, reason = r.text[:cut], "stop"
         delta = r.text[r.released:]
         r.released, r.finish_reason = len(r.text), reason
@@ -320,7 +324,12 @@ class Engine:
             self._snapshot(r, r.seq.num_computed)           # the next turn extends prompt + answer
         self.scheduler.finish(r.seq)
         del self.requests[r.request_id]
-        return StepOutput(r.request_id, toks, delta, True, reason, logprobs, r.seq.cached)
+        return StepOutput(r.request_id, toks, delta, True, reason, logprobs, r.seq.cached, r.stop_sequence)
+
+
+def _stop_at(text: str, stops, at: int) -> str:
+    """Which stop string starts at `at` (the longest, if several do)."""
+    return max((s for s in stops if text.startswith(s, at)), key=len)
 
 
 def _find_stop(text: str, stops, released: int) -> int | None:

@@ -201,6 +201,21 @@ def test_tool_result_quoting_control_tokens_is_text(client, offline):
     assert ids.count(special["<|im_start|>"]) == 4 and special["<|image_pad|>"] not in ids   # user, asst, tool, gen
 
 
+def test_late_system_and_developer_messages_are_merged(client, offline):
+    """Agents send reminders as later system (or developer) messages: merged, in order, into the leading
+    system message instead of the template's 400."""
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "system", "content": "Reminder: tests first."},
+                {"role": "developer", "content": [{"type": "text", "text": "Use tabs."}]},
+                {"role": "user", "content": "go"}]
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=3, temperature=0)
+    merged = [{"role": "system", "content": "Be terse.\n\nReminder: tests first.\n\nUse tabs."}] + [
+        m for m in messages if m["role"] not in ("system", "developer")]
+    want = offline.chat(merged, SamplingParams(temperature=0, max_tokens=3))
+    assert r.usage.prompt_tokens == len(offline.encode_chat(merged).ids)
+    assert (r.choices[0].message.content or "") == (want.content or "")
+
+
 def test_sixteen_concurrent_equal_alone(server, client):
     prompts = [list(range(3 + i, 3 + i + 5 + 3 * i)) for i in range(16)]
     lengths = [4 + (i % 5) for i in range(16)]
@@ -242,7 +257,7 @@ def test_metrics(server, client):
 
 
 @pytest.mark.parametrize("body,needle", [
-    ({"messages": [{"role": "developer", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "critic", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
@@ -251,7 +266,6 @@ def test_metrics(server, client):
     ({"messages": []}, "messages"),
     ({"messages": "hello"}, "messages"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "No user query"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}]}, "System message"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "",
       "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{not json"}}]},
       {"role": "user", "content": "y"}]}, "arguments"),

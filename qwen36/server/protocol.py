@@ -59,7 +59,7 @@ class ToolCall(_Model):
 
 class Message(_Model):
     model_config = ConfigDict(extra="allow")   # reasoning_content, name, tool_call_id, ... reach the template
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -142,7 +142,7 @@ def parse(model: type[_Model], raw: bytes) -> Any:
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "str", "list[", "dict[", "int", "union")))
         msg = err["msg"]
         if err.get("type") == "literal_error" and "role" in loc:
-            msg = f"unknown role {err.get('input')!r}; expected one of system, user, assistant, tool"
+            msg = f"unknown role {err.get('input')!r}; expected one of system, developer, user, assistant, tool"
         raise APIError(f"invalid field {loc!r}: {msg}", param=loc or None) from None
     # values of supported fields that ask for something we do not do
     fmt = getattr(req, "response_format", None)
