@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from ..chat import ChatTemplate
 from ..llm import LLM
+from . import anthropic, responses
 from .jobs import ChatJob, CompletionJob, ServerConfig
 from .metrics import render_metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
@@ -27,16 +28,16 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         route = request.url.path
         try:
             if config.api_key and route != "/health":
-                auth = request.headers.get("authorization", "")
-                if auth != f"Bearer {config.api_key}":
-                    raise APIError("invalid or missing API key (send 'Authorization: Bearer <key>')", 401,
-                                   type_="authentication_error", code="invalid_api_key")
+                bearer = request.headers.get("authorization", "") == f"Bearer {config.api_key}"
+                if not bearer and request.headers.get("x-api-key") != config.api_key:   # (Anthropic's header)
+                    raise APIError("invalid or missing API key (send 'Authorization: Bearer <key>' or "
+                                   "'x-api-key: <key>')", 401, type_="authentication_error", code="invalid_api_key")
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
                 raise APIError(f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}", 413)
             response = await call_next(request)
         except APIError as e:
-            response = error_response(e)
+            response = error_response(e, route)
         key = (route, response.status_code)
         runner.stats.requests[key] = runner.stats.requests.get(key, 0) + 1
         return response
@@ -63,19 +64,38 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return PlainTextResponse(render_metrics(runner.stats, runner.load()), media_type="text/plain; version=0.0.4")
 
     async def run(request: Request, make_job):
-        """Validate, queue and answer one request (SSE when it asks to stream); errors as OpenAI objects."""
+        """Validate, queue and answer one request (SSE when it asks to stream); errors in the route's shape."""
         try:
             job = make_job(await body(request))
             await job.prepare()
             return StreamingResponse(job.stream(request), media_type="text/event-stream") if job.req.stream \
                 else JSONResponse(await job.complete(request))
         except APIError as e:
-            return error_response(e)
+            return error_response(e, request.url.path)
+
+    def chat_job(req: ChatCompletionRequest) -> ChatJob:
+        return ChatJob(req, config, template, tokenizer, llm, runner)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await run(request, lambda raw: ChatJob(parse(ChatCompletionRequest, raw), config, template,
-                                                      tokenizer, llm, runner))
+        return await run(request, lambda raw: chat_job(parse(ChatCompletionRequest, raw)))
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        return await run(request, lambda raw: anthropic.MessagesJob(anthropic.parse_request(raw), chat_job))
+
+    stored = responses.ResponseStore(config.responses_store_size)
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        return await run(request, lambda raw: responses.ResponsesJob(responses.parse_request(raw), chat_job, stored))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request):
+        try:
+            return JSONResponse(await anthropic.count_tokens(await body(request), chat_job))
+        except APIError as e:
+            return error_response(e, request.url.path)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -89,7 +109,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     return app
 
 
-def error_response(e: APIError) -> Response:
-    return JSONResponse(e.body(), status_code=e.status)
+def error_response(e: APIError, route: str = "") -> Response:
+    body = anthropic.error_body(e) if route.startswith("/v1/messages") else e.body()
+    return JSONResponse(body, status_code=e.status)
 
 

@@ -208,7 +208,8 @@ class ChatJob(_Job):
         super().__init__(req, config, tokenizer, llm, runner)
         self.template = template
 
-    async def prepare(self) -> None:
+    async def build_inputs(self):
+        """Render the conversation and build its prompt inputs (images through the vision tower)."""
         req = self.req
         kwargs = {**(self.config.default_chat_template_kwargs or {}), **(req.chat_template_kwargs or {})}
         self.thinking = kwargs.get("enable_thinking", True) is not False
@@ -230,11 +231,16 @@ class ChatJob(_Job):
             limit = self.runner.engine.max_model_len
             inputs = await asyncio.to_thread(lambda: media.build(prompt, media.media_of(messages, policy), limit,
                                                                      escaped=True))
-            self.has_media = inputs.mm is not None
         except ChatTemplateError as e:
             raise APIError(f"messages: {e}", param="messages") from None
         except ValueError as e:                                 # MediaError and placeholder/media mismatches
             raise APIError(str(e), param="messages") from None
+        self.has_media = inputs.mm is not None
+        return inputs
+
+    async def prepare(self) -> None:
+        req = self.req
+        inputs = await self.build_inputs()
         top = req.top_logprobs if req.logprobs else None
         self.submit([inputs.ids], req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None,
                     self._forced_call(req), inputs.mm)

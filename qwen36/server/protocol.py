@@ -123,27 +123,24 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
-def parse(model: type[_Model], raw: bytes) -> Any:
-    """Body bytes -> validated request, or APIError naming what is wrong."""
+def load_json(raw: bytes) -> dict:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError("request body must be a JSON object")
+    return data
+
+
+def parse(model: type[_Model], raw: bytes) -> Any:
+    """Body bytes of an OpenAI request -> validated request, or APIError naming what is wrong."""
+    data = load_json(raw)
     for name, value in data.items():
         if name not in model.model_fields and name not in IGNORED_FIELDS and value is not None:
             why = _UNSUPPORTED.get(name, "this server does not support it")
             raise APIError(f"unsupported field {name!r}: {why}", param=name)
-    try:
-        req = model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "str", "list[", "dict[", "int", "union")))
-        msg = err["msg"]
-        if err.get("type") == "literal_error" and "role" in loc:
-            msg = f"unknown role {err.get('input')!r}; expected one of system, developer, user, assistant, tool"
-        raise APIError(f"invalid field {loc!r}: {msg}", param=loc or None) from None
+    req = validate(model, data)
     # values of supported fields that ask for something we do not do
     fmt = getattr(req, "response_format", None)
     if fmt is not None and fmt.get("type") != "text":
@@ -154,3 +151,18 @@ def parse(model: type[_Model], raw: bytes) -> Any:
     if getattr(req, "best_of", None) not in (None, 1):
         raise APIError(f"unsupported field 'best_of': {_UNSUPPORTED['best_of']}", param="best_of")
     return req
+
+
+def validate(model: type[BaseModel], data: bytes | dict) -> Any:
+    """A JSON body (bytes or already loaded) -> the model, or APIError naming the field that is wrong."""
+    if isinstance(data, (bytes, bytearray)):
+        data = load_json(data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "str", "list[", "dict[", "int", "union")))
+        msg = err["msg"]
+        if err.get("type") == "literal_error" and "role" in loc:
+            msg = f"unknown role {err.get('input')!r}; expected one of system, developer, user, assistant, tool"
+        raise APIError(f"invalid field {loc!r}: {msg}", param=loc or None) from None

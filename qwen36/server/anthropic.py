@@ -1,0 +1,356 @@
+"""Anthropic's Messages API on the one chat path: `POST /v1/messages` and `/v1/messages/count_tokens`.
+
+Only translation lives here. A Messages request becomes a `ChatCompletionRequest` (system text, content
+blocks as OpenAI messages: `tool_use` blocks as tool calls, `tool_result` blocks as tool messages,
+`thinking` blocks as `reasoning_content`, base64 images as data-URL image parts; `tools` with
+`input_schema`; `tool_choice` auto / any / tool / none; `thinking` enabled / disabled as
+`enable_thinking`), runs as a `ChatJob`, and its choice or deltas are written back as Anthropic content
+blocks (`thinking` with an empty signature, `text`, `tool_use`), stop reasons and usage (prompt tokens
+taken from the prefix cache are `cache_read_input_tokens`), or as the event stream the SDK consumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from .jobs import ChatJob, Choice
+from .protocol import APIError, ChatCompletionRequest, validate
+
+log = logging.getLogger("qwen36.server")
+
+# HTTP status -> Anthropic's error type
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+               529: "overloaded_error"}
+STOP_REASONS = {"tool_calls": "tool_use", "length": "max_tokens"}
+
+
+def error_body(e: APIError) -> dict:
+    return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
+
+
+class MessagesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")      # service_tier, container, ...: accepted, ignored (logged)
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = None              # (older API versions and other clients still send these)
+    top_p: float | None = None
+    top_k: int | None = None
+    metadata: dict[str, Any] | None = None
+    stream: bool = False
+
+
+def parse_request(raw: bytes, count_only: bool = False) -> MessagesRequest:
+    req = validate(MessagesRequest, raw)
+    if req.max_tokens is None and not count_only:
+        raise APIError("max_tokens: Field required", param="max_tokens")
+    if req.model_extra:
+        log.debug("/v1/messages: ignoring fields %s", sorted(req.model_extra))
+    return req
+
+
+# ---- request -> chat request -----------------------------------------------------------------------------
+
+def _text_of(blocks, where: str) -> str:
+    if isinstance(blocks, str):
+        return blocks
+    texts = []
+    for j, b in enumerate(blocks or ()):
+        if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
+            raise APIError(f"{where}[{j}]: expected a text block", param=where)
+        texts.append(b["text"])
+    return "\n\n".join(texts)
+
+
+def _image(block: dict, where: str) -> dict:
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise APIError(f"{where}.source: required", param=where)
+    if source.get("type") == "base64":
+        media, data = source.get("media_type"), source.get("data")
+        if not isinstance(media, str) or not isinstance(data, str):
+            raise APIError(f"{where}.source: a base64 source needs media_type and data strings", param=where)
+        return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return {"type": "image_url", "image_url": {"url": source["url"]}}
+    raise APIError(f"{where}.source.type: expected 'base64' or 'url'", param=where)
+
+
+def _parts(blocks, where: str) -> str | list[dict]:
+    """User-side content (a message or a tool result): text and image blocks -> OpenAI content parts."""
+    if isinstance(blocks, str):
+        return blocks
+    if not isinstance(blocks, list):
+        raise APIError(f"{where}: expected a string or a list of content blocks", param=where)
+    parts = []
+    for j, b in enumerate(blocks):
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text" and isinstance(b.get("text"), str):
+            parts.append({"type": "text", "text": b["text"]})
+        elif kind == "image":
+            parts.append(_image(b, f"{where}[{j}]"))
+        else:
+            raise APIError(f"{where}[{j}]: unsupported content block type {kind!r}", param=where)
+    return parts
+
+
+def _messages(req: MessagesRequest) -> list[dict]:
+    out = []
+    if req.system:
+        out.append({"role": "system", "content": _text_of(req.system, "system")})
+    for i, m in enumerate(req.messages):
+        where = f"messages[{i}]"
+        role, content = m.get("role"), m.get("content")
+        if role not in ("user", "assistant"):
+            raise APIError(f"{where}.role: expected 'user' or 'assistant', got {role!r}", param=where)
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise APIError(f"{where}.content: expected a string or a list of content blocks", param=where)
+        if role == "assistant":
+            out.append(_assistant(content, f"{where}.content"))
+            continue
+        pending: list[dict] = []                      # user blocks between tool results
+        for j, b in enumerate(content):
+            if isinstance(b, dict) and b.get("type") == "tool_result":
+                if pending:
+                    out.append({"role": "user", "content": _parts(pending, f"{where}.content")})
+                    pending = []
+                result = b.get("content")
+                body = "" if result is None else _parts(result, f"{where}.content[{j}].content")
+                if b.get("is_error") and isinstance(body, str):
+                    body = f"Error: {body}" if body else "Error"
+                out.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")), "content": body})
+            else:
+                pending.append(b)
+        if pending:
+            out.append({"role": "user", "content": _parts(pending, f"{where}.content")})
+    return out
+
+
+def _assistant(blocks: list, where: str) -> dict:
+    text, reasoning, calls = [], [], []
+    for j, b in enumerate(blocks):
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text" and isinstance(b.get("text"), str):
+            text.append(b["text"])
+        elif kind == "thinking" and isinstance(b.get("thinking"), str):
+            reasoning.append(b["thinking"])
+        elif kind == "redacted_thinking":
+            continue                                  # opaque to us: nothing to render
+        elif kind == "tool_use" and isinstance(b.get("name"), str):
+            arguments = b.get("input") if b.get("input") is not None else {}
+            if not isinstance(arguments, dict):
+                raise APIError(f"{where}[{j}].input: expected an object", param=where)
+            calls.append({"id": str(b.get("id", "")), "type": "function",
+                          "function": {"name": b["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
+        else:
+            raise APIError(f"{where}[{j}]: unsupported content block type {kind!r}", param=where)
+    message: dict = {"role": "assistant", "content": "".join(text)}
+    if reasoning:
+        message["reasoning_content"] = "\n\n".join(reasoning)
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tools(tools: list[dict] | None) -> list[dict] | None:
+    if not tools:
+        return None
+    out = []
+    for i, t in enumerate(tools):
+        if t.get("type") not in (None, "custom"):      # Anthropic's server tools (web search, bash, ...)
+            log.warning("/v1/messages: skipping tools[%d] of type %r (only custom tools are served)", i, t.get("type"))
+            continue
+        if not isinstance(t.get("name"), str):
+            raise APIError(f"tools[{i}].name: required", param="tools")
+        function = {"name": t["name"], "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}
+        if isinstance(t.get("description"), str):
+            function["description"] = t["description"]
+        out.append({"type": "function", "function": function})
+    return out or None
+
+
+def _tool_choice(choice: dict | None, body: dict) -> None:
+    if not choice:
+        return
+    kind = choice.get("type")
+    if kind == "auto":
+        body["tool_choice"] = "auto"
+    elif kind == "any":
+        body["tool_choice"] = "required"
+    elif kind == "none":
+        body["tool_choice"] = "none"
+    elif kind == "tool" and isinstance(choice.get("name"), str):
+        body["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    else:
+        raise APIError("tool_choice: expected type 'auto', 'any', 'none' or 'tool' with a name", param="tool_choice")
+    if choice.get("disable_parallel_tool_use") is True:
+        body["parallel_tool_calls"] = False
+
+
+def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
+    body: dict = {"messages": _messages(req), "max_tokens": req.max_tokens or 1, "stream": req.stream}
+    tools = _tools(req.tools)
+    if tools:
+        body["tools"] = tools
+        _tool_choice(req.tool_choice, body)
+    thinking = (req.thinking or {}).get("type")
+    if thinking in ("enabled", "adaptive", "between_tools"):
+        body["chat_template_kwargs"] = {"enable_thinking": True}
+    elif thinking == "disabled":
+        body["chat_template_kwargs"] = {"enable_thinking": False}
+    elif thinking is not None:
+        raise APIError("thinking.type: expected 'enabled', 'disabled', 'adaptive' or 'between_tools'",
+                       param="thinking")
+    if ((req.model_extra or {}).get("output_config") or {}).get("format") is not None:
+        raise APIError("output_config.format: structured output is not supported yet", param="output_config")
+    for ours, theirs in (("stop", "stop_sequences"), ("temperature", "temperature"), ("top_p", "top_p"),
+                         ("top_k", "top_k")):
+        if getattr(req, theirs) is not None:
+            body[ours] = getattr(req, theirs)
+    return validate(ChatCompletionRequest, body)
+
+
+# ---- chat results -> Anthropic ---------------------------------------------------------------------------
+
+def _tool_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
+
+
+def _usage(job: ChatJob, output_tokens: int) -> dict:
+    usage = job.usage()
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    return {"input_tokens": usage["prompt_tokens"] - cached, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached, "output_tokens": output_tokens}
+
+
+def _stop(choice_reason: str, stop_sequence: str | None) -> tuple[str, str | None]:
+    if choice_reason == "stop" and stop_sequence is not None:
+        return "stop_sequence", stop_sequence
+    return STOP_REASONS.get(choice_reason, "end_turn"), None
+
+
+class MessagesJob:
+    """One /v1/messages request: the chat job inside, Anthropic's shapes outside."""
+
+    def __init__(self, req: MessagesRequest, make_chat_job):
+        self.req = req
+        self.chat: ChatJob = make_chat_job(to_chat(req))
+        self.id = "msg_" + uuid.uuid4().hex[:24]
+        self.model = self.chat.config.served_model_name
+
+    async def prepare(self) -> None:
+        await self.chat.prepare()
+
+    def _message(self, content: list, stop_reason, stop_sequence, usage: dict) -> dict:
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
+
+    async def complete(self, request: Request) -> dict:
+        [c] = await self.chat.choices(request)
+        return self._message(_blocks(c), *_stop(c.finish_reason, c.stop_sequence),
+                             _usage(self.chat, sum(self.chat.generated.values())))
+
+    async def stream(self, request: Request) -> AsyncIterator[str]:
+        usage = {"input_tokens": sum(len(p) for p in self.chat.prompts), "cache_creation_input_tokens": 0,
+                 "cache_read_input_tokens": 0, "output_tokens": 0}
+        yield _event({"type": "message_start", "message": self._message([], None, None, usage)})
+        yield _event({"type": "ping"})
+        blocks = _BlockWriter()
+        async for _, d, out in self.chat.deltas(request):
+            if d:
+                for event in blocks.delta(d):
+                    yield _event(event)
+                continue
+            if d is None:
+                for event in blocks.close():
+                    yield _event(event)
+                reason = self.chat.finish_reasons[0]
+                if reason == "error":
+                    yield _event({"type": "error", "error": {"type": "api_error", "message":
+                                  "the engine failed while generating; the request was dropped"}})
+                    return
+                stop_reason, stop_sequence = _stop(reason, self.chat.stops[0])
+                yield _event({"type": "message_delta", "delta": {"stop_reason": stop_reason,
+                                                                 "stop_sequence": stop_sequence},
+                              "usage": _usage(self.chat, sum(self.chat.generated.values()))})
+                yield _event({"type": "message_stop"})
+
+
+def _blocks(c: Choice) -> list[dict]:
+    out = []
+    if c.result.reasoning_content:
+        out.append({"type": "thinking", "thinking": c.result.reasoning_content, "signature": ""})
+    if c.result.content:
+        out.append({"type": "text", "text": c.result.content})
+    for call in c.result.tool_calls:
+        out.append({"type": "tool_use", "id": _tool_id(call["id"]), "name": call["function"]["name"],
+                    "input": json.loads(call["function"]["arguments"])})
+    return out
+
+
+class _BlockWriter:
+    """Parser deltas -> content_block_start / _delta / _stop events, one block per kind of text run."""
+
+    def __init__(self):
+        self.index = -1
+        self.open: str | None = None
+
+    def _start(self, block: dict) -> list[dict]:
+        self.index += 1
+        self.open = block["type"]
+        return [{"type": "content_block_start", "index": self.index, "content_block": block}]
+
+    def close(self) -> list[dict]:
+        if self.open is None:
+            return []
+        events = []
+        if self.open == "thinking":
+            events.append({"type": "content_block_delta", "index": self.index,
+                           "delta": {"type": "signature_delta", "signature": ""}})
+        events.append({"type": "content_block_stop", "index": self.index})
+        self.open = None
+        return events
+
+    def delta(self, d: dict) -> list[dict]:
+        events = []
+        if "reasoning_content" in d:
+            if self.open != "thinking":
+                events += self.close() + self._start({"type": "thinking", "thinking": "", "signature": ""})
+            events.append({"type": "content_block_delta", "index": self.index,
+                           "delta": {"type": "thinking_delta", "thinking": d["reasoning_content"]}})
+        elif "content" in d:
+            if self.open != "text":
+                events += self.close() + self._start({"type": "text", "text": ""})
+            events.append({"type": "content_block_delta", "index": self.index,
+                           "delta": {"type": "text_delta", "text": d["content"]}})
+        for call in d.get("tool_calls", ()):
+            events += self.close() + self._start({"type": "tool_use", "id": _tool_id(call["id"]),
+                                                  "name": call["function"]["name"], "input": {}})
+            events.append({"type": "content_block_delta", "index": self.index,
+                           "delta": {"type": "input_json_delta", "partial_json": call["function"]["arguments"]}})
+            events += self.close()
+        return events
+
+
+def _event(data: dict) -> str:
+    return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def count_tokens(raw: bytes, make_chat_job) -> dict:
+    """POST /v1/messages/count_tokens: the prompt's token count, as /v1/messages would render it."""
+    chat = make_chat_job(to_chat(parse_request(raw, count_only=True)))
+    return {"input_tokens": len((await chat.build_inputs()).ids)}

@@ -1,0 +1,402 @@
+"""OpenAI's Responses API on the one chat path: `POST /v1/responses` (what Codex CLI speaks).
+
+Only translation lives here. `instructions` + `input` (a string, or items: messages with `input_text` /
+`input_image` parts, `function_call`, `function_call_output`, `reasoning`) become chat messages; function
+tools and `tool_choice` map over (other tool types, e.g. Codex's `local_shell` or `web_search`, are
+skipped with a warning); `reasoning.effort` "none"/"minimal" turns thinking off, any other effort on;
+`max_output_tokens` is `max_tokens`. The chat job's choice comes back as output items (`reasoning`,
+`message`, `function_call`) with usage, or as the event stream the SDK consumes. Responses with
+`store` (the default) are kept in a bounded in-memory LRU so that `previous_response_id` continues them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..parsers import ChatResult
+from .jobs import ChatJob, Choice
+from .protocol import APIError, ChatCompletionRequest, validate
+
+log = logging.getLogger("qwen36.server")
+
+# fields that would change the answer and are not implemented: a 400 naming them
+_UNSUPPORTED = {"background": "background responses are not supported", "conversation": "conversations are not "
+                "supported; use previous_response_id", "prompt": "stored prompts are not supported"}
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")     # include, prompt_cache_key, truncation, ...: accepted, ignored
+    model: str | None = None
+    input: str | list[dict[str, Any]] = Field(default_factory=list)
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    reasoning: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    store: bool = True
+    previous_response_id: str | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+
+
+def parse_request(raw: bytes) -> ResponsesRequest:
+    req = validate(ResponsesRequest, raw)
+    for name, why in _UNSUPPORTED.items():
+        if (req.model_extra or {}).get(name) not in (None, False):
+            raise APIError(f"unsupported field {name!r}: {why}", param=name)
+    fmt = ((req.text or {}).get("format") or {}).get("type", "text")
+    if fmt != "text":
+        raise APIError("unsupported field 'text.format': structured output is not supported yet; only "
+                       "{\"type\": \"text\"}", param="text.format")
+    return req
+
+
+class ResponseStore:
+    """Finished responses by id (least recently used dropped first): the conversation so far, as chat
+    messages, for `previous_response_id`."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[str, list[dict]] = OrderedDict()
+
+    def get(self, response_id: str) -> list[dict]:
+        if response_id not in self._items:
+            raise APIError(f"previous_response_id {response_id!r} is not known here (not stored, or evicted)",
+                           param="previous_response_id")
+        self._items.move_to_end(response_id)
+        return self._items[response_id]
+
+    def put(self, response_id: str, messages: list[dict]) -> None:
+        self._items[response_id] = messages
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+# ---- request -> chat request -----------------------------------------------------------------------------
+
+def _parts(content, where: str) -> str | list[dict]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(f"{where}: expected a string or a list of content parts", param="input")
+    parts = []
+    for j, p in enumerate(content):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind in ("input_text", "output_text", "text", "summary_text", "refusal"):
+            text = p.get("text", p.get("refusal"))
+            if not isinstance(text, str):
+                raise APIError(f"{where}[{j}].text: expected a string", param="input")
+            parts.append({"type": "text", "text": text})
+        elif kind == "input_image":
+            url = p.get("image_url")
+            if not isinstance(url, str):
+                raise APIError(f"{where}[{j}].image_url: expected a URL string (file_id is not supported)",
+                               param="input")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            raise APIError(f"{where}[{j}]: unsupported content part type {kind!r}", param="input")
+    return parts
+
+
+def _text(parts) -> str:
+    return parts if isinstance(parts, str) else "".join(p.get("text", "") for p in parts)
+
+
+def input_messages(req: ResponsesRequest) -> list[dict]:
+    """The request's own input as chat messages (instructions not included). Consecutive reasoning,
+    assistant message and function_call items form one assistant turn."""
+    if isinstance(req.input, str):
+        return [{"role": "user", "content": req.input}]
+    out: list[dict] = []
+    turn: dict | None = None                      # the assistant turn being assembled
+
+    def assistant() -> dict:
+        nonlocal turn
+        if turn is None:
+            turn = {"role": "assistant", "content": ""}
+            out.append(turn)
+        return turn
+
+    for i, item in enumerate(req.input):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise APIError(f"{where}: expected an object", param="input")
+        kind = item.get("type", "message")
+        if kind == "message" and item.get("role") == "assistant":
+            assistant()["content"] += _text(_parts(item.get("content", ""), f"{where}.content"))
+        elif kind == "message":
+            if item.get("role") not in ("user", "system", "developer"):
+                raise APIError(f"{where}.role: expected user, assistant, system or developer", param="input")
+            out.append({"role": item["role"], "content": _parts(item.get("content", ""), f"{where}.content")})
+            turn = None
+        elif kind == "reasoning":
+            texts = [c.get("text", "") for c in item.get("content") or () if isinstance(c, dict)]
+            texts = texts or [s.get("text", "") for s in item.get("summary") or () if isinstance(s, dict)]
+            msg = assistant()
+            msg["reasoning_content"] = msg.get("reasoning_content", "") + "".join(texts)
+        elif kind == "function_call":
+            if not isinstance(item.get("name"), str):
+                raise APIError(f"{where}.name: required", param="input")
+            assistant().setdefault("tool_calls", []).append({
+                "id": str(item.get("call_id", "")), "type": "function",
+                "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")),
+                        "content": _parts(item.get("output", ""), f"{where}.output")})
+            turn = None
+        else:                                    # custom / local_shell / web_search calls of skipped tools
+            log.warning("/v1/responses: skipping %s of type %r", where, kind)
+    return out
+
+
+def _tools(tools: list[dict] | None) -> list[dict] | None:
+    out = []
+    for i, t in enumerate(tools or ()):
+        if t.get("type") != "function":
+            log.warning("/v1/responses: skipping tools[%d] of type %r (only function tools are served)", i,
+                        t.get("type"))
+            continue
+        if not isinstance(t.get("name"), str):
+            raise APIError(f"tools[{i}].name: required", param="tools")
+        function = {"name": t["name"], "parameters": t.get("parameters") or {"type": "object", "properties": {}}}
+        if isinstance(t.get("description"), str):
+            function["description"] = t["description"]
+        out.append({"type": "function", "function": function})
+    return out or None
+
+
+def to_chat(req: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionRequest, list[dict]]:
+    """(the chat request, the conversation without instructions: what a stored response continues)."""
+    conversation = history + input_messages(req)
+    messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
+    body: dict = {"messages": messages, "stream": req.stream}
+    if req.max_output_tokens is not None:
+        body["max_tokens"] = req.max_output_tokens
+    tools = _tools(req.tools)
+    if tools:
+        body["tools"] = tools
+        choice = req.tool_choice
+        if isinstance(choice, dict):
+            if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+                raise APIError("tool_choice: expected 'auto', 'none', 'required' or {\"type\": \"function\", "
+                               "\"name\": ...}", param="tool_choice")
+            choice = {"type": "function", "function": {"name": choice["name"]}}
+        if choice is not None:
+            body["tool_choice"] = choice
+    if req.parallel_tool_calls is False:
+        body["parallel_tool_calls"] = False
+    effort = (req.reasoning or {}).get("effort")
+    if effort is not None:
+        body["chat_template_kwargs"] = {"enable_thinking": effort not in ("none", "minimal")}
+    for name in ("temperature", "top_p"):
+        if getattr(req, name) is not None:
+            body[name] = getattr(req, name)
+    return validate(ChatCompletionRequest, body), conversation
+
+
+# ---- chat results -> Responses ---------------------------------------------------------------------------
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponsesJob:
+    """One /v1/responses request: the chat job inside, Responses shapes outside."""
+
+    def __init__(self, req: ResponsesRequest, make_chat_job, store: ResponseStore):
+        self.req, self.store = req, store
+        history = store.get(req.previous_response_id) if req.previous_response_id else []
+        chat_req, self.conversation = to_chat(req, history)
+        self.chat: ChatJob = make_chat_job(chat_req)
+        self.id = _new_id("resp")
+        self.created = int(time.time())
+        self.seq = 0
+
+    async def prepare(self) -> None:
+        await self.chat.prepare()
+
+    def _response(self, status: str, output: list[dict], usage: dict | None, reason: str | None = None) -> dict:
+        req = self.req
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
+                "model": self.chat.config.served_model_name, "output": output, "usage": usage, "error": None,
+                "incomplete_details": {"reason": reason} if reason else None, "instructions": req.instructions,
+                "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
+                "parallel_tool_calls": req.parallel_tool_calls is not False, "temperature": req.temperature,
+                "top_p": req.top_p, "max_output_tokens": req.max_output_tokens,
+                "previous_response_id": req.previous_response_id, "reasoning": req.reasoning or {},
+                "text": {"format": {"type": "text"}}, "store": req.store, "metadata": req.metadata or {},
+                "truncation": "disabled"}
+
+    def _usage(self, reasoning: str | None) -> dict:
+        u = self.chat.usage()
+        thought = len(self.chat.tokenizer.encode_text(reasoning)) if reasoning else 0
+        return {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens":
+                u["prompt_tokens_details"]["cached_tokens"]}, "output_tokens": u["completion_tokens"],
+                "output_tokens_details": {"reasoning_tokens": min(thought, u["completion_tokens"])},
+                "total_tokens": u["total_tokens"]}
+
+    def _remember(self, c: Choice) -> None:
+        if not self.req.store:
+            return
+        answer: dict = {"role": "assistant", "content": c.result.content or ""}
+        if c.result.reasoning_content:
+            answer["reasoning_content"] = c.result.reasoning_content
+        if c.result.tool_calls:
+            answer["tool_calls"] = c.result.tool_calls
+        self.store.put(self.id, self.conversation + [answer])
+
+    def _status(self, reason: str) -> tuple[str, str | None]:
+        return ("incomplete", "max_output_tokens") if reason == "length" else ("completed", None)
+
+    async def complete(self, request: Request) -> dict:
+        [c] = await self.chat.choices(request)
+        self._remember(c)
+        return self._final(c, _items(c))
+
+    def _final(self, c: Choice, output: list[dict]) -> dict:
+        status, reason = self._status(c.finish_reason)
+        return self._response(status, output, self._usage(c.result.reasoning_content), reason)
+
+    def _event(self, data: dict) -> str:
+        data["sequence_number"] = self.seq
+        self.seq += 1
+        return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    async def stream(self, request: Request) -> AsyncIterator[str]:
+        yield self._event({"type": "response.created", "response": self._response("in_progress", [], None)})
+        yield self._event({"type": "response.in_progress", "response": self._response("in_progress", [], None)})
+        items = _ItemWriter()
+        reasoning, content, calls = [], [], []
+        async for _, d, out in self.chat.deltas(request):
+            if d:
+                reasoning += [d["reasoning_content"]] if "reasoning_content" in d else []
+                content += [d["content"]] if "content" in d else []
+                calls += d.get("tool_calls", [])
+                for event in items.delta(d):
+                    yield self._event(event)
+                continue
+            if d is None:
+                for event in items.close():
+                    yield self._event(event)
+                reason = self.chat.finish_reasons[0]
+                if reason == "error":
+                    failed = self._response("failed", items.done, None)
+                    failed["error"] = {"code": "server_error",
+                                       "message": "the engine failed while generating; the request was dropped"}
+                    yield self._event({"type": "response.failed", "response": failed})
+                    return
+                c = Choice(0, ChatResult("".join(content) or None, "".join(reasoning) or None, calls), reason)
+                self._remember(c)
+                final = self._final(c, items.done)
+                kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+                yield self._event({"type": kind, "response": final})
+
+
+def _reasoning_item(text: str, item_id: str | None = None) -> dict:
+    return {"type": "reasoning", "id": item_id or _new_id("rs"), "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def _message_item(text: str, item_id: str | None = None, status: str = "completed") -> dict:
+    return {"type": "message", "id": item_id or _new_id("msg"), "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def _call_item(call: dict, status: str = "completed") -> dict:
+    return {"type": "function_call", "id": _new_id("fc"), "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"], "status": status}
+
+
+def _items(c: Choice) -> list[dict]:
+    out = []
+    if c.result.reasoning_content:
+        out.append(_reasoning_item(c.result.reasoning_content))
+    if c.result.content:
+        out.append(_message_item(c.result.content))
+    out += [_call_item(call) for call in c.result.tool_calls]
+    return out
+
+
+class _ItemWriter:
+    """Parser deltas -> output item events; finished items collect in `done`."""
+
+    def __init__(self):
+        self.done: list[dict] = []
+        self.open: dict | None = None
+        self.text = ""
+
+    def _index(self) -> int:
+        return len(self.done)
+
+    def close(self) -> list[dict]:
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        i, events = self._index(), []
+        if item["type"] == "reasoning":
+            item = _reasoning_item(self.text, item["id"])
+            events.append({"type": "response.reasoning_text.done", "item_id": item["id"], "output_index": i,
+                           "content_index": 0, "text": self.text})
+        else:
+            item = _message_item(self.text, item["id"])
+            part = item["content"][0]
+            events += [{"type": "response.output_text.done", "item_id": item["id"], "output_index": i,
+                        "content_index": 0, "text": self.text, "logprobs": []},
+                       {"type": "response.content_part.done", "item_id": item["id"], "output_index": i,
+                        "content_index": 0, "part": part}]
+        events.append({"type": "response.output_item.done", "output_index": i, "item": item})
+        self.done.append(item)
+        return events
+
+    def _start(self, kind: str) -> list[dict]:
+        events = self.close()
+        i = self._index()
+        self.text = ""
+        if kind == "reasoning":
+            self.open = {"type": "reasoning", "id": _new_id("rs"), "summary": [], "content": []}
+            return events + [{"type": "response.output_item.added", "output_index": i, "item": self.open}]
+        self.open = {"type": "message", "id": _new_id("msg"), "status": "in_progress", "role": "assistant",
+                     "content": []}
+        return events + [{"type": "response.output_item.added", "output_index": i, "item": self.open},
+                         {"type": "response.content_part.added", "item_id": self.open["id"], "output_index": i,
+                          "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": [],
+                                                       "logprobs": []}}]
+
+    def delta(self, d: dict) -> list[dict]:
+        events = []
+        if "reasoning_content" in d or "content" in d:
+            kind = "reasoning" if "reasoning_content" in d else "message"
+            if self.open is None or self.open["type"] != kind:
+                events += self._start(kind)
+            text = d.get("reasoning_content", d.get("content"))
+            self.text += text
+            name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+            event = {"type": name, "item_id": self.open["id"], "output_index": self._index(), "content_index": 0,
+                     "delta": text}
+            if kind == "message":
+                event["logprobs"] = []
+            events.append(event)
+        for call in d.get("tool_calls", ()):
+            events += self.close()
+            i, item = self._index(), _call_item(call, "in_progress")
+            events.append({"type": "response.output_item.added", "output_index": i,
+                           "item": {**item, "arguments": ""}})
+            events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"],
+                           "output_index": i, "delta": item["arguments"]})
+            events.append({"type": "response.function_call_arguments.done", "item_id": item["id"],
+                           "output_index": i, "arguments": item["arguments"]})
+            item["status"] = "completed"
+            events.append({"type": "response.output_item.done", "output_index": i, "item": item})
+            self.done.append(item)
+        return events
