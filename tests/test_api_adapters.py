@@ -291,3 +291,29 @@ def test_item_events_assemble_in_the_sdk():
 
 def test_adapter_server_log_has_no_tracebacks(server):
     assert "Traceback" not in server["log"].read_text()
+
+
+def test_malformed_adapter_requests_disturb_nothing(server, claude):
+    """Bad bodies on both adapters while a good streamed answer is in flight: 4xx naming the problem, and
+    the good answer is the same as when run alone."""
+    import threading
+
+    kw = dict(model="m", max_tokens=20, messages=MSG, extra_body={"temperature": 0})
+    result = {}
+
+    def good():
+        with claude.messages.stream(**kw) as s:
+            result["msg"] = blocks_of(s.get_final_message())
+    t = threading.Thread(target=good)
+    t.start()
+    bad = [("/v1/messages", {"model": "m", "max_tokens": 2, "messages": "hi"}, "messages"),
+           ("/v1/messages", {"model": "m", "max_tokens": 2, "messages": MSG, "tool_choice": {"type": "weird"}},
+            "tool_choice"),
+           ("/v1/responses", {"model": "m", "input": [{"type": "message", "role": "robot", "content": "x"}]}, "role"),
+           ("/v1/responses", {"model": "m", "input": "x", "tool_choice": {"type": "mcp"},
+                              "tools": [{"type": "function", "name": "f"}]}, "tool_choice")]
+    for route, body, needle in bad * 2:
+        r = httpx.post(server["base"] + route, headers={"x-api-key": KEY}, json=body, timeout=60)
+        assert 400 <= r.status_code < 500 and needle in r.text, r.text
+    t.join()
+    assert result["msg"] == blocks_of(claude.messages.create(**kw))

@@ -204,9 +204,11 @@ def _tool_choice(choice: dict | None, body: dict) -> None:
 def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
     body: dict = {"messages": _messages(req), "max_tokens": req.max_tokens or 1, "stream": req.stream}
     tools = _tools(req.tools)
+    _tool_choice(req.tool_choice, body)                   # checked even without tools
     if tools:
         body["tools"] = tools
-        _tool_choice(req.tool_choice, body)
+    else:
+        body.pop("tool_choice", None)
     thinking = (req.thinking or {}).get("type")
     if thinking in ("enabled", "adaptive", "between_tools"):
         body["chat_template_kwargs"] = {"enable_thinking": True}
