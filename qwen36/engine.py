@@ -24,6 +24,7 @@ from .cache import HybridCache, SnapshotStore
 from .model import TextModel
 from .multimodal import MultimodalPrompt
 from .sampling import Sampler, SamplingParams
+from .structured import GrammarBackend, Guide, json_grammar
 from .prefix_cache import PrefixKey, snapshot_points
 from .scheduler import Scheduler, SeqState
 from .tokenizer import StreamDecoder, Tokenizer
@@ -58,6 +59,7 @@ class Request:
     force_ids: list[int] = field(default_factory=list)
     forcing: list[int] = field(default_factory=list)   # forced tokens still to emit
     mm: MultimodalPrompt | None = None # image/video embeddings and mRoPE positions of the prompt
+    guide: Guide | None = None         # thinking budget and grammar (structured.py)
 
 
 @dataclass
@@ -76,7 +78,7 @@ class Engine:
     def __init__(self, model: TextModel, tokenizer: Tokenizer | None, eos_token_ids=(), num_slots: int = 8,
                  max_model_len: int | None = None, kv_cache_bytes: int = 1 << 30, block_size: int = 64,
                  token_budget: int = 512, enable_prefix_caching: bool = True, prefix_cache_bytes: int = 1 << 30,
-                 snapshot_every: int = 4096):
+                 snapshot_every: int = 4096, grammar: GrammarBackend | None = None):
         self.model, self.tokenizer, self.eos = model, tokenizer, set(eos_token_ids)
         self.device = model.embed_tokens.weight.device
         cfg = model.cfg
@@ -93,6 +95,7 @@ class Engine:
         self.prefix = self.scheduler.prefix                    # None when prefix caching is off
         self.snapshot_every = snapshot_every
         self.boundary_id = tokenizer.token_id("<|im_start|>") if tokenizer is not None else None
+        self.grammar = grammar
         self.stats = EngineStats()
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
@@ -119,17 +122,38 @@ class Engine:
         # everything that can fail comes before the scheduler holds the sequence: a refused request
         # leaves no trace (an orphaned sequence would fail every later step)
         sampler = Sampler(params, self.device)
+        guide = self._guide(prompt_ids, params)
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         seq = self._seq(n, prompt_ids, params.max_tokens, mm)
         self.scheduler.add(seq)                       # raises ValueError naming the lengths if it can never fit
         self._preempt_background()
-        req = Request(rid, list(prompt_ids), params, seq, sampler, decoder, mm=mm)
+        req = Request(rid, list(prompt_ids), params, seq, sampler, decoder, mm=mm, guide=guide)
         if force is not None:
             req.force_trigger, req.force_ids = force[0], list(force[1])
             if force[0] is None:
                 req.forcing, req.force_ids = list(force[1]), []
         self.requests[rid] = req
         return rid
+
+    def _guide(self, prompt_ids: list[int], params: SamplingParams) -> Guide | None:
+        """The request's thinking budget and grammar, if it has either (a bad schema raises ValueError)."""
+        if params.json_schema is None and params.grammar is None and params.thinking_token_budget is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured output and thinking budgets need the checkpoint's tokenizer files")
+        grammar = params.grammar if params.json_schema is None else json_grammar(params.json_schema)
+        if grammar is not None:
+            if self.grammar is None:
+                raise ValueError("structured output needs the checkpoint's tokenizer.json (llguidance reads it)")
+            self.grammar.check(grammar)
+        tk = self.tokenizer
+        opened, closed = tk.token_id("<think>"), tk.token_id("</think>")
+        tail = list(prompt_ids[-4:])                   # "<think>\n" ends a prompt that leaves the model thinking
+
+        def last(token: int) -> int:
+            return max((i for i, t in enumerate(tail) if t == token), default=-1)
+        return Guide(self.grammar, grammar, params.thinking_token_budget, last(opened) > last(closed), closed,
+                     tk.encode("\n\n"))
 
     def _seq(self, n: int, prompt_ids: list[int], max_tokens: int, mm: MultimodalPrompt | None,
              background: bool = False) -> SeqState:
@@ -281,12 +305,20 @@ class Engine:
 
     def _sample(self, r: Request, logits: torch.Tensor) -> StepOutput:
         p = r.params
+        guide = r.guide
         if r.forcing:
             tok = r.forcing.pop(0)
+        elif guide is not None and guide.next_forced() is not None:
+            tok = guide.next_forced()
         else:
-            tok = r.sampler(logits, r.prompt_ids, r.output_ids)
+            allowed = guide.allowed(logits.shape[-1]) if guide is not None else None
+            if allowed is not None and not bool(allowed.any()):
+                return self._finish(r, "stop", [], [])    # the grammar allows nothing more
+            tok = r.sampler(logits, r.prompt_ids, r.output_ids, allowed)
             if r.force_ids and tok == r.force_trigger:
                 r.forcing, r.force_ids = r.force_ids, []
+        if guide is not None:
+            guide.consume(tok)
         logprobs = []
         if p.logprobs is not None:
             lp = torch.log_softmax(logits.float(), -1)

@@ -15,6 +15,7 @@ from .model import load_model
 from .multimodal import MultimodalPrompt
 from .parsers import ChatResult, parse_assistant
 from .sampling import SamplingParams
+from .structured import GrammarBackend
 from .tokenizer import Tokenizer, TokenizerError
 from .vision import load_vision_tower
 
@@ -141,10 +142,13 @@ class LLM:
                 tokenizer = self.tokenizer
             except TokenizerError:
                 tokenizer = None                               # id-in/id-out still works
+            tokenizer_file = Path(self.path) / "tokenizer.json"
+            grammar = (GrammarBackend(tokenizer_file, self.config.text.vocab_size, self.eos_token_ids)
+                       if tokenizer is not None and tokenizer_file.is_file() else None)
             self._engine = Engine(self.model, tokenizer, self.eos_token_ids, num_slots=self.max_num_seqs,
                                   max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes,
                                   enable_prefix_caching=self.enable_prefix_caching,
-                                  prefix_cache_bytes=self.prefix_cache_memory)
+                                  prefix_cache_bytes=self.prefix_cache_memory, grammar=grammar)
         return self._engine
 
     @property

@@ -26,6 +26,9 @@ class SamplingParams:
     logprobs: int | None = None         # None: none; k >= 0: the sampled token's logprob and the top k
     ignore_eos: bool = False            # keep going past end-of-sequence tokens (benchmarks)
     logit_bias: dict[int, float] | None = None   # token id -> added to its logit (OpenAI: -100..100)
+    json_schema: dict | bool | None = None       # the answer is JSON valid for this schema (True: any object)
+    grammar: str | None = None                   # or matches this llguidance grammar (Lark; structured.py)
+    thinking_token_budget: int | None = None     # reasoning tokens before </think> is forced (thinking on)
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -73,6 +76,13 @@ class SamplingParams:
                     and isinstance(v, (int, float)) and -100 <= v <= 100 for k, v in bias.items()):
                 bad("logit_bias", "must map token ids to numbers in [-100, 100]")
             object.__setattr__(self, "logit_bias", {k: float(v) for k, v in bias.items()} or None)
+        if self.json_schema is not None and not (self.json_schema is True or isinstance(self.json_schema, dict)):
+            bad("json_schema", "must be a JSON schema (dict) or True for any JSON object")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or self.json_schema is not None):
+            bad("grammar", "must be a grammar string, and not given with json_schema")
+        budget = self.thinking_token_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            bad("thinking_token_budget", "must be an integer >= 0")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= 20):
             bad("logprobs", "must be None or an integer in [0, 20]")
@@ -108,7 +118,7 @@ class Sampler:
             counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
             logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
         if p.logit_bias or p.repetition_penalty != 1.0:   # extreme values overflow (x / 1e-30): keep numbers
-            logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+            logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
         return logits
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -128,8 +138,13 @@ class Sampler:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return probs / probs.sum()
 
-    def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> int:
-        logits = self.penalize(logits.float().clone(), prompt_ids, output_ids)
+    def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int],
+                 allowed: torch.Tensor | None = None) -> int:
+        """`allowed`: a boolean mask of the tokens a grammar lets through (the others get -inf first)."""
+        logits = logits.float().clone()
+        if allowed is not None:
+            logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
+        logits = self.penalize(logits, prompt_ids, output_ids)
         if self.p.greedy:
             return int(logits.argmax())
         ids = None
