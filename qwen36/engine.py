@@ -145,7 +145,7 @@ class Engine:
         if grammar is not None:
             if self.grammar is None:
                 raise ValueError("structured output needs the checkpoint's tokenizer.json (llguidance reads it)")
-            self.grammar.check(grammar)
+            self.grammar.check(grammar, "grammar" if params.json_schema is None else "JSON schema")
         tk = self.tokenizer
         opened, closed = tk.token_id("<think>"), tk.token_id("</think>")
         tail = list(prompt_ids[-4:])                   # "<think>\n" ends a prompt that leaves the model thinking

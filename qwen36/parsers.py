@@ -539,15 +539,16 @@ def _json_type(value) -> str:
     return {int: "integer", float: "number", str: "string", dict: "object", list: "array"}.get(type(value), "null")
 
 
-def _schema_types(schema) -> set[str]:
-    """The JSON types a property schema allows ({} when it says nothing usable)."""
+def schema_types(schema) -> set[str]:
+    """The JSON types a property schema allows ({} when it says nothing usable); structured.py builds
+    tool-call grammars from the same reading."""
     if not isinstance(schema, dict):
         return set()
     declared = schema.get("type")
     types = {_type_name(t) for t in (declared if isinstance(declared, list) else [declared] if declared else [])}
     for key in ("anyOf", "oneOf"):
         for sub in schema.get(key) or ():
-            types |= _schema_types(sub)
+            types |= schema_types(sub)
     if not types - {None} and isinstance(schema.get("enum"), list):
         types = {_json_type(v) for v in schema["enum"]}
     if schema.get("nullable") is True:
@@ -557,7 +558,7 @@ def _schema_types(schema) -> set[str]:
 
 
 def _convert(raw: str, schema) -> object:
-    types = _schema_types(schema)
+    types = schema_types(schema)
     if not types - {"string"}:
         return raw
     if "string" in types:   # a union with string: only exact JSON of another allowed type converts

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .parsers import schema_types
+
 __all__ = ["GrammarBackend", "Guide", "json_grammar", "tool_call_grammar", "GrammarError"]
 
 
@@ -50,17 +52,34 @@ def _lark_string(text: str) -> str:
     return json.dumps(text)            # a JSON string literal is a valid Lark string literal
 
 
-def _is_string_schema(schema) -> bool:
-    return isinstance(schema, dict) and schema.get("type") == "string" and not (
-        set(schema) & {"enum", "const", "pattern", "format", "minLength", "maxLength"})
+TERMINATOR = "\n</parameter>\n"
 
 
-def tool_call_grammar(tools: list[dict], required: bool) -> str:
+def _value_rules(rule: str, schema) -> list[str]:
+    """Lark rules for one parameter value and its closing tag, as the template writes it and our parser
+    reads it back (parsers._convert): strings raw (enums and consts of strings as their literals, length
+    bounds kept; `pattern` and `format` are not enforced), every other type as JSON of its schema. A union
+    with string is raw text (the parser turns exact JSON of the union's other types back into them)."""
+    schema = schema if isinstance(schema, dict) else {}
+    literals = schema.get("enum") if isinstance(schema.get("enum"), list) else (
+        [schema["const"]] if "const" in schema else None)
+    if literals and all(isinstance(v, str) for v in literals):
+        return [f"{rule}: (" + " | ".join(_lark_string(v) for v in literals) + f") {_lark_string(TERMINATOR)}"]
+    types = schema_types(schema)
+    if not types or "string" in types:
+        lo = schema.get("minLength", 0) if types == {"string"} else 0
+        hi = schema.get("maxLength") if types == {"string"} else None
+        count = f"{{{int(lo)},{int(hi)}}}" if isinstance(hi, int) else (f"{{{int(lo)},}}" if lo else "*")
+        return [f"{rule}[lazy]: /(?s:.{count})\\n<\\/parameter>\\n/"]
+    return [f"{rule}: %json {json.dumps({**schema, 'x-guidance': JSON_LAYOUT})} {_lark_string(TERMINATOR)}"]
+
+
+def tool_call_grammar(tools: list[dict], required: bool, max_calls: int | None = None) -> str:
     """The grammar of a turn that calls one of `tools` (OpenAI function tools) in Qwen's XML format, with
     arguments valid for the tool's parameter schema: required parameters present, no other keys when
     `additionalProperties` is false, values typed (strings as raw text, anything else as JSON of its
     schema). `required`: the turn is one or more calls; else text or calls (`tool_choice: auto` with
-    strict tools)."""
+    strict tools). `max_calls`: at most that many calls (1 for `parallel_tool_calls: false`)."""
     if not tools:
         raise GrammarError("no tools to call")
     rules, calls = [], []
@@ -68,31 +87,23 @@ def tool_call_grammar(tools: list[dict], required: bool) -> str:
         spec = tool.get("function", tool)
         name, params = spec["name"], spec.get("parameters") or {}
         props = params.get("properties") or {}
-        required_keys = set(params.get("required") or ())
-        if params.get("additionalProperties", True) is not False:
-            pass                       # extra keys may be given, but a strict call sticks to the schema
+        required_keys = set(params.get("required") or ())   # (a strict call gives no key outside the schema)
         parts = []
         for k, (key, sub) in enumerate(props.items()):
             rule = f"t{t}_p{k}"
-            head = _lark_string(f"<parameter={key}>\n")
-            if _is_string_schema(sub):
-                # raw text up to the closing tag (the template writes strings unquoted)
-                rules.append(f"{rule}: {head} t{t}_p{k}_text")
-                rules.append(f"t{t}_p{k}_text[lazy]: /(?s:.*)\\n<\\/parameter>\\n/")
-            else:
-                schema = {**(sub if isinstance(sub, dict) else {}), "x-guidance": JSON_LAYOUT}
-                rules.append(f"{rule}: {head} t{t}_p{k}_json {_lark_string(chr(10) + '</parameter>' + chr(10))}")
-                rules.append(f"t{t}_p{k}_json: %json {json.dumps(schema)}")
+            rules.append(f"{rule}: {_lark_string(f'<parameter={key}>' + chr(10))} {rule}_v")
+            rules += _value_rules(f"{rule}_v", sub)
             parts.append(rule if key in required_keys else f"{rule}?")
         body = " ".join(parts)
         rules.append(f"t{t}: <tool_call> {_lark_string(chr(10) + f'<function={name}>' + chr(10))} {body} "
                      f"{_lark_string('</function>' + chr(10))} </tool_call>")
         calls.append(f"t{t}")
     rules.append("call: " + " | ".join(calls))
+    more = '("\\n" call)*' if max_calls is None else " ".join(['("\\n" call)?'] * (max_calls - 1))
     if required:
-        rules.insert(0, 'start: call ("\\n" call)*')
+        rules.insert(0, f"start: call {more}")
     else:
-        rules.insert(0, 'start: free | free_text? call ("\\n" call)*')
+        rules.insert(0, f"start: free | free_text? call {more}")
         rules.append("free: /(?s:.*)/")
         rules.append("free_text[lazy]: /(?s:.*)\\n\\n/")
     return "\n".join(rules)
@@ -114,12 +125,13 @@ class GrammarBackend:
                                                eos_token=self.eos_ids[0] if len(self.eos_ids) == 1 else self.eos_ids)
         return self._tok
 
-    def check(self, grammar: str) -> None:
+    def check(self, grammar: str, what: str = "grammar") -> None:
+        """Raises GrammarError ("invalid <what>: why") for a grammar llguidance cannot use."""
         import llguidance
 
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
-            raise GrammarError(error.strip().splitlines()[0])
+            raise GrammarError(f"invalid {what}: {error.strip().splitlines()[0]}")
 
     def matcher(self, grammar: str):
         import llguidance

@@ -23,7 +23,8 @@ from ..inputs import MediaPolicy
 from ..llm import LLM
 from ..parsers import AssistantStreamParser, ChatResult, parse_assistant
 from ..sampling import SamplingParams
-from .protocol import APIError, ChatCompletionRequest
+from ..structured import GrammarError, json_grammar, tool_call_grammar
+from .protocol import APIError, ChatCompletionRequest, NamedToolChoice, response_schema
 from .runner import EngineRunner, now
 
 
@@ -51,7 +52,7 @@ class Choice:
 
 
 def sampling_params(req, llm: LLM, prompt_len: int, max_tokens: int | None, logprobs: int | None,
-                    choice: int) -> SamplingParams:
+                    choice: int, constraint: dict | None = None) -> SamplingParams:
     fields = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                                           "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids")
               if getattr(req, k) is not None}
@@ -66,6 +67,7 @@ def sampling_params(req, llm: LLM, prompt_len: int, max_tokens: int | None, logp
                        f"prompt has {prompt_len} tokens", param="messages")
     fields["max_tokens"] = max_tokens or limit
     fields["logprobs"] = logprobs
+    fields.update(constraint or {})                            # json_schema / grammar / thinking_token_budget
     try:
         return llm.default_sampling_params(**fields)
     except ValueError as e:
@@ -100,10 +102,10 @@ class _Job:
         self.cached: dict[str, int] = {}                       # request id -> prompt tokens from the prefix cache
 
     def submit(self, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-               force: tuple[int | None, list[int]] | None = None, mm=None) -> None:
+               force: tuple[int | None, list[int]] | None = None, mm=None, constraint: dict | None = None) -> None:
         self.prompts = prompts
         self.prompt_of: list[int] = []                         # per choice: its prompt index
-        params = [sampling_params(self.req, self.llm, len(p), max_tokens, logprobs, c)
+        params = [sampling_params(self.req, self.llm, len(p), max_tokens, logprobs, c, constraint)
                   for p in prompts for c in range(self.req.n)]  # validate everything before queueing anything
         self.t0 = now()
         self.queue = asyncio.Queue()
@@ -241,9 +243,52 @@ class ChatJob(_Job):
     async def prepare(self) -> None:
         req = self.req
         inputs = await self.build_inputs()
+        constraint = self._constraint(req)
+        force = None if "grammar" in constraint else self._forced_call(req)
         top = req.top_logprobs if req.logprobs else None
         self.submit([inputs.ids], req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None,
-                    self._forced_call(req), inputs.mm)
+                    force, inputs.mm, constraint)
+
+    def _constraint(self, req: ChatCompletionRequest) -> dict:
+        """What the answer is held to: a JSON schema (response_format), a grammar of strict tool calls
+        (tool_choice required or named, or tools marked strict), a thinking budget. Checked here: a schema
+        or tool the grammar engine cannot use is a 400 naming it."""
+        out: dict = {}
+        if req.thinking_token_budget is not None:
+            out["thinking_token_budget"] = req.thinking_token_budget
+        schema = response_schema(req.response_format)
+        choice = req.tool_choice
+        forced = self.tools and (choice == "required" or isinstance(choice, NamedToolChoice))
+        strict = [t for t in self.tools or () if t["function"].get("strict") is True]
+        if schema is not None and (forced or strict):
+            raise APIError("response_format cannot be combined with a required or strict tool call",
+                           param="response_format")
+        grammar, param = None, "response_format"
+        try:
+            if schema is not None:
+                grammar = json_grammar(schema)
+            elif forced or strict:
+                param = "tools"
+                if isinstance(choice, NamedToolChoice):
+                    name = choice.function.get("name")
+                    allowed = [t for t in self.tools if t["function"]["name"] == name]
+                    if not allowed:
+                        raise APIError(f"tool_choice names function {name!r}, which is not in tools",
+                                       param="tool_choice")
+                else:
+                    allowed = self.tools if forced else strict
+                grammar = tool_call_grammar(allowed, required=bool(forced),
+                                            max_calls=1 if req.parallel_tool_calls is False else None)
+            if grammar is not None:
+                backend = self.runner.engine.grammar
+                if backend is None:
+                    raise GrammarError("this checkpoint has no tokenizer.json for the grammar engine")
+                backend.check(grammar, "JSON schema" if schema is not None else "tool schema")
+        except GrammarError as e:
+            raise APIError(f"{param}: {e}", param=param) from None
+        if grammar is not None:
+            out["grammar"] = grammar
+        return out
 
     def _forced_call(self, req: ChatCompletionRequest) -> tuple[int | None, list[int]] | None:
         """tool_choice "required" / a named function: the turn's answer is made to open a tool call (right

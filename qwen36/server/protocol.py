@@ -32,7 +32,6 @@ class _Model(BaseModel):
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
                             "prompt_cache_retention", "safety_identifier"})
 _UNSUPPORTED = {
-    "response_format": "structured output is not supported yet; only {\"type\": \"text\"} is accepted",
     "functions": "the legacy functions API is not supported; use 'tools'",
     "function_call": "the legacy functions API is not supported; use 'tool_choice'",
     "audio": "audio output is not supported", "modalities": "only [\"text\"] output is supported",
@@ -70,6 +69,7 @@ class FunctionDef(_Model):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None                # its calls are constrained to the parameters' schema
 
 
 class Tool(_Model):
@@ -112,6 +112,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    thinking_token_budget: int | None = Field(default=None, ge=0)   # vLLM's name
     modalities: list[str] | None = None
 
 
@@ -143,14 +144,33 @@ def parse(model: type[_Model], raw: bytes) -> Any:
     req = validate(model, data)
     # values of supported fields that ask for something we do not do
     fmt = getattr(req, "response_format", None)
-    if fmt is not None and fmt.get("type") != "text":
-        raise APIError(f"unsupported field 'response_format': {_UNSUPPORTED['response_format']}",
-                       param="response_format")
+    if fmt is not None:
+        response_schema(fmt)                                   # a 400 naming what is wrong
     if getattr(req, "modalities", None) not in (None, ["text"]):
         raise APIError(f"unsupported field 'modalities': {_UNSUPPORTED['modalities']}", param="modalities")
     if getattr(req, "best_of", None) not in (None, 1):
         raise APIError(f"unsupported field 'best_of': {_UNSUPPORTED['best_of']}", param="best_of")
     return req
+
+
+def response_schema(fmt: dict | None):
+    """OpenAI's response_format -> the answer's JSON schema: None (text), True (any JSON object) or a dict."""
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return True
+    if kind != "json_schema":
+        raise APIError(f"response_format.type: expected 'text', 'json_object' or 'json_schema', got {kind!r}",
+                       param="response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise APIError("response_format.json_schema: required, an object with 'name' and 'schema'",
+                       param="response_format")
+    schema = spec.get("schema", True)
+    if schema is not True and not isinstance(schema, dict):
+        raise APIError("response_format.json_schema.schema: must be a JSON schema object", param="response_format")
+    return schema
 
 
 def validate(model: type[BaseModel], data: bytes | dict) -> Any:
