@@ -241,7 +241,7 @@ def test_responses_function_call_output_and_previous_response_id(oai, offline):
 
 def test_responses_errors(server, oai):
     with pytest.raises(openai.BadRequestError) as e:
-        oai.responses.create(model="m", input="x", text={"format": {"type": "json_object"}})
+        oai.responses.create(model="m", input="x", text={"format": {"type": "yaml"}})
     assert "text.format" in str(e.value)
     with pytest.raises(openai.BadRequestError):
         oai.responses.create(model="m", input=[{"type": "message", "role": "user",

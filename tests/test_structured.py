@@ -113,7 +113,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 def client(checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("structured") / "server.log"
     proc, base = launch(checkpoint("demo"), log, "--api-key", KEY, "--max-model-len", "1024")
-    yield openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    c = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    c.test_base = base
+    yield c
     stop(proc)
     assert "Traceback" not in log.read_text()
 
@@ -160,3 +162,23 @@ def test_bad_schemas_are_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=MSG, max_tokens=4, response_format={"type": "json_schema"})
     assert e.value.body["param"] == "response_format"
+
+
+def test_anthropic_and_responses_formats(client):
+    """output_config.format on /v1/messages and text.format on /v1/responses take the same schemas, with
+    thinking on under budget_tokens / reasoning.effort low."""
+    import anthropic
+
+    schema = SCHEMAS["list"]
+    claude = anthropic.Anthropic(base_url=client.test_base, api_key=KEY, max_retries=0, timeout=120)
+    m = claude.messages.create(model="m", max_tokens=160, messages=MSG, thinking={"type": "enabled", "budget_tokens": 5},
+                               output_config={"format": {"type": "json_schema", "schema": schema}},
+                               extra_body={"temperature": 0.9})
+    [thinking, text] = m.content
+    assert thinking.type == "thinking" and m.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(text.text), schema)
+    r = client.responses.create(model="m", input="Answer in JSON.", max_output_tokens=300, temperature=0.9,
+                                reasoning={"effort": "none"},
+                                text={"format": {"type": "json_schema", "name": "todo", "schema": schema}})
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), schema)

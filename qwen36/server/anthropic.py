@@ -212,13 +212,19 @@ def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
     thinking = (req.thinking or {}).get("type")
     if thinking in ("enabled", "adaptive", "between_tools"):
         body["chat_template_kwargs"] = {"enable_thinking": True}
+        if isinstance(req.thinking.get("budget_tokens"), int):
+            body["thinking_token_budget"] = req.thinking["budget_tokens"]
     elif thinking == "disabled":
         body["chat_template_kwargs"] = {"enable_thinking": False}
     elif thinking is not None:
         raise APIError("thinking.type: expected 'enabled', 'disabled', 'adaptive' or 'between_tools'",
                        param="thinking")
-    if ((req.model_extra or {}).get("output_config") or {}).get("format") is not None:
-        raise APIError("output_config.format: structured output is not supported yet", param="output_config")
+    fmt = ((req.model_extra or {}).get("output_config") or {}).get("format")
+    if fmt is not None:                          # {"type": "json_schema", "schema": {...}}
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+            raise APIError("output_config.format: expected {\"type\": \"json_schema\", \"schema\": {...}}",
+                           param="output_config")
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     for ours, theirs in (("stop", "stop_sequences"), ("temperature", "temperature"), ("top_p", "top_p"),
                          ("top_k", "top_k")):
         if getattr(req, theirs) is not None:

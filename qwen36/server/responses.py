@@ -22,10 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..parsers import ChatResult
 from .jobs import ChatJob, Choice
-from .protocol import APIError, ChatCompletionRequest, validate
+from .protocol import APIError, ChatCompletionRequest, response_schema, validate
 
 log = logging.getLogger("qwen36.server")
 
+# reasoning.effort -> thinking tokens before </think> is forced (high and above: the model decides)
+EFFORT_BUDGETS = {"low": 1024, "medium": 8192}
 # fields that would change the answer and are not implemented: a 400 naming them
 _UNSUPPORTED = {"background": "background responses are not supported", "conversation": "conversations are not "
                 "supported; use previous_response_id", "prompt": "stored prompts are not supported"}
@@ -55,10 +57,6 @@ def parse_request(raw: bytes) -> ResponsesRequest:
     for name, why in _UNSUPPORTED.items():
         if (req.model_extra or {}).get(name) not in (None, False):
             raise APIError(f"unsupported field {name!r}: {why}", param=name)
-    fmt = ((req.text or {}).get("format") or {}).get("type", "text")
-    if fmt != "text":
-        raise APIError("unsupported field 'text.format': structured output is not supported yet; only "
-                       "{\"type\": \"text\"}", param="text.format")
     return req
 
 
@@ -199,6 +197,20 @@ def to_chat(req: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionR
     effort = (req.reasoning or {}).get("effort")
     if effort is not None:
         body["chat_template_kwargs"] = {"enable_thinking": effort not in ("none", "minimal")}
+        if EFFORT_BUDGETS.get(effort) is not None:
+            body["thinking_token_budget"] = EFFORT_BUDGETS[effort]
+    fmt = (req.text or {}).get("format")
+    if fmt is not None:                          # Responses' flat form -> chat completions' response_format
+        if not isinstance(fmt, dict):
+            raise APIError("text.format: expected an object", param="text.format")
+        if fmt.get("type") == "json_schema":
+            fmt = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+        try:
+            response_schema(fmt)
+        except APIError as e:
+            raise APIError(e.message.replace("response_format.json_schema", "text.format").replace(
+                "response_format", "text.format"), param="text.format") from None
+        body["response_format"] = fmt
     for name in ("temperature", "top_p"):
         if getattr(req, name) is not None:
             body[name] = getattr(req, name)
