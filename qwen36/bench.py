@@ -96,7 +96,7 @@ def _timed(fn):
 
 def run(model: str | None, layers: int = 40, quantization: str | None = "int4", prompt_len: int = 512,
         decode_tokens: int = 128, vs_transformers: bool = False, experts: int = 256,
-        max_ram: int | None = None, image: bool = True) -> dict:
+        max_ram: int | None = None, image: bool = True, structured: bool = False) -> dict:
     from . import LLM, SamplingParams
 
     torch.manual_seed(0)
@@ -130,6 +130,8 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
         "bandwidth_fraction": round(bytes_tok * decode_1 / 1e9 / bandwidth, 3),
         "peak_rss_gb": round(peak_rss_gb(), 2), "max_ram_gb": round(max_ram / (1 << 30), 2) if max_ram else None,
     }
+    if structured:
+        result["structured"] = structured_decode_bench(llm, short, batch, decode_tokens)
     if image:  # after peak RSS is taken: a random stand-in tower would not be part of the model's memory
         result["image"] = image_encode_bench(llm)
     if vs_transformers:  # one model in memory at a time
@@ -145,6 +147,50 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
             result[f"speedup_prefill_{tag}"] = round(hf["prefill_s"] / ours["prefill_s"], 2)
             result[f"speedup_decode_{tag}"] = round(ours["decode_tok_s"] / hf["decode_tok_s"], 2)
     return result
+
+
+# a schema whose answer stays open for the whole run (a long string): every step computes a mask
+LONG_SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 100000}}, "required": ["text"]}
+
+
+def structured_decode_bench(llm, short: list[int], batch: list[list[int]], n: int, rounds: int = 3) -> dict:
+    """Generation tok/s (a 16-token prompt, then n tokens) with and without a JSON schema, batch 1 and 8,
+    alternated in the same run; schema compile time."""
+    from . import SamplingParams
+    from .structured import json_grammar
+
+    engine = llm.engine()
+    if engine.grammar is None:
+        return {"error": "the checkpoint has no tokenizer.json"}
+    engine.grammar.warm()                                              # once per server (serve does it), not timed
+    t0 = time.perf_counter()
+    engine.grammar.check(json_grammar(LONG_SCHEMA), "JSON schema")
+    compile_ms = (time.perf_counter() - t0) * 1000
+    out = {"schema_compile_ms": round(compile_ms, 1)}
+    # a grammar's first masks build its lexer tables; an agent repeats its schemas, so that is not timed
+    llm.generate(short, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, json_schema=LONG_SCHEMA))
+    runs: dict[str, list[float]] = {}
+    for _ in range(rounds):      # alternated, medians: this machine's speed drifts within a minute
+        for label, extra in (("plain", {}), ("schema", {"json_schema": LONG_SCHEMA})):
+            p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **extra)
+            o, t1 = _timed(lambda: llm.generate(short, p))
+            runs.setdefault(f"decode_tok_s_batch1_{label}", []).append(len(o.token_ids) / t1)
+            outs, t8 = _timed(lambda: llm.generate(batch, p))
+            runs.setdefault(f"decode_tok_s_batch8_{label}", []).append(sum(len(x.token_ids) for x in outs) / t8)
+    out.update({k: round(sorted(v)[len(v) // 2], 2) for k, v in runs.items()})
+    # the grammar's own cost, free of the machine's drift: replay the last constrained answer's tokens
+    from .structured import Guide
+
+    tokens = o.token_ids
+    matcher = engine.grammar.matcher(json_grammar(LONG_SCHEMA))
+    t0 = time.perf_counter()
+    for t in tokens:
+        Guide._compute(matcher, llm.config.text.vocab_size)
+        matcher.consume_token(t)
+    out["grammar_ms_per_token"] = round((time.perf_counter() - t0) * 1000 / max(len(tokens), 1), 3)
+    for b in ("batch1", "batch8"):
+        out[f"slowdown_{b}"] = round(1 - out[f"decode_tok_s_{b}_schema"] / out[f"decode_tok_s_{b}_plain"], 3)
+    return out
 
 
 def image_encode_bench(llm, width: int = 1024, height: int = 768) -> dict:
@@ -231,6 +277,6 @@ def run_bench(args) -> int:
 
     result = run(args.model, args.layers, quantization, args.prompt_len, args.decode_tokens,
                  args.vs_transformers, args.experts, parse_size(args.max_ram) if args.max_ram else None,
-                 not args.no_image)
+                 not args.no_image, args.structured)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0

@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--max-ram", default=None, help="as for serve: keep resident memory under SIZE")
     b.add_argument("--no-image", action="store_true", help="skip the 1024x768 image encode timing")
+    b.add_argument("--structured", action="store_true",
+                   help="also decode with a JSON schema (batch 1 and 8) and time a schema compile")
     b.add_argument("--agent", action="store_true",
                    help="replay a coding-agent session (see bench_agent.py) against --url or a server started here")
     b.add_argument("--url", default=None, help="--agent: an OpenAI-compatible server (ours, llama.cpp's, ...)")

@@ -275,6 +275,9 @@ class Engine:
             if w.samples:
                 rows.append(len(tokens) - 1)
         captures = [self._captures(w.seq, w.num_new) for w in work]
+        for w, r in zip(work, reqs):        # grammar masks are computed on a thread while the forward runs
+            if w.samples and r.guide is not None:
+                r.guide.prefetch(self.model.cfg.vocab_size)
         batch = ForwardBatch.build([w.seq.slot for w in work], [w.seq.num_computed for w in work],
                                    [w.num_new for w in work], [w.seq.blocks for w in work],
                                    self.cache.block_size, logits=rows, positions=torch.cat(positions, dim=1),

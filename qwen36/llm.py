@@ -134,6 +134,8 @@ class LLM:
         cache = self.model.new_cache(1, n)
         ids = torch.arange(n, device=self.device) % min(self.config.text.vocab_size, 1000)
         self.model(self.model.embed(ids), cache.batch([0], [0], [n]), cache)
+        if self.engine().grammar is not None:           # the grammar engine's tables (structured output)
+            self.engine().grammar.warm()
 
     def engine(self) -> Engine:
         """The continuous-batching engine behind generate/chat (made on first use)."""

@@ -15,7 +15,6 @@ the JSON, or the tool call, and the end-of-turn token is allowed only where the 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -125,6 +124,15 @@ class GrammarBackend:
                                                eos_token=self.eos_ids[0] if len(self.eos_ids) == 1 else self.eos_ids)
         return self._tok
 
+    def warm(self) -> None:
+        """Load the tokenizer and compute one mask inside a JSON string: llguidance builds its token tables
+        on the first masks (seconds on this vocabulary), which the first constrained request would pay."""
+        matcher = self.matcher(json_grammar({"type": "object", "properties": {"a": {"type": "string"}}}))
+        for t in self.tokenizer.tokenize_str('{"a": "x'):
+            matcher.consume_token(t)
+        for _ in range(2):
+            Guide._compute(matcher, self.vocab_size)
+
     def check(self, grammar: str, what: str = "grammar") -> None:
         """Raises GrammarError ("invalid <what>: why") for a grammar llguidance cannot use."""
         import llguidance
@@ -139,9 +147,17 @@ class GrammarBackend:
         return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
 
 
-@lru_cache(maxsize=8)
-def _bitmask(n_words: int) -> torch.Tensor:
-    return torch.zeros(1, n_words, dtype=torch.int32)
+_POOL = None
+
+
+def _pool():
+    """One worker thread: masks are computed there while the model's forward runs (both release the GIL)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(1, thread_name_prefix="qwen36-grammar")
+    return _POOL
 
 
 class Guide:
@@ -157,6 +173,7 @@ class Guide:
         self.reasoning_tokens = 0
         self.forced: list[int] = []                 # tokens to emit instead of sampling, in order
         self.matcher = None
+        self._pending = None                        # a mask being computed (prefetch)
         self.phase = "think" if thinking else "answer"
         if not thinking:
             self._answer()
@@ -172,16 +189,33 @@ class Guide:
             self.forced = [self.think_end]           # the budget is spent: reasoning ends here
         return self.forced[0] if self.forced else None
 
+    def prefetch(self, vocab: int) -> None:
+        """Start computing the next mask (the engine calls this before the forward pass)."""
+        if self.matcher is not None and not self.forced and self._pending is None and self.next_forced() is None:
+            self._pending = _pool().submit(self._mask, vocab)
+
     def allowed(self, vocab: int) -> torch.Tensor | None:
         """Boolean mask [vocab] of the tokens the grammar allows now (None: anything may come)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return pending.result()
         if self.matcher is None or self.forced:
             return None
+        return self._mask(vocab)
+
+    def _mask(self, vocab: int) -> torch.Tensor:
+        return self._compute(self.matcher, vocab)
+
+    @staticmethod
+    def _compute(matcher, vocab: int) -> torch.Tensor:
         import llguidance.torch as lt
 
-        mask = _bitmask((vocab + 31) // 32)
-        lt.fill_next_token_bitmask(self.matcher, mask, 0)
-        bits = mask[0].unsqueeze(1) >> torch.arange(32, dtype=torch.int32)
-        return (bits & 1).bool().flatten()[:vocab]
+        import numpy as np
+
+        mask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
+        lt.fill_next_token_bitmask(matcher, mask, 0)
+        bits = np.unpackbits(mask[0].numpy().view(np.uint8), bitorder="little")   # bit i of word w: token 32w+i
+        return torch.from_numpy(bits.view(np.bool_))[:vocab]
 
     def consume(self, tok: int) -> None:
         """The token that was emitted (sampled or forced)."""
