@@ -238,8 +238,3 @@ class Guide:
             return
         if self.matcher is not None:
             self.matcher.consume_token(tok)
-
-    @property
-    def stopped(self) -> bool:
-        """The grammar is complete and allows nothing more (the answer is over)."""
-        return self.matcher is not None and self.matcher.is_stopped()
