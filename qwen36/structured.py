@@ -208,13 +208,12 @@ class Guide:
 
     @staticmethod
     def _compute(matcher, vocab: int) -> torch.Tensor:
-        import llguidance.torch as lt
-
+        import llguidance.numpy as ln
         import numpy as np
 
-        mask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
-        lt.fill_next_token_bitmask(matcher, mask, 0)
-        bits = np.unpackbits(mask[0].numpy().view(np.uint8), bitorder="little")   # bit i of word w: token 32w+i
+        mask = np.zeros((1, (vocab + 31) // 32), dtype=np.int32)
+        ln.fill_next_token_bitmask(matcher, mask, 0)
+        bits = np.unpackbits(mask[0].view(np.uint8), bitorder="little")   # bit i of word w: token 32w + i
         return torch.from_numpy(bits.view(np.bool_))[:vocab]
 
     def consume(self, tok: int) -> None:
