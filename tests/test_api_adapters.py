@@ -317,3 +317,50 @@ def test_malformed_adapter_requests_disturb_nothing(server, claude):
         assert 400 <= r.status_code < 500 and needle in r.text, r.text
     t.join()
     assert result["msg"] == blocks_of(claude.messages.create(**kw))
+
+
+STRICT_WEATHER = {**WEATHER, "input_schema": {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 5}},
+    "required": ["city", "days"], "additionalProperties": False}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_messages_tool_use_round_trip(claude, stream):
+    """tool_choice forces a call (constrained to the schema, so random weights make one): a tool_use
+    block with a schema-valid input, stop_reason tool_use; its tool_result goes back and is answered."""
+    import jsonschema
+
+    kw = dict(model="m", max_tokens=80, tools=[STRICT_WEATHER],
+              tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+              thinking={"type": "disabled"}, messages=[{"role": "user", "content": "Weather in Oslo?"}],
+              extra_body={"temperature": 0.9, "top_k": 50})
+    if stream:
+        with claude.messages.stream(**kw) as s:
+            first = s.get_final_message()
+    else:
+        first = claude.messages.create(**kw)
+    [use] = [b for b in first.content if b.type == "tool_use"]
+    assert first.stop_reason == "tool_use" and use.name == "get_weather" and use.id.startswith("toolu_")
+    jsonschema.validate(use.input, STRICT_WEATHER["input_schema"])
+    history = kw["messages"] + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                              "content": "sunny, 21 C"}]}]
+    second = claude.messages.create(model="m", max_tokens=4, tools=[STRICT_WEATHER], messages=history,
+                                    thinking={"type": "disabled"})
+    assert second.stop_reason in ("max_tokens", "end_turn", "tool_use")
+
+
+def test_responses_function_call_round_trip(oai):
+    import jsonschema
+
+    tools = [{"type": "function", "name": "get_weather", "description": "Weather for a city.",
+              "parameters": STRICT_WEATHER["input_schema"], "strict": True}]
+    first = oai.responses.create(model="m", input="Weather in Oslo?", tools=tools, max_output_tokens=80,
+                                 tool_choice={"type": "function", "name": "get_weather"}, temperature=0.9,
+                                 reasoning={"effort": "none"}, parallel_tool_calls=False)
+    [call] = [i for i in first.output if i.type == "function_call"]
+    jsonschema.validate(json.loads(call.arguments), STRICT_WEATHER["input_schema"])
+    second = oai.responses.create(model="m", previous_response_id=first.id, tools=tools, max_output_tokens=3,
+                                  input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+                                  reasoning={"effort": "none"})
+    assert second.status in ("completed", "incomplete") and second.usage.input_tokens > first.usage.input_tokens
