@@ -264,10 +264,11 @@ class ChatJob(_Job):
             raise APIError("response_format cannot be combined with a required or strict tool call",
                            param="response_format")
         grammar, param = None, "response_format"
+        backend = self.runner.engine.grammar
         try:
             if schema is not None:
                 grammar = json_grammar(schema)
-            elif forced or strict:
+            elif (forced or strict) and backend is not None:   # (without one: the call is only opened)
                 param = "tools"
                 if isinstance(choice, NamedToolChoice):
                     name = choice.function.get("name")
@@ -280,7 +281,6 @@ class ChatJob(_Job):
                 grammar = tool_call_grammar(allowed, required=bool(forced),
                                             max_calls=1 if req.parallel_tool_calls is False else None)
             if grammar is not None:
-                backend = self.runner.engine.grammar
                 if backend is None:
                     raise GrammarError("this checkpoint has no tokenizer.json for the grammar engine")
                 backend.check(grammar, "JSON schema" if schema is not None else "tool schema")
