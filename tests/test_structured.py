@@ -182,3 +182,17 @@ def test_anthropic_and_responses_formats(client):
                                 text={"format": {"type": "json_schema", "name": "todo", "schema": schema}})
     assert r.status == "completed"
     jsonschema.validate(json.loads(r.output_text), schema)
+
+
+def test_without_tokenizer_json_structured_output_is_refused_clearly(checkpoint, tmp_path):
+    """A checkpoint with only vocab.json (no tokenizer.json for llguidance) still chats; a schema is a
+    ValueError saying what is missing, never a crash mid-generation."""
+    src = checkpoint("demo")
+    for f in src.iterdir():
+        if f.name != "tokenizer.json":
+            (tmp_path / f.name).symlink_to(f)
+    llm = LLM(tmp_path)
+    assert llm.engine().grammar is None
+    assert llm.chat(MSG, SamplingParams(temperature=0, max_tokens=2)).finish_reason == "length"
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        llm.chat(MSG, SamplingParams(max_tokens=2, json_schema=True))
