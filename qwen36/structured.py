@@ -139,7 +139,8 @@ class GrammarBackend:
 
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
-            raise GrammarError(f"invalid {what}: {error.strip().splitlines()[0]}")
+            why = " ".join(line.strip() for line in error.strip().splitlines()[:3])
+            raise GrammarError(f"invalid {what}: {why}")
 
     def matcher(self, grammar: str):
         import llguidance
