@@ -309,10 +309,11 @@ class Engine:
     def _sample(self, r: Request, logits: torch.Tensor) -> StepOutput:
         p = r.params
         guide = r.guide
+        forced = guide.next_forced() if guide is not None and not r.forcing else None
         if r.forcing:
             tok = r.forcing.pop(0)
-        elif guide is not None and guide.next_forced() is not None:
-            tok = guide.next_forced()
+        elif forced is not None:
+            tok = forced
         else:
             allowed = guide.allowed(logits.shape[-1]) if guide is not None else None
             if allowed is not None and not bool(allowed.any()):

@@ -114,6 +114,7 @@ class GrammarBackend:
     def __init__(self, tokenizer_file: str | Path, vocab_size: int, eos_ids):
         self.tokenizer_file, self.vocab_size, self.eos_ids = str(tokenizer_file), vocab_size, list(eos_ids)
         self._tok = None
+        self._valid: set[str] = set()               # grammars already checked (server and engine both ask)
 
     @property
     def tokenizer(self):
@@ -137,10 +138,16 @@ class GrammarBackend:
         """Raises GrammarError ("invalid <what>: why") for a grammar llguidance cannot use."""
         import llguidance
 
+        if grammar in self._valid:
+            return
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if error:
-            why = " ".join(line.strip() for line in error.strip().splitlines()[:3])
-            raise GrammarError(f"invalid {what}: {why}")
+        if not error:
+            if len(self._valid) >= 256:              # agents repeat a handful of schemas: a small bound
+                self._valid.clear()
+            self._valid.add(grammar)
+            return
+        why = " ".join(line.strip() for line in error.strip().splitlines()[:3])
+        raise GrammarError(f"invalid {what}: {why}")
 
     def matcher(self, grammar: str):
         import llguidance

@@ -46,6 +46,16 @@ CHECKPOINTS = {
 
 
 @pytest.fixture(scope="session")
+def tokenizer_files(tmp_path_factory):
+    """A directory with the tokenizer files synthesized checkpoints get (the real vocabulary)."""
+    from qwen36.tokenizer import write_tokenizer_files
+
+    out = tmp_path_factory.mktemp("tok")
+    write_tokenizer_files(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(name, **options) -> directory; written once per distinct request in a session."""
     made = {}

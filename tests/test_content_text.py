@@ -14,7 +14,7 @@ import unicodedata
 import pytest
 
 from qwen36.chat import CHAT_TEMPLATE, ChatTemplate
-from qwen36.tokenizer import ESCAPE, SPECIAL_TOKENS, ContentEscape, Tokenizer, write_tokenizer_files
+from qwen36.tokenizer import ESCAPE, SPECIAL_TOKENS, ContentEscape, Tokenizer
 
 RENDERERS = {"builtin": ChatTemplate(), "jinja": ChatTemplate(CHAT_TEMPLATE)}
 # every special-token string, each between letters (so no template check such as startswith('<tool_response>')
@@ -24,10 +24,8 @@ PAYLOAD = ("a" + "b".join(SPECIAL_TOKENS) + ESCAPE + "\ue001c\U000f0003"
 
 
 @pytest.fixture(scope="module")
-def tokdir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    write_tokenizer_files(out)
-    return out
+def tokdir(tokenizer_files):
+    return tokenizer_files
 
 
 @pytest.fixture(scope="module")

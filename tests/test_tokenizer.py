@@ -5,7 +5,7 @@ import unicodedata
 
 import pytest
 
-from qwen36.tokenizer import SPECIAL_START, SPECIAL_TOKENS, Tokenizer, write_tokenizer_files
+from qwen36.tokenizer import SPECIAL_START, SPECIAL_TOKENS, Tokenizer
 
 CORPUS = [
     "Hello, world! How are you today?",
@@ -27,10 +27,8 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    write_tokenizer_files(out)
-    return out
+def files(tokenizer_files):
+    return tokenizer_files
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .jobs import ChatJob, Choice
-from .protocol import APIError, ChatCompletionRequest, validate
+from .protocol import APIError, ChatCompletionRequest, function_tool, validate
 
 log = logging.getLogger("qwen36.server")
 
@@ -174,12 +174,7 @@ def _tools(tools: list[dict] | None) -> list[dict] | None:
         if t.get("type") not in (None, "custom"):      # Anthropic's server tools (web search, bash, ...)
             log.warning("/v1/messages: skipping tools[%d] of type %r (only custom tools are served)", i, t.get("type"))
             continue
-        if not isinstance(t.get("name"), str):
-            raise APIError(f"tools[{i}].name: required", param="tools")
-        function = {"name": t["name"], "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}
-        if isinstance(t.get("description"), str):
-            function["description"] = t["description"]
-        out.append({"type": "function", "function": function})
+        out.append(function_tool(i, t.get("name"), t.get("description"), t.get("input_schema")))
     return out or None
 
 

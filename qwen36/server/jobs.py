@@ -209,19 +209,19 @@ class ChatJob(_Job):
     def __init__(self, req: ChatCompletionRequest, config, template: ChatTemplate, tokenizer, llm, runner):
         super().__init__(req, config, tokenizer, llm, runner)
         self.template = template
+        kwargs = {**(config.default_chat_template_kwargs or {}), **(req.chat_template_kwargs or {})}
+        self.thinking = kwargs.get("enable_thinking", True) is not False
+        self.preserve = kwargs.get("preserve_thinking", False) is True
+        use_tools = bool(req.tools) and req.tool_choice != "none"
+        self.tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
 
     async def build_inputs(self):
         """Render the conversation and build its prompt inputs (images through the vision tower)."""
-        req = self.req
-        kwargs = {**(self.config.default_chat_template_kwargs or {}), **(req.chat_template_kwargs or {})}
-        self.thinking = kwargs.get("enable_thinking", True) is not False
-        preserve = kwargs.get("preserve_thinking", False) is True
-        use_tools = bool(req.tools) and req.tool_choice != "none"
-        self.tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
+        req, preserve = self.req, self.preserve
         media = self.llm.media
         # late system (and developer) messages join the leading one: agents send reminders that way
         messages = merge_system_messages(media.normalize([m.model_dump(exclude_none=True) for m in req.messages]))
-        self.messages, self.preserve = messages, preserve
+        self.messages = messages
         try:
             prompt = self.template.render(messages, tools=self.tools, add_generation_prompt=True,
                                           enable_thinking=self.thinking, preserve_thinking=preserve,
@@ -242,9 +242,9 @@ class ChatJob(_Job):
 
     async def prepare(self) -> None:
         req = self.req
+        constraint = self._constraint(req)                     # bad schemas and tool choices: 400s before
+        force = None if "grammar" in constraint else self._forced_call(req)   # any rendering or image work
         inputs = await self.build_inputs()
-        constraint = self._constraint(req)
-        force = None if "grammar" in constraint else self._forced_call(req)
         top = req.top_logprobs if req.logprobs else None
         self.submit([inputs.ids], req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None,
                     force, inputs.mm, constraint)

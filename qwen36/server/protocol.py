@@ -153,6 +153,16 @@ def parse(model: type[_Model], raw: bytes) -> Any:
     return req
 
 
+def function_tool(index: int, name, description, parameters) -> dict:
+    """Another API's function tool (Anthropic's, Responses') as chat completions' `tools[index]` entry."""
+    if not isinstance(name, str):
+        raise APIError(f"tools[{index}].name: required", param="tools")
+    function = {"name": name, "parameters": parameters or {"type": "object", "properties": {}}}
+    if isinstance(description, str):
+        function["description"] = description
+    return {"type": "function", "function": function}
+
+
 def response_schema(fmt: dict | None):
     """OpenAI's response_format -> the answer's JSON schema: None (text), True (any JSON object) or a dict."""
     kind = (fmt or {}).get("type", "text")

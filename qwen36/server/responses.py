@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..parsers import ChatResult
 from .jobs import ChatJob, Choice
-from .protocol import APIError, ChatCompletionRequest, response_schema, validate
+from .protocol import APIError, ChatCompletionRequest, function_tool, response_schema, validate
 
 log = logging.getLogger("qwen36.server")
 
@@ -165,12 +165,7 @@ def _tools(tools: list[dict] | None) -> list[dict] | None:
             log.warning("/v1/responses: skipping tools[%d] of type %r (only function tools are served)", i,
                         t.get("type"))
             continue
-        if not isinstance(t.get("name"), str):
-            raise APIError(f"tools[{i}].name: required", param="tools")
-        function = {"name": t["name"], "parameters": t.get("parameters") or {"type": "object", "properties": {}}}
-        if isinstance(t.get("description"), str):
-            function["description"] = t["description"]
-        out.append({"type": "function", "function": function})
+        out.append(function_tool(i, t.get("name"), t.get("description"), t.get("parameters")))
     return out or None
 
 
