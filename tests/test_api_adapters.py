@@ -364,3 +364,19 @@ def test_responses_function_call_round_trip(oai):
                                   input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
                                   reasoning={"effort": "none"})
     assert second.status in ("completed", "incomplete") and second.usage.input_tokens > first.usage.input_tokens
+
+
+def test_strict_flag_of_adapter_tools_reaches_the_chat_request():
+    """`strict: true` on a Responses or Anthropic tool keeps its meaning: the chat request's tool is strict
+    (its calls constrained), and a tool without the flag is not."""
+    from qwen36.server import anthropic as am, responses as rm
+
+    schema = WEATHER["input_schema"]
+    r = rm.parse_request(json.dumps({"input": "x", "tools": [
+        {"type": "function", "name": "a", "parameters": schema, "strict": True},
+        {"type": "function", "name": "b", "parameters": schema}]}).encode())
+    chat, _ = rm.to_chat(r, [])
+    assert [t.function.strict for t in chat.tools] == [True, None]
+    m = am.parse_request(json.dumps({"max_tokens": 2, "messages": MSG, "tools": [
+        {**WEATHER, "strict": True}, {**WEATHER, "name": "other"}]}).encode())
+    assert [t.function.strict for t in am.to_chat(m).tools] == [True, None]

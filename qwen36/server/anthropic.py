@@ -174,7 +174,7 @@ def _tools(tools: list[dict] | None) -> list[dict] | None:
         if t.get("type") not in (None, "custom"):      # Anthropic's server tools (web search, bash, ...)
             log.warning("/v1/messages: skipping tools[%d] of type %r (only custom tools are served)", i, t.get("type"))
             continue
-        out.append(function_tool(i, t.get("name"), t.get("description"), t.get("input_schema")))
+        out.append(function_tool(i, t.get("name"), t.get("description"), t.get("input_schema"), t.get("strict")))
     return out or None
 
 

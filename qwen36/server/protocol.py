@@ -153,13 +153,16 @@ def parse(model: type[_Model], raw: bytes) -> Any:
     return req
 
 
-def function_tool(index: int, name, description, parameters) -> dict:
-    """Another API's function tool (Anthropic's, Responses') as chat completions' `tools[index]` entry."""
+def function_tool(index: int, name, description, parameters, strict=None) -> dict:
+    """Another API's function tool (Anthropic's, Responses') as chat completions' `tools[index]` entry;
+    `strict: true` keeps its meaning (calls constrained to the schema)."""
     if not isinstance(name, str):
         raise APIError(f"tools[{index}].name: required", param="tools")
     function = {"name": name, "parameters": parameters or {"type": "object", "properties": {}}}
     if isinstance(description, str):
         function["description"] = description
+    if isinstance(strict, bool):
+        function["strict"] = strict
     return {"type": "function", "function": function}
 
 

@@ -165,7 +165,7 @@ def _tools(tools: list[dict] | None) -> list[dict] | None:
             log.warning("/v1/responses: skipping tools[%d] of type %r (only function tools are served)", i,
                         t.get("type"))
             continue
-        out.append(function_tool(i, t.get("name"), t.get("description"), t.get("parameters")))
+        out.append(function_tool(i, t.get("name"), t.get("description"), t.get("parameters"), t.get("strict")))
     return out or None
 
 
