@@ -6,6 +6,8 @@ Attention KV lives in fixed-size blocks; `kv_rows[i]` lists the flat cache rows 
 0 .. starts[i] + lens[i] - 1 (row = block * block_size + offset), the last lens[i] of which are written.
 `captures[i]` lists (k, snapshot slot): after its first k new tokens (1 <= k <= lens[i]), sequence i's
 DeltaNet states are also written to that prefix-cache snapshot slot (the engine copies the KV tail).
+`keep[i]` (speculative verification): the DeltaNet states after each of sequence i's first keep[i] new tokens
+are also written to its slot's "spec_conv" / "spec_state" rows, where the engine resumes after a rejection.
 """
 from __future__ import annotations
 
@@ -13,6 +15,12 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+
+# sequences adding at most this many tokens in a step (decode, speculative verification) run token by token
+# where the arithmetic could otherwise depend on the count (DeltaNet recurrence, attention): verifying 1 + k
+# tokens then computes exactly what decoding them one at a time would
+SHORT = 8
 
 
 def text_positions(start: int, n: int) -> torch.Tensor:
@@ -29,6 +37,7 @@ class ForwardBatch:
     logits_index: torch.Tensor         # [M] int64: rows of the N tokens whose logits are wanted
     kv_rows: tuple[torch.Tensor, ...]  # per sequence: [starts[i] + lens[i]] int64 KV-cache rows
     captures: tuple[tuple[tuple[int, int], ...], ...] = ()   # per sequence: (k, snapshot slot), k ascending
+    keep: tuple[int, ...] = ()         # per sequence: intermediate DeltaNet states to keep (empty: none)
     cu: tuple[int, ...] = field(init=False)
 
     def __post_init__(self):
@@ -50,9 +59,11 @@ class ForwardBatch:
     def build(slots: Sequence[int], starts: Sequence[int], lens: Sequence[int],
               block_tables: Sequence[Sequence[int]], block_size: int, logits: str | Sequence[int] = "last",
               positions: torch.Tensor | None = None, device="cpu",
-              captures: Sequence[Sequence[tuple[int, int]]] = ()) -> "ForwardBatch":
+              captures: Sequence[Sequence[tuple[int, int]]] = (), keep: Sequence[int] = (),
+              first_row: int = 0) -> "ForwardBatch":
         """logits: "last" (last new token of each sequence), "all", or explicit row indices.
-        positions default to plain text positions (T = H = W = absolute index)."""
+        positions default to plain text positions (T = H = W = absolute index). first_row: KV rows of
+        positions below it are left out (the MTP head's row 0 is never used)."""
         if positions is None:
             positions = torch.cat([text_positions(s, n) for s, n in zip(starts, lens)], dim=1)
         cu = torch.tensor([0, *lens]).cumsum(0)
@@ -64,8 +75,8 @@ class ForwardBatch:
             idx = torch.tensor(list(logits), dtype=torch.long)
         rows = []
         for s, n, table in zip(starts, lens, block_tables):
-            p = torch.arange(s + n)
+            p = torch.arange(first_row, s + n)
             rows.append((torch.tensor(list(table), dtype=torch.long)[p // block_size] * block_size
                          + p % block_size).to(device))
         return ForwardBatch(tuple(slots), tuple(starts), tuple(lens), positions.to(device), idx.to(device), tuple(rows),
-                            tuple(tuple(c) for c in captures))
+                            tuple(tuple(c) for c in captures), tuple(keep) if any(keep) else ())

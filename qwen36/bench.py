@@ -73,17 +73,17 @@ def _module_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
 
 
-def synthetic_checkpoint(layers: int, quantization: str | None, experts: int = 256) -> Path:
+def synthetic_checkpoint(layers: int, quantization: str | None, experts: int = 256, mtp: bool = False) -> Path:
     """A cached random checkpoint at the real widths with `layers` layers and `experts` experts
-    (written directly in quantized form if asked)."""
+    (written directly in quantized form if asked; with the MTP head if asked)."""
     from .synth import write_checkpoint
 
-    tag = f"synthetic-real-L{layers}-E{experts}-{quantization or 'bf16'}"
+    tag = f"synthetic-real-L{layers}-E{experts}-{quantization or 'bf16'}" + ("-mtp" if mtp else "")
     path = cache_dir() / tag
     if not (path / "config.json").exists():
         geo = {**BENCH_GEOMETRY, "num_hidden_layers": layers, "num_experts": experts}
         write_checkpoint(path.with_name(tag + ".partial"), geo, seed=0, quantization=quantization, tokenizer=True,
-                         mtp=False, vision=None, shards=max(1, layers // 4))
+                         mtp=mtp, vision=None, shards=max(1, layers // 4))
         path.with_name(tag + ".partial").rename(path)
     return path
 
@@ -96,15 +96,19 @@ def _timed(fn):
 
 def run(model: str | None, layers: int = 40, quantization: str | None = "int4", prompt_len: int = 512,
         decode_tokens: int = 128, vs_transformers: bool = False, experts: int = 256,
-        max_ram: int | None = None, image: bool = True, structured: bool = False) -> dict:
+        max_ram: int | None = None, image: bool = True, structured: bool = False, speculative: int = 0) -> dict:
     from . import LLM, SamplingParams
 
     torch.manual_seed(0)
-    path = Path(model) if model else synthetic_checkpoint(layers, quantization, experts)
+    path = Path(model) if model else synthetic_checkpoint(layers, quantization, experts, mtp=speculative > 0)
     bandwidth = memory_bandwidth_gbs()
+    spec = {"method": "mtp", "num_speculative_tokens": speculative} if speculative else None
     llm, load_s = _timed(lambda: LLM(path, dtype="bfloat16", quantization=None if model is None else quantization,
                                     max_model_len=prompt_len + decode_tokens + 8, max_num_seqs=8,
-                                    max_ram=max_ram, enable_prefix_caching=False))   # repeated prompts
+                                    max_ram=max_ram, enable_prefix_caching=False,   # repeated prompts
+                                    speculative_config=spec))
+    engine = llm.engine()
+    engine.spec_k = 0          # the plain figures first; speculative_decode_bench turns drafting on
     V = llm.config.text.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(V, 200000), (prompt_len,), generator=g).tolist()
@@ -132,6 +136,8 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
     }
     if structured:
         result["structured"] = structured_decode_bench(llm, short, batch, decode_tokens)
+    if speculative:
+        result["speculative"] = speculative_decode_bench(llm, short, decode_tokens, speculative)
     if image:  # after peak RSS is taken: a random stand-in tower would not be part of the model's memory
         result["image"] = image_encode_bench(llm)
     if vs_transformers:  # one model in memory at a time
@@ -190,6 +196,78 @@ def structured_decode_bench(llm, short: list[int], batch: list[list[int]], n: in
     out["grammar_ms_per_token"] = round((time.perf_counter() - t0) * 1000 / max(len(tokens), 1), 3)
     for b in ("batch1", "batch8"):
         out[f"slowdown_{b}"] = round(1 - out[f"decode_tok_s_{b}_schema"] / out[f"decode_tok_s_{b}_plain"], 3)
+    return out
+
+
+# mean accepted length (tokens per verification step, the bonus token included) peers publish for this
+# model's MTP head at k = 2 (shared/reference/anchors.md §5)
+PUBLISHED_ACCEPTED_LENGTH = 2.2
+
+
+def speculative_decode_bench(llm, short: list[int], n: int, k: int, rounds: int = 3) -> dict:
+    """Batch-1 decode tok/s without speculation, with the MTP head's own drafts (random weights: ~0%
+    accepted) and with oracle drafts taken from the plain greedy run, all / half / none of each step's k
+    drafts right, alternated in one run (medians); every speculative run's tokens must equal the plain
+    run's. From the oracle runs: the time of a step as a function of the drafts accepted, hence an
+    estimate (labelled so) at the accepted length peers publish for this model."""
+    from . import SamplingParams
+
+    engine = llm.engine()
+    p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    engine.spec_k = 0
+    want = llm.generate(short, p).token_ids
+
+    def oracle(right: int):
+        def override(r, drafts):
+            m = len(r.output_ids)
+            true = want[m:m + len(drafts)]
+            return [t if j < right else (t + 1) % llm.config.text.vocab_size for j, t in enumerate(true)]
+        return override
+
+    modes = {"plain": (0, None), "mtp": (k, None), "oracle_all": (k, oracle(k)),
+             "oracle_half": (k, oracle((k + 1) // 2)), "oracle_none": (k, oracle(0))}
+    draft_time = [0.0, 0]
+    real_draft = llm.model.draft
+
+    def timed_draft(*a, **kw):                       # the MTP head's own cost, per call
+        t = time.perf_counter()
+        out = real_draft(*a, **kw)
+        draft_time[0] += time.perf_counter() - t
+        draft_time[1] += 1
+        return out
+
+    runs: dict[str, list[float]] = {}
+    info: dict[str, dict] = {}
+    llm.model.draft = timed_draft
+    try:
+        for _ in range(rounds):
+            for label, (spec_k, override) in modes.items():
+                engine.spec_k, engine.draft_override = spec_k, override
+                before = (engine.stats.spec_steps, engine.stats.draft_tokens, engine.stats.accepted_tokens)
+                out, t = _timed(lambda: llm.generate(short, p))
+                steps, drafted, accepted = (a - b for a, b in zip(
+                    (engine.stats.spec_steps, engine.stats.draft_tokens, engine.stats.accepted_tokens), before))
+                runs.setdefault(label, []).append(len(out.token_ids) / t)
+                info[label] = {"identical": out.token_ids == want, "steps": steps,
+                               "acceptance": round(accepted / drafted, 3) if drafted else None,
+                               "tokens_per_step": round(n / max(steps, 1), 2) if steps else 1.0}
+    finally:
+        engine.spec_k, engine.draft_override = 0, None
+        del llm.model.draft
+    med = {label: sorted(v)[len(v) // 2] for label, v in runs.items()}
+    out = {"k": k, "tokens": n, "draft_pass_ms": round(draft_time[0] / max(draft_time[1], 1) * 1000, 2)}
+    for label in modes:
+        out[label] = {"tok_s": round(med[label], 2), **info[label]}
+    # step time vs accepted drafts, linear between the oracle's none and all (same k, same step shape)
+    t_none = 1 / (med["oracle_none"] / info["oracle_none"]["tokens_per_step"])
+    t_all = 1 / (med["oracle_all"] / info["oracle_all"]["tokens_per_step"])
+    if k == 2:
+        a = PUBLISHED_ACCEPTED_LENGTH - 1
+        est = PUBLISHED_ACCEPTED_LENGTH / (t_none + (t_all - t_none) * a / k)
+        out["estimate_at_published_acceptance"] = {
+            "accepted_length": PUBLISHED_ACCEPTED_LENGTH, "tok_s": round(est, 2),
+            "speedup": round(est / med["plain"], 2), "note": "estimate from the oracle runs, not measured"}
+    out["speedup_oracle_all"] = round(med["oracle_all"] / med["plain"], 2)
     return out
 
 
@@ -277,6 +355,6 @@ def run_bench(args) -> int:
 
     result = run(args.model, args.layers, quantization, args.prompt_len, args.decode_tokens,
                  args.vs_transformers, args.experts, parse_size(args.max_ram) if args.max_ram else None,
-                 not args.no_image, args.structured)
+                 not args.no_image, args.structured, args.speculative)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0

@@ -68,6 +68,7 @@ class SnapshotStore:
 
       DeltaNet layers:  conv [S, W-1, C], state [S, Hv, Dk, Dv] (fp32)     the recurrent state at position P
       attention layers: k, v [S, block_size - 1, Hkv, D]                   KV rows of the partial last block
+      MTP head (when speculating): its k, v tail as above, and hidden [S, H] (the state at position P - 1)
     Allocated with torch.empty: pages are touched (and count in resident memory) only once a slot is written.
     A DeltaNet layer's rows are also in its cache dict as "snap_conv" / "snap_state", so the layer can write a
     state reached in the middle of a prefill chunk (ForwardBatch.captures).
@@ -80,6 +81,8 @@ class SnapshotStore:
         for layer, tensors in cache.layers.items():
             self.layers[layer] = {}
             for name, t in list(tensors.items()):
+                if name not in STATE_NAMES:
+                    continue
                 rows = (B - 1,) if name in ("k", "v") else ()
                 self.layers[layer][name] = torch.empty((num_slots, *rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
                 if name in ("conv", "state"):
@@ -119,4 +122,4 @@ class SnapshotStore:
                     t[where] = stored
 
 
-STATE_NAMES = ("k", "v", "conv", "state")
+STATE_NAMES = ("k", "v", "conv", "state", "hidden")     # "hidden": the MTP head's per-slot input (mtp.py)

@@ -181,8 +181,11 @@ OTHER_PARTS = (re.compile(r"^model\.visual\."), re.compile(r"^mtp\."))
 PER_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def map_name(disk_name: str) -> str | None:
-    """Our parameter name for an on-disk text tensor, '' for tensors of other parts, None if unknown."""
+def map_name(disk_name: str, part: str = "text") -> str | None:
+    """Our parameter name for an on-disk tensor of `part` ("text": the decoder, "mtp": the `mtp.*` head,
+    whose parameters are named without the prefix), '' for tensors of other parts, None if unknown."""
+    if part == "mtp":
+        return disk_name[len("mtp."):] if disk_name.startswith("mtp.") else ""
     if any(p.match(disk_name) for p in OTHER_PARTS):
         return ""
     for pattern, template in NAME_MAP:
@@ -200,7 +203,7 @@ class _Expert:
 
 def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], num_experts: int,
                       dtype: torch.dtype, device: torch.device | str,
-                      keep_fp32: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+                      keep_fp32: tuple[str, ...] = (), part: str = "text") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (our name, tensor) for every tensor of `expected` (our name -> shape), one at a time.
 
     Everything is checked first (unexpected, missing, shapes, dtypes: errors name file and tensor), so
@@ -209,12 +212,13 @@ def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
     its pages stay file-backed), so the caller can consume it (e.g. quantize it) before the next one
     exists. Names ending in `keep_fp32` stay fp32 if they are on disk; the integer part `.q` of a
     quantized weight keeps its dtype. Per-expert tensors are assembled into fused [E, 2I, H] / [E, H, I].
+    part="mtp" reads the `mtp.*` head instead of the decoder (see map_name).
     """
     found: dict[str, str] = {}                      # our name -> disk name
     experts: dict[str, list[_Expert]] = {}          # "layers.L.mlp.experts" -> pieces
     unexpected: list[str] = []
     for disk in ckpt.names():
-        ours = map_name(disk)
+        ours = map_name(disk, part)
         if ours == "":
             continue
         m = PER_EXPERT.match(ours) if ours else None
@@ -267,7 +271,7 @@ def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
         if ours in assembled:
             continue
         if ours not in found:
-            raise CheckpointError(f"{ckpt.path}: missing tensor {_disk_name_for(ckpt, ours)!r}")
+            raise CheckpointError(f"{ckpt.path}: missing tensor {_disk_name_for(ckpt, ours, part)!r}")
         _check_shape(ckpt, found[ours], shape)
         check_dtype(found[ours], ours)
 
@@ -303,10 +307,19 @@ def _check_shape(ckpt: Checkpoint, disk: str, shape: tuple[int, ...]) -> None:
             f"{ckpt.file_of(disk)}: tensor {disk!r} has shape {list(got)}, config.json implies {list(shape)}")
 
 
-def _disk_name_for(ckpt: Checkpoint, ours: str) -> str:
+def _disk_name_for(ckpt: Checkpoint, ours: str, part: str = "text") -> str:
     """The on-disk name we looked for, in the prefix style this checkpoint uses."""
-    if ours == "lm_head.weight":
-        return ours
+    if ours == "lm_head.weight" or part == "mtp":
+        return disk_names_for(ours, part)[0]
     vl = any(n.startswith("model.language_model.") for n in ckpt.names()) or not any(
         n.startswith("model.") for n in ckpt.names())
     return ("model.language_model." if vl else "model.") + ours
+
+
+def disk_names_for(ours: str, part: str = "text") -> tuple[str, ...]:
+    """The on-disk names our parameter `ours` of `part` may have (one per prefix style)."""
+    if part == "mtp":
+        return ("mtp." + ours,)
+    if ours.startswith("lm_head."):
+        return (ours,)
+    return ("model.language_model." + ours, "model." + ours)

@@ -10,6 +10,14 @@ it runs, the state is saved at its snapshot points (message starts, every `snaps
 of the prompt) and, when it finishes, at the end of what it generated. `warm` queues a background prefill
 (no output) that runs only while nothing else does and is cut short, keeping its progress as a snapshot,
 as soon as a real request arrives.
+
+Speculative decoding (num_speculative_tokens = k > 0, the checkpoint's MTP head; mtp.py): after each step
+the head drafts up to k tokens per decoding sequence; the next step runs the last token and the drafts as
+one chunk, takes the main model's choice at each position in order (`_pick`, the same sampling as without
+drafts: a greedy choice, or rejection sampling that keeps p exact) and stops at the first disagreement.
+The DeltaNet states after each draft are kept (ForwardBatch.keep), so a rejection resumes from the last
+accepted token's state; KV rows past it are simply overwritten later. Nothing of a rejected draft stays in
+any cache: num_computed never counts it, and prefix-cache snapshots are taken only up to num_computed.
 """
 from __future__ import annotations
 
@@ -68,6 +76,9 @@ class EngineStats:
     background_started: int = 0
     background_finished: int = 0
     background_preempted: int = 0
+    spec_steps: int = 0                 # verification chunks run (a decode step with drafts)
+    draft_tokens: int = 0               # drafted tokens verified
+    accepted_tokens: int = 0            # of those, accepted
 
 
 log = logging.getLogger("qwen36.engine")
@@ -78,15 +89,29 @@ class Engine:
     def __init__(self, model: TextModel, tokenizer: Tokenizer | None, eos_token_ids=(), num_slots: int = 8,
                  max_model_len: int | None = None, kv_cache_bytes: int = 1 << 30, block_size: int = 64,
                  token_budget: int = 512, enable_prefix_caching: bool = True, prefix_cache_bytes: int = 1 << 30,
-                 snapshot_every: int = 4096, grammar: GrammarBackend | None = None):
+                 snapshot_every: int = 4096, grammar: GrammarBackend | None = None,
+                 num_speculative_tokens: int = 0):
         self.model, self.tokenizer, self.eos = model, tokenizer, set(eos_token_ids)
         self.device = model.embed_tokens.weight.device
         cfg = model.cfg
+        if num_speculative_tokens and model.mtp is None:
+            raise ValueError("speculative decoding needs the MTP head: load the model with mtp=True")
+        self.spec_k = num_speculative_tokens
+        self.mtp_layer = len(model.layers)                   # the MTP head's index in the cache
+        # bench only: (request, drafts) -> drafts to verify instead (oracle acceptance; qwen36 bench)
+        self.draft_override = None
         max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        layout = model.cache_layout()
+        layout = model.cache_layout(mtp=self.spec_k > 0)
         per_block = HybridCache(layout, 0, 1, block_size, model.compute_dtype, "meta").bytes_per_block()
         num_blocks = max(1, min(kv_cache_bytes // max(per_block, 1), num_slots * -(-max_model_len // block_size)))
         self.cache = HybridCache(layout, num_slots, num_blocks, block_size, model.compute_dtype, self.device)
+        if self.spec_k:     # per slot: the DeltaNet states after each draft (empty: pages touched when used)
+            for tensors in self.cache.layers.values():
+                for name in ("conv", "state"):
+                    if name in tensors:
+                        t = tensors[name]
+                        tensors["spec_" + name] = torch.empty((num_slots, self.spec_k, *t.shape[1:]),
+                                                              dtype=t.dtype, device=t.device)
         self.snapshot_bytes = SnapshotStore.bytes_per_slot(self.cache)
         num_snapshots = prefix_cache_bytes // self.snapshot_bytes if enable_prefix_caching else 0
         self.snapshots = SnapshotStore(self.cache, num_snapshots) if num_snapshots else None
@@ -266,48 +291,115 @@ class Engine:
         if not work:
             return []
         reqs = [by_seq[w.seq.seq_id] for w in work]
-        tokens, rows, positions = [], [], []
+        tokens, rows, positions, drafts, starts = [], [], [], [], []
         for w, r in zip(work, reqs):
-            start = w.seq.num_computed
-            tokens.extend((r.prompt_ids + r.output_ids)[start:start + w.num_new])
+            seq = w.seq
+            start, d = seq.num_computed, (seq.drafts if w.samples else [])
+            seq.drafts = []
+            starts.append(start)
+            drafts.append(d)
+            tokens.extend((r.prompt_ids + r.output_ids)[start:start + w.num_new - len(d)] + d)
             positions.append(r.mm.positions_for(start, w.num_new) if r.mm is not None
                              else text_positions(start, w.num_new))
-            if w.samples:
-                rows.append(len(tokens) - 1)
+            if w.samples:                  # the last known token's position, and every draft's
+                rows.extend(range(len(tokens) - 1 - len(d), len(tokens)))
         captures = [self._captures(w.seq, w.num_new) for w in work]
         for w, r in zip(work, reqs):        # grammar masks are computed on a thread while the forward runs
             if w.samples and r.guide is not None:
                 r.guide.prefetch(self.model.cfg.vocab_size)
-        batch = ForwardBatch.build([w.seq.slot for w in work], [w.seq.num_computed for w in work],
-                                   [w.num_new for w in work], [w.seq.blocks for w in work],
-                                   self.cache.block_size, logits=rows, positions=torch.cat(positions, dim=1),
-                                   device=self.device, captures=captures)
+        batch = ForwardBatch.build([w.seq.slot for w in work], starts, [w.num_new for w in work],
+                                   [w.seq.blocks for w in work], self.cache.block_size, logits=rows,
+                                   positions=torch.cat(positions, dim=1), device=self.device, captures=captures,
+                                   keep=[len(d) for d in drafts])
         x = self.model.embed(torch.tensor(tokens, device=self.device))
         for w, r, offset in zip(work, reqs, batch.cu):
             if r.mm is not None:
                 r.mm.scatter_into(x, w.seq.num_computed, w.num_new, offset)
-        logits = self.model(x, batch, self.cache)
-        outputs, k = [], 0
-        for w, r, caps in zip(work, reqs, captures):
+        if self.spec_k:
+            logits, hidden = self.model(x, batch, self.cache, hidden=True)
+        else:
+            logits, hidden = self.model(x, batch, self.cache), None
+        pending, k = [], 0
+        for w, r, d, start in zip(work, reqs, drafts, starts):
             seq = w.seq
             if seq.prefilling:
                 self.stats.prompt_tokens_computed += w.num_new
-            for upto, snap in caps:               # the layers wrote the states; add the KV tail, register
-                pos = seq.num_computed + upto
-                self.snapshots.save_tail(snap, self._tail_rows(seq, pos))
-                self.prefix.add(snap, seq.key, pos, seq.blocks[:pos // self.cache.block_size],
-                                pos < seq.prompt_len and r.prompt_ids[pos] == self.boundary_id)
-            seq.num_computed += w.num_new
             if w.samples:
-                outputs.append(self._sample(r, logits[k]))
-                k += 1
-            elif seq.background and not seq.prefilling:
+                pending.append(self._advance(r, logits[k:k + 1 + len(d)], d, w.num_new - len(d)))
+                k += 1 + len(d)
+            else:
+                seq.num_computed += w.num_new
+                pending.append(None)
+        if self.spec_k:                     # the MTP head's rows for what was computed, then the next drafts
+            self._propose([(r, start, off, out) for r, start, off, out in zip(reqs, starts, batch.cu, pending)],
+                          hidden)
+        for w, r, caps, start, off in zip(work, reqs, captures, starts, batch.cu):
+            for upto, snap in caps:          # the layers wrote the states; add the KV tail, register
+                pos = start + upto
+                self.snapshots.save_tail(snap, self._tail_rows(w.seq, pos))
+                if hidden is not None:
+                    self.snapshots.layers[self.mtp_layer]["hidden"][snap] = hidden[off + upto - 1]
+                self.prefix.add(snap, w.seq.key, pos, w.seq.blocks[:pos // self.cache.block_size],
+                                pos < w.seq.prompt_len and r.prompt_ids[pos] == self.boundary_id)
+        outputs = []
+        for w, r, out in zip(work, reqs, pending):
+            if out is not None:
+                outputs.append(self._release(r, *out))
+            elif w.seq.background and not w.seq.prefilling:
                 self.stats.background_finished += 1
                 self.abort(r.request_id)
         return outputs
 
-    def _sample(self, r: Request, logits: torch.Tensor) -> StepOutput:
-        p = r.params
+    def _advance(self, r: Request, logits: torch.Tensor, drafts: list[int], n_known: int):
+        """Choose r's next tokens from the step's logits [1 + len(drafts), V]: position j's choice is made as
+        decoding would make it, and the next position counts only while the choice equals draft j. Appends
+        the tokens, sets num_computed (rewinding the DeltaNet states past a rejected draft) and returns what
+        `_release` needs: (tokens, logprobs, finish reason or None, flush)."""
+        seq, p = r.seq, r.params
+        toks, logprobs, reason, flush, accepted = [], [], None, True, 0
+        for j in range(logits.shape[0]):
+            draft = drafts[j] if j < len(drafts) else None
+            tok = self._pick(r, logits[j], draft)
+            if tok is None:                                  # the grammar allows nothing more
+                reason = "stop"
+                break
+            if p.logprobs is not None:
+                lp = torch.log_softmax(logits[j].float(), -1)
+                top = torch.topk(lp, p.logprobs) if p.logprobs else None
+                logprobs.append({"token_id": tok, "logprob": float(lp[tok]),
+                                 "top": list(zip(top.indices.tolist(), top.values.tolist())) if top else []})
+            if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+                reason = "stop"
+                break
+            r.output_ids.append(tok)
+            seq.num_tokens += 1
+            toks.append(tok)
+            if r.decoder is not None:
+                r.text += r.decoder.feed(tok)
+                cut = _find_stop(r.text, p.stop, r.released)
+                if cut is not None:
+                    r.stop_sequence = _stop_at(r.text, p.stop, cut)
+                    r.text = r.text[:cut]
+                    reason, flush = "stop", False
+                    break
+            if len(r.output_ids) >= p.max_tokens:
+                reason = "length"
+                break
+            if tok != draft:
+                break
+            accepted += 1                                    # draft j is now part of the sequence, and computed
+        seq.num_computed += n_known + accepted
+        if drafts:
+            self.stats.spec_steps += 1
+            self.stats.draft_tokens += len(drafts)
+            self.stats.accepted_tokens += accepted
+            if accepted < len(drafts):
+                self._rewind(seq.slot, accepted)
+        return toks, logprobs, reason, flush
+
+    def _pick(self, r: Request, logits: torch.Tensor, draft: int | None) -> int | None:
+        """The token decoding emits at this position (forced, or sampled under the grammar's mask); None
+        when the grammar allows nothing. The guide consumes it."""
         guide = r.guide
         forced = guide.next_forced() if guide is not None and not r.forcing else None
         if r.forcing:
@@ -317,35 +409,97 @@ class Engine:
         else:
             allowed = guide.allowed(logits.shape[-1]) if guide is not None else None
             if allowed is not None and not bool(allowed.any()):
-                return self._finish(r, "stop", [], [])    # the grammar allows nothing more
-            tok = r.sampler(logits, r.prompt_ids, r.output_ids, allowed)
+                return None
+            tok = r.sampler(logits, r.prompt_ids, r.output_ids, allowed, draft)
             if r.force_ids and tok == r.force_trigger:
                 r.forcing, r.force_ids = r.force_ids, []
         if guide is not None:
             guide.consume(tok)
-        logprobs = []
-        if p.logprobs is not None:
-            lp = torch.log_softmax(logits.float(), -1)
-            top = torch.topk(lp, p.logprobs) if p.logprobs else None
-            logprobs.append({"token_id": tok, "logprob": float(lp[tok]),
-                             "top": list(zip(top.indices.tolist(), top.values.tolist())) if top else []})
-        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
-            return self._finish(r, "stop", [], logprobs)
-        r.output_ids.append(tok)
-        r.seq.num_tokens += 1
-        if r.decoder is not None:
-            r.text += r.decoder.feed(tok)
-            cut = _find_stop(r.text, p.stop, r.released)
-            if cut is not None:
-                r.stop_sequence = _stop_at(r.text, p.stop, cut)
-                r.text = r.text[:cut]
-                return self._finish(r, "stop", [tok], logprobs, flush=False)
-        if len(r.output_ids) >= p.max_tokens:
-            return self._finish(r, "length", [tok], logprobs)
-        hold = max((len(s) for s in p.stop), default=1) - 1            # a stop string may still be forming
+        return tok
+
+    def _rewind(self, slot: int, j: int) -> None:
+        """The slot's DeltaNet states back to those after token j of the last verification chunk."""
+        for tensors in self.cache.layers.values():
+            if "spec_state" in tensors:
+                tensors["state"][slot] = tensors["spec_state"][slot, j]
+                tensors["conv"][slot] = tensors["spec_conv"][slot, j]
+
+    def _release(self, r: Request, toks: list[int], logprobs: list[dict], reason: str | None,
+                 flush: bool) -> StepOutput:
+        if reason is not None:
+            return self._finish(r, reason, toks, logprobs, flush)
+        hold = max((len(s) for s in r.params.stop), default=1) - 1      # a stop string may still be forming
         upto = max(r.released, len(r.text) - hold)
         delta, r.released = r.text[r.released:upto], upto
-        return StepOutput(r.request_id, [tok], delta, logprobs=logprobs, cached_tokens=r.seq.cached)
+        return StepOutput(r.request_id, toks, delta, logprobs=logprobs, cached_tokens=r.seq.cached)
+
+    def _propose(self, items, hidden: torch.Tensor) -> None:
+        """The MTP head (mtp.py) over this step's work: write its KV rows for every newly computed position
+        whose next token is known, keep each slot's last hidden state, and draft the next tokens of every
+        sequence that goes on decoding. items: (request, start, offset of its tokens in the step, the
+        _advance result or None)."""
+        L, B = self.mtp_layer, self.cache.block_size
+        slot_hidden = self.cache[L]["hidden"]
+        ids, hs, slots, lows, lens, tables, pos, logit_rows, drafting, members = [], [], [], [], [], [], [], [], [], []
+        for r, start, off, out in items:
+            seq = r.seq
+            lo, hi = seq.mtp_rows, min(seq.num_computed, seq.num_tokens - 1) + 1
+            if hi > lo:
+                assert lo >= start, "MTP rows lag behind the sequence"
+                known = (r.prompt_ids + r.output_ids)[lo:hi]
+                h = hidden[off + max(lo - 1 - start, 0):off + hi - 1 - start]
+                if lo == start:                       # row `start` pairs the previous step's last state
+                    h = torch.cat([slot_hidden[seq.slot][None].to(h.dtype), h])
+                ids.extend(known)
+                members.append(r)
+                hs.append(h)
+                slots.append(seq.slot)
+                lows.append(lo)
+                lens.append(hi - lo)
+                tables.append(seq.blocks)
+                pos.append(r.mm.positions_for(lo - 1, hi - lo) if r.mm is not None else text_positions(lo - 1, hi - lo))
+                if out is not None and out[2] is None and not seq.prefilling and self._budget(r) > 0:
+                    drafting.append((r, len(lens) - 1))
+                    logit_rows.append(sum(lens) - 1)
+            slot_hidden[seq.slot] = hidden[off + seq.num_computed - 1 - start]
+            seq.mtp_rows = max(hi, lo)
+        if not lens:
+            return
+        batch = ForwardBatch.build(slots, lows, lens, tables, B, logits=logit_rows, positions=torch.cat(pos, dim=1),
+                                   device=self.device, first_row=1)
+        x = self.model.embed(torch.tensor(ids, device=self.device))
+        for r, lo, n, offset in zip(members, lows, lens, batch.cu):
+            if r.mm is not None:             # image and video rows take their embeddings, as in the forward
+                r.mm.scatter_into(x, lo, n, offset)
+        logits, g = self.model.draft(x, torch.cat(hs), batch, self.cache)
+        ends = [c - 1 for c in batch.cu[1:]]
+        chains = [[r, [int(logits[j].argmax())], g[ends[i]]] for j, (r, i) in enumerate(drafting)]
+        for step in range(1, self.spec_k):           # each further draft: one row per sequence still drafting
+            live = [c for c in chains if len(c[1]) < self._budget(c[0])]
+            if not live:
+                break
+            rows = [r.seq.num_tokens - 1 + step for r, _, _ in live]
+            ps = [r.mm.positions_for(row - 1, 1) if r.mm is not None else text_positions(row - 1, 1)
+                  for (r, _, _), row in zip(live, rows)]
+            batch = ForwardBatch.build([r.seq.slot for r, _, _ in live], rows, [1] * len(live),
+                                       [r.seq.blocks for r, _, _ in live], B, logits="all",
+                                       positions=torch.cat(ps, dim=1), device=self.device, first_row=1)
+            x = self.model.embed(torch.tensor([d[-1] for _, d, _ in live], device=self.device))
+            logits, g = self.model.draft(x, torch.stack([h for _, _, h in live]), batch, self.cache)
+            for j, c in enumerate(live):
+                c[1].append(int(logits[j].argmax()))
+                c[2] = g[j]
+        for r, d, _ in chains:
+            if r.forcing:                            # tokens that will be forced are the best drafts
+                d = (r.forcing + d)[:len(d)]
+            if self.draft_override is not None:
+                d = list(self.draft_override(r, d))[:self._budget(r)]
+            r.seq.drafts = d
+
+    def _budget(self, r: Request) -> int:
+        """How many tokens r may draft now: k, but no more than its remaining max_tokens allows after the
+        token verification always adds (the KV blocks reserved for it hold exactly that)."""
+        return min(self.spec_k, r.params.max_tokens - len(r.output_ids) - 1)
 
     def _finish(self, r: Request, reason: str, toks: list[int], logprobs, flush: bool = True) -> StepOutput:
         if flush and r.decoder is not None:

@@ -162,6 +162,22 @@ def qlinear(x: torch.Tensor, packed, prefill: bool | None = None) -> torch.Tenso
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T (+ bias) for float weights. Up to PREFILL_ROWS fp32 rows (decode, speculative
+    verification) through `f32_linear`, whose every row is computed alike whatever the row count (MKL's
+    gemv and gemm round differently), so verifying 1 + k tokens gives the logits decoding would, bit for
+    bit; larger steps through F.linear."""
+    w = w.to(x.dtype)
+    ext = native()
+    x2 = x.reshape(-1, x.shape[-1])
+    if ext is None or x.dtype != torch.float32 or x2.shape[0] > PREFILL_ROWS or x2.shape[0] == 0:
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    y = ext.f32_linear(x2, w)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 def grouped_ok(stacked: dict[str, torch.Tensor]) -> bool:
     """Whether `qlinear_experts` can take these stacked int4 expert weights."""
     q = stacked["q"]

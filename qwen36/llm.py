@@ -12,6 +12,7 @@ from .engine import Engine, StepOutput
 from .image import VisionPreprocess
 from .inputs import MediaInputs, MediaPolicy, PromptInputs
 from .model import load_model
+from .mtp import speculative_tokens
 from .multimodal import MultimodalPrompt
 from .parsers import ChatResult, parse_assistant
 from .sampling import SamplingParams
@@ -48,7 +49,7 @@ class LLM:
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", quantization: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_bytes: int = 1 << 30,
                  max_ram: int | None = None, enable_prefix_caching: bool = True,
-                 prefix_cache_memory: int = 1 << 30):
+                 prefix_cache_memory: int = 1 << 30, speculative_config: dict | str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)}")
         if quantization not in QUANTIZATIONS:
@@ -57,7 +58,11 @@ class LLM:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: CUDA is not available on this machine")
-        self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization)
+        # speculative decoding: {"method": "mtp", "num_speculative_tokens": k} drafts k tokens per step with
+        # the checkpoint's MTP head; the output is the same as without it (greedy tokens, sampled distribution)
+        self.num_speculative_tokens = speculative_tokens(speculative_config)
+        self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization,
+                                             mtp=self.num_speculative_tokens > 0)
         # on the CPU the vision tower stays as stored (bf16: the memory map itself, no copy at start-up) and
         # upcasts one layer at a time as it runs; elsewhere it takes the model's dtype
         tower_dtype = None if self.device.type == "cpu" else DTYPES[dtype]
@@ -150,7 +155,8 @@ class LLM:
             self._engine = Engine(self.model, tokenizer, self.eos_token_ids, num_slots=self.max_num_seqs,
                                   max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes,
                                   enable_prefix_caching=self.enable_prefix_caching,
-                                  prefix_cache_bytes=self.prefix_cache_memory, grammar=grammar)
+                                  prefix_cache_bytes=self.prefix_cache_memory, grammar=grammar,
+                                  num_speculative_tokens=self.num_speculative_tokens)
         return self._engine
 
     @property

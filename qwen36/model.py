@@ -16,7 +16,7 @@ from torch import nn
 
 from .batch import ForwardBatch
 from .cache import HybridCache, Layout
-from .checkpoint import Checkpoint, iter_text_weights
+from .checkpoint import Checkpoint, disk_names_for, iter_text_weights
 from .config import ModelConfig, TextConfig, load_config
 from .layers.attention import GatedAttention
 from .layers.deltanet import GatedDeltaNet
@@ -31,9 +31,10 @@ KEEP_FP32 = ("linear_attn.A_log", "linear_attn.norm.weight")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, index: int):
+    def __init__(self, cfg: TextConfig, index: int | None):
+        """index None: a full-attention layer outside the stack (the MTP head's)."""
         super().__init__()
-        self.full_attention = cfg.is_full_attention(index)
+        self.full_attention = index is None or cfg.is_full_attention(index)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if self.full_attention:
             self.self_attn = GatedAttention(cfg)
@@ -61,11 +62,16 @@ class TextModel(nn.Module):
         self.rotary: MRotary | None = None                                     # set once weights are on a device
         self.compute_dtype = torch.float32
         self.checkpoint: Checkpoint | None = None                             # the open files it was loaded from
+        self.mtp = None                    # the MTP head (mtp.MTPHead) when loaded for speculative decoding
 
-    def cache_layout(self) -> Layout:
-        """Per layer: name -> (kind, shape of one row, dtype or None for the compute dtype)."""
+    def cache_layout(self, mtp: bool = False) -> Layout:
+        """Per layer: name -> (kind, shape of one row, dtype or None for the compute dtype). mtp: add the MTP
+        head's attention layer (index num_hidden_layers) and its per-slot last hidden state (mtp.py)."""
         c = self.cfg
         layout = {}
+        if mtp:
+            kv = ("per_token", (c.num_key_value_heads, c.head_dim), None)
+            layout[len(self.layers)] = {"k": kv, "v": kv, "hidden": ("per_slot", (c.hidden_size,), torch.float32)}
         for i, layer in enumerate(self.layers):
             if layer.full_attention:
                 kv = ("per_token", (c.num_key_value_heads, c.head_dim), None)
@@ -76,7 +82,7 @@ class TextModel(nn.Module):
                     "state": ("per_slot", (c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim),
                               torch.float32),
                 }
-        return layout
+        return dict(sorted(layout.items()))
 
     def new_cache(self, num_slots: int, max_len: int) -> HybridCache:
         """A cache where each slot owns room for max_len tokens (offline use; the engine pages blocks)."""
@@ -86,59 +92,47 @@ class TextModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_tokens.weight).to(self.compute_dtype)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: HybridCache) -> torch.Tensor:
-        """x [N, H] input embeddings -> logits [len(batch.logits_index), V] in fp32."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: HybridCache, hidden: bool = False):
+        """x [N, H] input embeddings -> logits [len(batch.logits_index), V] in fp32; with hidden=True also
+        the final-normed hidden states of all N tokens (what the MTP head reads)."""
         rope = self.rotary.cos_sin(batch.positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, batch, cache[i])
-        x = self.norm(x[batch.logits_index])
-        return self.lm_head(x).float()
+        if hidden:
+            h = self.norm(x)
+            return self.lm_head(h[batch.logits_index]).float(), h
+        return self.lm_head(self.norm(x[batch.logits_index])).float()
+
+    def draft(self, x: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, cache: HybridCache):
+        """The MTP head over MTP rows (see mtp.py): x [N, H] embeddings of tokens x_r, hidden [N, H] states h_{r-1}, batch
+        over those rows (positions: RoPE position r - 1) -> (logits at batch.logits_index [M, V] fp32,
+        the head's normed output g [N, H], fed back as the next draft's hidden state)."""
+        rope = self.rotary.cos_sin(batch.positions, self.compute_dtype)
+        g = self.mtp(x, hidden, rope, batch, cache[len(self.layers)])
+        return self.lm_head(g[batch.logits_index]).float(), g
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
                compute_dtype: torch.dtype | None = None, quantization: str | None = None,
-               group_size: int = DEFAULT_GROUP) -> tuple[ModelConfig, TextModel]:
+               group_size: int = DEFAULT_GROUP, mtp: bool = False) -> tuple[ModelConfig, TextModel]:
     """Build the text model on the meta device and fill it from the checkpoint, one tensor at a time.
 
     quantization="int8"|"int4" quantizes each weight as it is read (the model never exists in fp32 as a
     whole); a checkpoint written by `qwen36 quantize` is loaded as it is stored, without re-quantizing.
+    mtp=True also loads the MTP head (`model.mtp`, for speculative decoding).
     """
     cfg = load_config(path)
     ckpt = Checkpoint(path)
     device = torch.device(device)
     qcfg = _quant_config(cfg, quantization, group_size)
-    stored_quantized = cfg.quantization is not None
     with torch.device("meta"):
         model = TextModel(cfg.text)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    if cfg.text.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    targets = quantize_modules(model, qcfg) if qcfg else {}
-    if stored_quantized:  # read the stored parts instead of float weights
-        for name in targets:
-            for part, shape in quantized_shapes(expected.pop(name), qcfg).items():
-                expected[name + part] = shape
-    tensors, parts = {}, {}
-    for name, t in iter_text_weights(ckpt, expected, cfg.text.num_experts, dtype, device, keep_fp32=KEEP_FP32):
-        base, dot, part = name.rpartition(".")
-        if name in targets:                                    # a float weight to quantize now
-            module, attr = targets[name]
-            module.load(attr, quantize(t, qcfg))
-        elif stored_quantized and base in targets:             # a stored part: load once all are read
-            parts.setdefault(base, {})[part] = t
-            if len(parts[base]) == len(quantized_shapes((1, qcfg.group_size * 2), qcfg)):
-                module, attr = targets[base]
-                module.load(attr, parts.pop(base))
-        else:
-            tensors[name] = t
+    drop = ("lm_head.weight",) if cfg.text.tie_word_embeddings else ()
+    tensors, targets = _read_weights(model, ckpt, cfg, qcfg, dtype, device, drop=drop)
     if cfg.text.tie_word_embeddings and "lm_head.weight" not in targets:
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
     elif cfg.text.tie_word_embeddings:
         targets["lm_head.weight"][0].load("weight", quantize(tensors["embed_tokens.weight"], qcfg))
-    if qcfg is not None and device.type == "cpu":
-        # what stays float in a quantized model is small (router, gates, norms): keep it in fp32 so no
-        # step casts it again; the embedding stays as stored (one row is read per token)
-        tensors = {k: (v if k == "embed_tokens.weight" else v.float()) for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     model.requires_grad_(False)
     model.rotary = MRotary(cfg.text, device)
@@ -147,7 +141,52 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
     model.compute_dtype = compute_dtype
     model.quantization = qcfg
     model.checkpoint = ckpt             # other parts (the vision tower) are read from the same memory maps
+    if mtp:
+        from .mtp import load_mtp
+        model.mtp = load_mtp(cfg, ckpt, dtype, device, qcfg)
     return cfg, model
+
+
+def _read_weights(module: nn.Module, ckpt: Checkpoint, cfg: ModelConfig, qcfg: QuantConfig | None, dtype, device,
+                  drop: tuple[str, ...] = (), part: str = "text",
+                  extra_targets=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fill `module` (built on the meta device) from the checkpoint, one tensor at a time: quantized weights
+    go straight into their modules (quantized as read, or read as stored), the rest are returned by name.
+    part: "text" (the decoder) or "mtp" (the `mtp.*` head). extra_targets(module, qcfg) may add weights to
+    quantize that the naming rule (quant.is_quantized) does not cover."""
+    expected = {name: tuple(p.shape) for name, p in module.state_dict().items() if name not in drop}
+    targets = quantize_modules(module, qcfg) if qcfg else {}
+    if qcfg and extra_targets is not None:
+        targets.update(extra_targets(module, qcfg))
+    stored = {name for name in targets if cfg.quantization is not None and _stored_as_parts(ckpt, name, part)}
+    for name in stored:                                 # read the stored parts instead of float weights
+        for suffix, shape in quantized_shapes(expected.pop(name), qcfg).items():
+            expected[name + suffix] = shape
+    tensors, parts = {}, {}
+    for name, t in iter_text_weights(ckpt, expected, cfg.text.num_experts, dtype, device, keep_fp32=KEEP_FP32,
+                                     part=part):
+        base, dot, suffix = name.rpartition(".")
+        if name in targets:                                    # a float weight to quantize now
+            mod, attr = targets[name]
+            mod.load(attr, quantize(t, qcfg))
+        elif base in stored:                                   # a stored part: load once all are read
+            parts.setdefault(base, {})[suffix] = t
+            if len(parts[base]) == len(quantized_shapes((1, qcfg.group_size * 2), qcfg)):
+                mod, attr = targets[base]
+                mod.load(attr, parts.pop(base))
+        else:
+            tensors[name] = t
+    if qcfg is not None and torch.device(device).type == "cpu":
+        # what stays float in a quantized model is small (router, gates, norms): keep it in fp32 so no
+        # step casts it again; the embedding stays as stored (one row is read per token)
+        tensors = {k: (v if k == "embed_tokens.weight" else v.float()) for k, v in tensors.items()}
+    return tensors, targets
+
+
+def _stored_as_parts(ckpt: Checkpoint, name: str, part: str) -> bool:
+    """Whether a quantized checkpoint holds `name` quantized (a `.q` part) rather than as a float weight
+    (our export copies the `mtp.*` head as it was)."""
+    return any(d + ".q" in ckpt.where for d in disk_names_for(name, part))
 
 
 def _quant_config(cfg: ModelConfig, quantization: str | None, group_size: int) -> QuantConfig | None:

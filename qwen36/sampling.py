@@ -139,8 +139,11 @@ class Sampler:
         return probs / probs.sum()
 
     def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int],
-                 allowed: torch.Tensor | None = None) -> int:
-        """`allowed`: a boolean mask of the tokens a grammar lets through (the others get -inf first)."""
+                 allowed: torch.Tensor | None = None, draft: int | None = None) -> int:
+        """`allowed`: a boolean mask of the tokens a grammar lets through (the others get -inf first).
+        `draft`: a token proposed by speculative decoding. It is kept with probability p(draft), else the
+        token is drawn from p without it: the result is distributed exactly as p (a deterministic draft's
+        rejection sampling), so speculation never changes what is sampled, only how fast."""
         logits = logits.float().clone()
         if allowed is not None:
             logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
@@ -153,6 +156,13 @@ class Sampler:
         probs = self.probs(logits)
         if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:   # e.g. every logit -inf
             pick = int(logits.argmax())
-        else:
-            pick = int(torch.multinomial(probs, 1, generator=self.gen))
+            return pick if ids is None else int(ids[pick])
+        if draft is not None:
+            where = draft if ids is None else next(iter((ids == draft).nonzero().flatten().tolist()), None)
+            if where is not None and 0 <= where < probs.shape[-1]:
+                if float(torch.rand((), generator=self.gen, device=probs.device)) < float(probs[where]):
+                    return draft
+                probs = probs.clone()
+                probs[where] = 0.0                         # rejected: the rest of p, renormalised by multinomial
+        pick = int(torch.multinomial(probs, 1, generator=self.gen))
         return pick if ids is None else int(ids[pick])

@@ -1,7 +1,8 @@
 """Who runs in the next step, and with how many tokens. Pure Python: no tensors, no model.
 
 Policy (continuous batching):
-  * every running sequence that has finished its prompt decodes one token;
+  * every running sequence that has finished its prompt decodes one token (plus its speculative drafts, which
+    the same step verifies);
   * sequences still prefilling get prompt chunks from what is left of the step's token budget, oldest first;
   * waiting sequences are admitted in arrival order while a state slot is free and the KV blocks for
     their whole prompt + max_tokens can be reserved. Reserving up front means a running sequence never
@@ -62,6 +63,8 @@ class SeqState:
     background: bool = False             # an idle-time prefill: admitted only when nothing else waits or runs
     cached: int = 0                      # prompt tokens taken from the prefix cache
     restore: Snapshot | None = None      # copy this snapshot into the slot before the first step
+    drafts: list[int] = field(default_factory=list)   # speculative tokens to verify after the next one
+    mtp_rows: int = 1                    # the MTP head's KV rows 1 .. mtp_rows - 1 are written (mtp.py)
 
     def __post_init__(self):
         self.num_tokens = self.prompt_len
@@ -152,7 +155,7 @@ class Scheduler:
             self.blocks.ref(shared)
             seq.blocks, seq.slot = shared + self.blocks.allocate(need), self.free_slots.pop()
             if hit:
-                seq.num_computed = seq.cached = hit.pos
+                seq.num_computed = seq.cached = seq.mtp_rows = hit.pos
                 seq.restore = hit.snapshot
                 hit.snapshot.pins += 1                       # the engine unpins it once copied
                 self.prefix.stats.hits += 1
@@ -168,8 +171,8 @@ class Scheduler:
         work = []
         for seq in self.running:                             # decodes first: one token each
             if not seq.prefilling and seq.num_computed < seq.num_tokens:
-                work.append(Scheduled(seq, 1, True))
-                budget -= 1
+                work.append(Scheduled(seq, 1 + len(seq.drafts), True))
+                budget -= 1 + len(seq.drafts)
         for seq in self.running:                             # then prompt chunks, oldest first
             if seq.prefilling and budget > 0:
                 n = min(seq.prompt_len - seq.num_computed, budget, self.background_chunk if seq.background else budget)

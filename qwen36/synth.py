@@ -204,7 +204,8 @@ def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_exper
                      tokenizer: bool = False, quantization: str | None = None) -> Path:
     """Write a random checkpoint in the official layout; returns its directory. With quantization
     ("int8"|"int4") the weights are written directly in qwen36's quantized form, layer by layer, so even
-    the full real geometry never needs more than one layer in memory (vision and MTP are left out)."""
+    the full real geometry never needs more than one layer in memory (vision is left out; the MTP head,
+    if asked, is written quantized too, under our fused names)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model_config(geometry, None if text_only or quantization else vision, text_only)
@@ -213,7 +214,8 @@ def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_exper
         from .quant import QuantConfig
         qcfg = QuantConfig(quantization)
         cfg["quantization_config"] = qcfg.to_json()
-        write_quantized_text(out, tc, seed, qcfg, "model." if text_only else "model.language_model.")
+        write_quantized_text(out, tc, seed, qcfg, "model." if text_only else "model.language_model.",
+                             mtp=mtp and not text_only)
     else:
         tensors = text_tensors(tc, seed, fused_experts, "model." if text_only else "model.language_model.",
                                mtp and not text_only)
@@ -264,8 +266,9 @@ def random_quantized(shape: tuple[int, ...], qcfg, r: _Rand) -> dict[str, torch.
     return {".q": q, ".scale": scale, ".min": -7.5 * scale}
 
 
-def write_quantized_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shard_bytes: int = 2 << 30) -> None:
-    """The text model in quantized form, streamed shard by shard."""
+def write_quantized_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shard_bytes: int = 2 << 30,
+                         mtp: bool = False) -> None:
+    """The text model (and the MTP head) in quantized form, streamed shard by shard."""
     from .quant import is_quantized
 
     r = _Rand(seed)
@@ -274,7 +277,7 @@ def write_quantized_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shar
 
     def put(name: str, t: torch.Tensor) -> None:
         ours = name[len(prefix):] if name.startswith(prefix) else name
-        if is_quantized(ours):
+        if is_quantized(ours) or name == "mtp.fc.weight":
             for part, v in random_quantized(tuple(t.shape), qcfg, r).items():
                 writer.add(name + part, v)
         else:
@@ -291,6 +294,16 @@ def write_quantized_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shar
             put(name, t)
     put(f"{prefix}norm.weight", r.normal(H, 0.1))
     put("lm_head.weight", torch.empty(V, H, device="meta"))
+    if mtp:
+        put("mtp.fc.weight", torch.empty(H, 2 * H, device="meta"))
+        for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            put(f"mtp.{n}.weight", r.normal(H, 0.1))
+        layer = {"mtp.layers.0.input_layernorm.weight": r.normal(H, 0.1),
+                 "mtp.layers.0.post_attention_layernorm.weight": r.normal(H, 0.1)}
+        layer.update(_attention(r, "mtp.layers.0.self_attn", tc))
+        layer.update(_moe_shapes(r, "mtp.layers.0.mlp", tc))
+        for name, t in layer.items():
+            put(name, t)
     writer.close()
 
 

@@ -9,7 +9,8 @@ from qwen36.ops.attention import attention, attention_reference
 from qwen36.ops.conv1d import causal_conv1d, causal_conv1d_reference
 from qwen36.kernels import native
 from qwen36.ops.gated_delta import (gated_delta_chunked, gated_delta_decode, gated_delta_decode_reference,
-                                    gated_delta_recurrent, gated_delta_reference)
+                                    gated_delta_recurrent, gated_delta_reference, gated_delta_steps,
+                                    gated_delta_steps_reference)
 from qwen36.ops.moe import moe, moe_reference
 
 
@@ -61,6 +62,39 @@ def test_gated_delta_decode_fused_equals_reference(B, Hk, rep, K, V, slots):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(table, want_table, rtol=1e-5, atol=1e-5)   # other slots untouched too
     assert not torch.equal(table[idx], before[idx])                        # the states did move
+
+
+@pytest.mark.parametrize("B,T,Hk,rep,K,V,slots,nkeep", [(1, 3, 2, 2, 16, 8, [1], [2]), (3, 4, 1, 4, 32, 16, [4, 0, 2], [3, 0, 1]),
+                                                        (2, 1, 16, 2, 128, 128, [0, 3], [0, 0])])
+def test_gated_delta_steps_fused_keeps_every_state(B, T, Hk, rep, K, V, slots, nkeep):
+    """Several tokens per sequence in one call (speculative verification): the outputs and final states
+    equal the plain recurrence, and the states after each of the first nkeep tokens are kept exactly."""
+    assert native() is not None
+    H = Hk * rep
+    gen = torch.Generator().manual_seed(T * K)
+    q = F.normalize(torch.randn(B, T, Hk, K, generator=gen), dim=-1) * K ** -0.5
+    k = F.normalize(torch.randn(B, T, Hk, K, generator=gen), dim=-1)
+    v, g = torch.randn(B, T, H, V, generator=gen), -torch.rand(B, T, H, generator=gen) * 2
+    beta = torch.rand(B, T, H, generator=gen)
+    table = torch.randn(5, H, K, V, generator=gen) * 0.5
+    start = table.clone()
+    keep, want_keep = torch.full((5, 3, H, K, V), 7.0), torch.full((5, 3, H, K, V), 7.0)
+    idx, nk = torch.tensor(slots), torch.tensor(nkeep)
+    want_table = table.clone()
+    want = gated_delta_steps_reference(want_table, idx, q, k, v, g, beta, want_keep, nk)
+    got = gated_delta_steps(table, idx, q, k, v, g, beta, keep, nk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(table, want_table, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keep, want_keep, rtol=1e-5, atol=1e-5)   # untouched rows stay 7
+    for b, (slot, n) in enumerate(zip(slots, nkeep)):     # the reference itself: token-by-token recurrence
+        S = start[slot:slot + 1]
+        for t in range(T):
+            o, S = gated_delta_recurrent(*(x[b:b + 1, t].repeat_interleave(rep, 1)[:, :, None] for x in (q, k)),
+                                         v[b:b + 1, t][:, :, None], g[b:b + 1, t][:, :, None],
+                                         beta[b:b + 1, t][:, :, None], S)
+            torch.testing.assert_close(got[b, t], o[0, :, 0], rtol=1e-4, atol=1e-5)
+            if t < n:
+                torch.testing.assert_close(keep[slot, t], S[0], rtol=1e-4, atol=1e-5)
 
 
 def test_gated_delta_split_sequence_equals_whole():

@@ -164,19 +164,19 @@ def engine(llm, on=True, **kw):
 def run(e, prompts, n=5):
     """Run prompts together; -> per prompt (tokens, logits of every sampled step [n, V], cached tokens)."""
     logs = {}
-    orig = e._sample
+    orig = e._pick
 
-    def record(r, logits):
+    def record(r, logits, draft):
         logs.setdefault(r.request_id, []).append(logits.clone())
-        return orig(r, logits)
-    e._sample = record
+        return orig(r, logits, draft)
+    e._pick = record
     rids = [e.add_request(p, SamplingParams(temperature=0, max_tokens=n)) for p in prompts]
     toks, cached = {r: [] for r in rids}, {}
     while e.has_work():
         for o in e.step():
             toks[o.request_id] += o.token_ids
             cached[o.request_id] = o.cached_tokens
-    e._sample = orig
+    e._pick = orig
     return [(toks[r], torch.stack(logs[r]), cached[r]) for r in rids]
 
 

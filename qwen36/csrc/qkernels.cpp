@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <vector>
+#include <algorithm>
 #include <cmath>
 #include <atomic>
 
@@ -303,25 +304,128 @@ torch::Tensor q4_dequant(torch::Tensor wq, torch::Tensor sc, c10::optional<torch
   return out;
 }
 
-// One decode step of the gated delta rule for B sequences, their states updated in place.
-// state [S, H, K, V] fp32 (every slot); slots int64 [B]; q, k [B, Hk, K] fp32 (L2-normalised, q scaled);
-// v [B, H, V]; g (log decay), beta [B, H]. Value head h reads key head h / (H / Hk). Returns o [B, H, V].
-// Per (sequence, head): one pass reads S for S^T k and S^T q; a second pass, while S (64 KB) is still in
-// cache, writes S = a S + k d^T with a = exp(g), d = (v - a S^T k) beta; o = a S^T q + (k.q) d = S'^T q.
-torch::Tensor delta_decode(torch::Tensor state, torch::Tensor slots, torch::Tensor q, torch::Tensor k,
-                           torch::Tensor v, torch::Tensor g, torch::Tensor beta) {
+// ------------------------------------------------------------------------------------
+// fp32 x [M, K] @ w [N, K]^T for the small steps of decoding (M <= 64): every output is the same fixed
+// sequence of operations whatever M is, so a row's result never depends on the rows beside it (MKL's gemv
+// for M = 1 and its gemm for M > 1 sum in different orders). Speculative verification runs 1 + k rows where
+// decoding runs 1; with this the two agree bit for bit.
+// ------------------------------------------------------------------------------------
+template <int R>
+static inline void f32_dot_rows(const float* const* xs, const float* w, int64_t K, float* const* outs) {
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[r] + k), w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[r] + k + 8), w1, a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float lane[8];
+    _mm256_store_ps(lane, _mm256_add_ps(a0[r], a1[r]));
+    float sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (int64_t j = k; j < K; ++j) sum += xs[r][j] * w[j];
+    *outs[r] = sum;
+  }
+}
+
+torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32 && x.dim() == 2 && w.dim() == 2 &&
+              x.size(1) == w.size(1), "x [M,K], w [N,K] fp32");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const float* wn = wp + n * K;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        const float* xs[4] = {xp + m * K, xp + (m + 1) * K, xp + (m + 2) * K, xp + (m + 3) * K};
+        float* os[4] = {yp + m * N + n, yp + (m + 1) * N + n, yp + (m + 2) * N + n, yp + (m + 3) * N + n};
+        f32_dot_rows<4>(xs, wn, K, os);
+      }
+      for (; m < M; ++m) {
+        const float* xs[1] = {xp + m * K};
+        float* os[1] = {yp + m * N + n};
+        f32_dot_rows<1>(xs, wn, K, os);
+      }
+    }
+  });
+  return y;
+}
+
+// One token of the gated delta rule for one (sequence, value head): S [K, V] updated in place.
+// One pass reads S for S^T k and S^T q; a second pass, while S (64 KB) is still in cache, writes
+// S = a S + k d^T with a = exp(g), d = (v - a S^T k) beta; o = a S^T q + (k.q) d = S'^T q.
+static inline void delta_token(float* S, const float* kk, const float* qq, const float* vv, float g, float bt,
+                               float* oo, float* pk, float* pq, float* d, int64_t K, int64_t V) {
+  std::fill(pk, pk + V, 0.f);
+  std::fill(pq, pq + V, 0.f);
+  float kq = 0.f;
+  for (int64_t i = 0; i < K; ++i) {
+    const float ki = kk[i], qi = qq[i];
+    const float* row = S + i * V;
+    kq += ki * qi;
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) { pk[j] += ki * row[j]; pq[j] += qi * row[j]; }
+  }
+  const float a = std::exp(g);
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    d[j] = (vv[j] - a * pk[j]) * bt;
+    oo[j] = a * pq[j] + kq * d[j];
+  }
+  for (int64_t i = 0; i < K; ++i) {
+    const float ki = kk[i];
+    float* row = S + i * V;
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) row[j] = a * row[j] + ki * d[j];
+  }
+}
+
+// T tokens of the gated delta rule for each of B sequences, their states updated in place.
+// state [S, H, K, V] fp32 (every slot); slots int64 [B]; q, k [B, T, Hk, K] fp32 (L2-normalised, q scaled);
+// v [B, T, H, V]; g (log decay), beta [B, T, H]. Value head h reads key head h / (H / Hk). Returns o [B, T, H, V].
+// keep [S, Tk, H, K, V] (or empty) and nkeep int64 [B]: the state after token t < nkeep[b] is also written to
+// keep[slots[b], t] (speculative decoding resumes from the last accepted token). Each head's state stays in
+// cache across the T tokens: DRAM sees one read and one write of it, plus the kept copies.
+torch::Tensor delta_steps(torch::Tensor state, torch::Tensor slots, torch::Tensor q, torch::Tensor k,
+                          torch::Tensor v, torch::Tensor g, torch::Tensor beta, torch::Tensor keep,
+                          torch::Tensor nkeep) {
   TORCH_CHECK(state.dtype() == torch::kFloat32 && state.is_contiguous() && state.dim() == 4, "state [S,H,K,V] fp32");
-  TORCH_CHECK(slots.dtype() == torch::kInt64, "slots int64");
+  TORCH_CHECK(slots.dtype() == torch::kInt64 && nkeep.dtype() == torch::kInt64, "slots, nkeep int64");
   for (auto* t : {&q, &k, &v, &g, &beta})
     TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous(), "q, k, v, g, beta: contiguous fp32");
-  const int64_t B = slots.numel(), H = state.size(1), K = state.size(2), V = state.size(3), Hk = q.size(1);
-  TORCH_CHECK(Hk > 0 && H % Hk == 0 && q.size(0) == B && k.sizes() == q.sizes() && q.size(2) == K, "q, k [B,Hk,K]");
-  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == V && g.numel() == B * H && beta.numel() == B * H,
-              "v [B,H,V], g and beta [B,H]");
-  auto o = torch::empty({B, H, V}, v.options());
-  const int64_t rep = H / Hk, nslots = state.size(0);
+  const int64_t B = slots.numel(), H = state.size(1), K = state.size(2), V = state.size(3);
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == B && k.sizes() == q.sizes() && q.size(3) == K, "q, k [B,T,Hk,K]");
+  const int64_t T = q.size(1), Hk = q.size(2);
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, "value heads a multiple of key heads");
+  TORCH_CHECK(v.dim() == 4 && v.size(0) == B && v.size(1) == T && v.size(2) == H && v.size(3) == V &&
+              g.numel() == B * T * H && beta.numel() == B * T * H, "v [B,T,H,V], g and beta [B,T,H]");
+  TORCH_CHECK(nkeep.numel() == B, "nkeep [B]");
+  const int64_t nslots = state.size(0);
   const int64_t* sl = slots.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(sl[b] >= 0 && sl[b] < nslots, "slot out of range");
+  const int64_t* nk = nkeep.data_ptr<int64_t>();
+  int64_t Tk = 0;
+  float* kp_ = nullptr;
+  if (keep.numel() > 0) {
+    TORCH_CHECK(keep.dtype() == torch::kFloat32 && keep.is_contiguous() && keep.dim() == 5 && keep.size(0) == nslots &&
+                keep.size(2) == H && keep.size(3) == K && keep.size(4) == V, "keep [S,Tk,H,K,V] fp32");
+    Tk = keep.size(1);
+    kp_ = keep.data_ptr<float>();
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < nslots, "slot out of range");
+    TORCH_CHECK(nk[b] >= 0 && nk[b] <= std::min(Tk, T), "nkeep out of range");
+  }
+  auto o = torch::empty({B, T, H, V}, v.options());
+  const int64_t rep = H / Hk;
   float* sp = state.data_ptr<float>();
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
@@ -331,39 +435,31 @@ torch::Tensor delta_decode(torch::Tensor state, torch::Tensor slots, torch::Tens
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       float* S = sp + (sl[b] * H + h) * K * V;
-      const float* kk = kp + (b * Hk + h / rep) * K;
-      const float* qq = qp + (b * Hk + h / rep) * K;
-      std::fill(pk.begin(), pk.end(), 0.f);
-      std::fill(pq.begin(), pq.end(), 0.f);
-      float kq = 0.f;
-      for (int64_t i = 0; i < K; ++i) {
-        const float ki = kk[i], qi = qq[i];
-        const float* row = S + i * V;
-        kq += ki * qi;
-#pragma omp simd
-        for (int64_t j = 0; j < V; ++j) { pk[j] += ki * row[j]; pq[j] += qi * row[j]; }
-      }
-      const float a = std::exp(gp[bh]), bt = bp[bh];
-      const float* vv = vp + bh * V;
-      float* oo = op + bh * V;
-#pragma omp simd
-      for (int64_t j = 0; j < V; ++j) {
-        d[j] = (vv[j] - a * pk[j]) * bt;
-        oo[j] = a * pq[j] + kq * d[j];
-      }
-      for (int64_t i = 0; i < K; ++i) {
-        const float ki = kk[i];
-        float* row = S + i * V;
-#pragma omp simd
-        for (int64_t j = 0; j < V; ++j) row[j] = a * row[j] + ki * d[j];
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t bt = b * T + t;
+        delta_token(S, kp + (bt * Hk + h / rep) * K, qp + (bt * Hk + h / rep) * K, vp + (bt * H + h) * V,
+                    gp[bt * H + h], bp[bt * H + h], op + (bt * H + h) * V, pk.data(), pq.data(), d.data(), K, V);
+        if (t < nk[b]) std::copy(S, S + K * V, kp_ + ((sl[b] * Tk + t) * H + h) * K * V);
       }
     }
   });
   return o;
 }
 
+// One decode step (delta_steps with T = 1 and nothing kept): q, k [B, Hk, K]; v [B, H, V]; g, beta [B, H].
+torch::Tensor delta_decode(torch::Tensor state, torch::Tensor slots, torch::Tensor q, torch::Tensor k,
+                           torch::Tensor v, torch::Tensor g, torch::Tensor beta) {
+  TORCH_CHECK(q.dim() == 3 && v.dim() == 3, "q, k [B,Hk,K], v [B,H,V]");
+  auto none = torch::empty({0}, state.options());
+  auto zeros = torch::zeros({slots.numel()}, slots.options());
+  return delta_steps(state, slots, q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.reshape({g.size(0), 1, -1}),
+                     beta.reshape({beta.size(0), 1, -1}), none, zeros).squeeze(1);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_decode", &delta_decode, "gated delta rule, one decode step, states updated in place");
+  m.def("f32_linear", &f32_linear, "fp32 linear, each output computed alike whatever the row count");
+  m.def("delta_steps", &delta_steps, "gated delta rule, T tokens per sequence, states updated in place, some kept");
   m.def("q4_linear", &q4_linear, "int4 weight-only linear");
   m.def("q4_moe_linear", &q4_moe_linear, "int4 linear over selected experts, one row per id");
   m.def("q8w_linear", &q8w_linear, "int8 weight-only linear");

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..batch import ForwardBatch
+from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
 from ..ops.attention import attention
 from .linear import Linear
@@ -38,7 +38,14 @@ class GatedAttention(nn.Module):
             a, b = batch.cu[i], batch.cu[i + 1]
             kc[rows[-(b - a):]] = k[a:b]
             vc[rows[-(b - a):]] = v[a:b]
-            o = attention(q[a:b].transpose(0, 1), kc[rows].transpose(0, 1), vc[rows].transpose(0, 1), self.scale)
+            K, V = kc[rows].transpose(0, 1), vc[rows].transpose(0, 1)
+            if 1 < b - a <= SHORT:   # one query at a time, as decoding runs it (the same arithmetic)
+                S = K.shape[1] - (b - a)
+                for j in range(b - a):
+                    o = attention(q[a + j:a + j + 1].transpose(0, 1), K[:, :S + j + 1], V[:, :S + j + 1], self.scale)
+                    out[a + j] = o[:, 0]
+                continue
+            o = attention(q[a:b].transpose(0, 1), K, V, self.scale)
             out[a:b] = o.transpose(0, 1)
         out = out.reshape(N, -1) * torch.sigmoid(gate.reshape(N, -1))
         return self.o_proj(out)

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batch import ForwardBatch
+from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
-from ..ops.gated_delta import gated_delta_chunked, gated_delta_decode, gated_delta_recurrent
+from ..ops.gated_delta import gated_delta_chunked, gated_delta_decode, gated_delta_recurrent, gated_delta_steps
 from .linear import Linear
 from .norm import GatedRMSNorm
 
@@ -80,6 +80,32 @@ class GatedDeltaNet(nn.Module):
         o, state = rule(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)
         return o.transpose(1, 2), conv, state
 
+    def _steps(self, m, g, beta, cache: dict[str, torch.Tensor], batch: ForwardBatch, members: list[int], T: int,
+               o: torch.Tensor) -> None:
+        """Sequences `members` of the batch, T new tokens each, through conv and recurrence token by token
+        (the decode kernel's arithmetic, so a verified draft leaves exactly the states decoding would). With
+        batch.keep, the states after each of a sequence's first keep[i] tokens go to its "spec_*" rows."""
+        dev = m.device
+        slots = torch.tensor([batch.slots[i] for i in members], device=dev)
+        rows = torch.cat([torch.arange(batch.cu[i], batch.cu[i] + T, device=dev) for i in members])
+        B = len(members)
+        mi, gi, bi = m[rows].view(B, T, -1), g[rows].view(B, T, -1), beta[rows].view(B, T, -1)
+        conv_c, state_c = cache["conv"], cache["state"]
+        prev = conv_c[slots]
+        y, conv = causal_conv1d(mi, self.conv1d.weight[:, 0].to(m.dtype), prev, per_token=True)
+        nkeep = [batch.keep[i] if batch.keep else 0 for i in members]
+        if any(nkeep):      # conv state after token t: the last W-1 inputs up to it
+            xs, W1 = torch.cat([prev.to(mi.dtype), mi], dim=1), prev.shape[1]
+            for b, i in enumerate(members):
+                for t in range(nkeep[b]):
+                    cache["spec_conv"][batch.slots[i], t] = xs[b, t + 1:t + 1 + W1]
+        conv_c[slots] = conv.to(conv_c.dtype)
+        q, k, v = self._qkv(F.silu(y))
+        keep = cache.get("spec_state") if any(nkeep) else None
+        out = gated_delta_steps(state_c, slots, q, k, v, gi.float(), bi.float(), keep,
+                                torch.tensor(nkeep, dtype=torch.long))
+        o[rows] = out.reshape(B * T, self.n_v, self.d_v)
+
     @staticmethod
     def _capture(cache: dict[str, torch.Tensor], snap: int, conv: torch.Tensor, state: torch.Tensor) -> None:
         """Copy one sequence's states into prefix-cache snapshot slot `snap` (cache.SnapshotStore)."""
@@ -100,7 +126,12 @@ class GatedDeltaNet(nn.Module):
                     self._capture(cache, snap, conv_c[slot], state_c[slot])
         else:
             o = torch.empty(N, self.n_v, self.d_v, dtype=torch.float32, device=x.device)
+            short: dict[int, list[int]] = {}       # T -> sequences adding T tokens, run by the fused recurrence
             for i, slot in enumerate(batch.slots):
+                n = batch.lens[i]
+                if n <= SHORT and not (batch.captures and batch.captures[i]):
+                    short.setdefault(n, []).append(i)
+                    continue
                 a, b = batch.cu[i], batch.cu[i + 1]
                 caps = dict(batch.captures[i]) if batch.captures else {}
                 # split the chunk where a prefix-cache snapshot wants the state (the recurrence is sequential)
@@ -112,5 +143,7 @@ class GatedDeltaNet(nn.Module):
                     o[lo:hi] = oi[0]
                     if hi - a in caps:
                         self._capture(cache, caps[hi - a], conv_c[slot], state_c[slot])
+            for T, members in short.items():
+                self._steps(m, g, beta, cache, batch, members, T, o)
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(N, self.value_dim))

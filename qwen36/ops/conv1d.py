@@ -18,11 +18,15 @@ def causal_conv1d_reference(x, weight, state):
     return y, xs[:, xs.shape[1] - (W - 1):]
 
 
-def causal_conv1d(x, weight, state):
+def causal_conv1d(x, weight, state, per_token: bool = False):
+    """per_token: each output with decode's arithmetic (speculative verification must match decoding bit
+    for bit); otherwise T > 1 uses the faster shifted form."""
     W, T = weight.shape[1], x.shape[1]
     xs = torch.cat([state.to(x.dtype), x], dim=1)
     if T == 1:  # decode: one output per channel; a grouped conv call costs more than the math
         y = (xs * weight.t()).sum(1, keepdim=True)
+    elif per_token:
+        y = torch.cat([(xs[:, t:t + W] * weight.t()).sum(1, keepdim=True) for t in range(T)], dim=1)
     else:  # W shifted multiply-adds in place: ~4x faster here than F.conv1d's depthwise path (channels last)
         y = xs[:, :T] * weight[:, 0]
         for j in range(1, W):

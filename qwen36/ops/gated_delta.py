@@ -94,3 +94,32 @@ def gated_delta_decode(state, slots, q, k, v, g, beta):
     if ext is None or state.dtype != torch.float32 or state.device.type != "cpu":
         return gated_delta_decode_reference(state, slots, q, k, v, g, beta)
     return ext.delta_decode(state, slots, *(t.float().contiguous() for t in (q, k, v, g, beta)))
+
+
+def gated_delta_steps_reference(state, slots, q, k, v, g, beta, keep=None, nkeep=None):
+    """T tokens for each of B sequences whose states live in `state` [S, H, K, V] at rows `slots` [B],
+    updated in place. q, k [B, T, Hk, K]; v [B, T, H, V]; g, beta [B, T, H]. Returns o [B, T, H, V].
+    keep [S, Tk, H, K, V], nkeep [B]: the state after token t < nkeep[b] is also written to
+    keep[slots[b], t] (where speculative decoding resumes after a rejected draft)."""
+    outs = []
+    for t in range(q.shape[1]):
+        outs.append(gated_delta_decode_reference(state, slots, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t]))
+        if keep is not None:
+            for b, slot in enumerate(slots.tolist()):
+                if t < int(nkeep[b]):
+                    keep[slot, t] = state[slot]
+    return torch.stack(outs, dim=1)
+
+
+def gated_delta_steps(state, slots, q, k, v, g, beta, keep=None, nkeep=None):
+    """gated_delta_steps_reference, fused (csrc/qkernels.cpp `delta_steps`): each head's state stays in
+    cache across the T tokens."""
+    ext = native()
+    if ext is None or state.dtype != torch.float32 or state.device.type != "cpu" or (
+            keep is not None and (keep.dtype != torch.float32 or not keep.is_contiguous())):
+        return gated_delta_steps_reference(state, slots, q, k, v, g, beta, keep, nkeep)
+    if keep is None:
+        keep = torch.empty(0, dtype=torch.float32)
+        nkeep = torch.zeros(len(slots), dtype=torch.long)
+    return ext.delta_steps(state, slots, *(t.float().contiguous() for t in (q, k, v, g, beta)), keep,
+                           torch.as_tensor(nkeep, dtype=torch.long))

@@ -42,6 +42,13 @@ def render_metrics(stats, load: dict[str, float]) -> str:
         lines += _metric("qwen36_prefix_cache_snapshots_saved_total", "counter", "State snapshots saved.",
                          load["snapshots_saved"])
         lines += _metric("qwen36_prefix_cache_evictions_total", "counter", "Snapshots evicted.", load["evictions"])
+    if "spec_steps" in load:      # vLLM's names for the same counters (speculative decoding)
+        lines += _metric("qwen36_spec_decode_num_drafts_total", "counter", "Verification steps with drafts.",
+                         load["spec_steps"])
+        lines += _metric("qwen36_spec_decode_num_draft_tokens_total", "counter", "Draft tokens verified.",
+                         load["spec_draft_tokens"])
+        lines += _metric("qwen36_spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.",
+                         load["spec_accepted_tokens"])
     lines += ["# HELP qwen36_background_prefills_total Idle-time prefills of the next turn's history.",
               "# TYPE qwen36_background_prefills_total counter"]
     for state in ("started", "finished", "preempted"):

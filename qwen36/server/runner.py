@@ -82,6 +82,9 @@ class EngineRunner:
                "background_started": e.stats.background_started,
                "background_finished": e.stats.background_finished,
                "background_preempted": e.stats.background_preempted}
+        if e.spec_k:
+            out.update(spec_steps=e.stats.spec_steps, spec_draft_tokens=e.stats.draft_tokens,
+                       spec_accepted_tokens=e.stats.accepted_tokens)
         if p is not None:
             out.update(prefix_hits=p.stats.hits, prompt_tokens_cached=p.stats.tokens_reused,
                        snapshots=p.num_snapshots, snapshots_saved=p.stats.snapshots_saved,
