@@ -349,6 +349,26 @@ def _vs_transformers(path: Path, prompt: list[int], n: int) -> dict:
     return {"prefill_s": round(prefill, 3), "decode_tok_s": _decode_rate(streamer.stamps)}
 
 
+def llamacpp_bench(gguf: str, prompt_len: int, decode_tokens: int, threads: int) -> dict:
+    """llama.cpp's llama-bench on a GGUF of the same model, same prompt and decode lengths and threads (the
+    binary from $LLAMA_BENCH, else the one shared/tools/llamacpp-anchor.sh builds)."""
+    import os
+    import subprocess
+
+    exe = os.environ.get("LLAMA_BENCH") or str(Path(os.environ.get("ANCHOR", Path.home() / ".cache/llamacpp-anchor"))
+                                               / "build/bin/llama-bench")
+    if not Path(exe).exists():
+        raise FileNotFoundError(f"{exe}: no llama-bench; build it with shared/tools/llamacpp-anchor.sh build "
+                                "or set LLAMA_BENCH")
+    cmd = [exe, "-m", gguf, "-t", str(threads), "-p", str(prompt_len), "-n", str(decode_tokens), "-r", "2", "-o", "json"]
+    runs = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    out = {"command": " ".join(cmd)}
+    for r in runs:
+        key = "prefill_tok_s" if r.get("n_prompt") else "decode_tok_s_batch1"
+        out[key] = round(float(r["avg_ts"]), 2)
+    return out
+
+
 def run_bench(args) -> int:
     quantization = None if args.quantization == "none" else args.quantization
     from .cli import parse_size
@@ -356,5 +376,11 @@ def run_bench(args) -> int:
     result = run(args.model, args.layers, quantization, args.prompt_len, args.decode_tokens,
                  args.vs_transformers, args.experts, parse_size(args.max_ram) if args.max_ram else None,
                  not args.no_image, args.structured, args.speculative)
+    if args.vs_llamacpp:       # the peer on the same model geometry, right after ours (same machine state)
+        peer = llamacpp_bench(args.vs_llamacpp, args.prompt_len, args.decode_tokens, torch.get_num_threads())
+        result["llamacpp"] = peer
+        for key in ("prefill_tok_s", "decode_tok_s_batch1"):
+            if key in peer:
+                result[f"ratio_{key}"] = round(result[key] / peer[key], 2)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0

@@ -13,9 +13,12 @@ DEMO_MESSAGES = [{"role": "user", "content": "Name the three primary colours."}]
 
 
 def make_demo(out: Path, seed: int = 0, geometry: str = "demo", layers: int | None = None,
-              quantization: str | None = None) -> Path:
+              quantization: str | None = None, dtype: str | None = None, mtp: bool = True) -> Path:
     """Write a demo checkpoint (official layout, real vocabulary, random weights) atomically. The "real"
-    geometry is Qwen3.6-35B-A3B's, written directly in quantized form (int4 unless told otherwise)."""
+    geometry is Qwen3.6-35B-A3B's, written directly in quantized form (int4 unless told otherwise), or with
+    dtype="bfloat16" as plain bf16 tensors one layer at a time (what llama.cpp's converter reads)."""
+    import torch
+
     from .synth import DEMO, REAL, write_checkpoint
 
     out = Path(out)
@@ -24,10 +27,13 @@ def make_demo(out: Path, seed: int = 0, geometry: str = "demo", layers: int | No
     geo = dict(REAL if geometry == "real" else DEMO)
     if layers:
         geo["num_hidden_layers"] = layers
-    if geometry == "real":
+    if dtype is not None and quantization is not None:
+        raise ValueError("give --dtype or --quantization, not both")
+    if geometry == "real" and dtype is None:
         quantization = quantization or "int4"
-    write_checkpoint(tmp, geo, seed=seed, tokenizer=True, quantization=quantization,
-                     shards=2 if quantization is None else 1)
+    write_checkpoint(tmp, geo, seed=seed, tokenizer=True, quantization=quantization, mtp=mtp,
+                     shards=2 if quantization is None else 1, streamed=dtype is not None,
+                     dtype={"bfloat16": torch.bfloat16, "float32": torch.float32, None: torch.bfloat16}[dtype])
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -46,7 +52,8 @@ def demo_checkpoint(seed: int = 0) -> Path:
 
 
 def cmd_make_demo(args) -> int:
-    path = make_demo(Path(args.dir), args.seed, args.geometry, args.layers, args.quantization)
+    path = make_demo(Path(args.dir), args.seed, args.geometry, args.layers, args.quantization, args.dtype,
+                     not args.no_mtp)
     print(f"wrote a demo checkpoint (random weights, real Qwen3.6 vocabulary) to {path}")
     return 0
 
@@ -280,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real: Qwen3.6-35B-A3B's full geometry, written in quantized form")
     m.add_argument("--layers", type=int, default=None)
     m.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    m.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="plain weights in this dtype, written one layer at a time (for --geometry real: what "
+                        "llama.cpp's converter reads)")
+    m.add_argument("--no-mtp", action="store_true", help="leave out the MTP head (mtp.*)")
     m.set_defaults(func=cmd_make_demo)
 
     d = sub.add_parser("demo", help="make (once, cached) the demo checkpoint and generate from it")
@@ -365,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--file-lines", type=int, default=120, help="--agent: lines of each file a tool returns")
     b.add_argument("--server-args", default="", help="--agent: extra `qwen36 serve` options, e.g. "
                                                      "'--no-enable-prefix-caching'")
+    b.add_argument("--vs-llamacpp", default=None, metavar="GGUF",
+                   help="also run llama.cpp's llama-bench on GGUF (the same geometry and layers, e.g. made with "
+                        "make-demo --dtype bfloat16 and shared/tools/llamacpp-anchor.sh gguf) and print both")
     b.add_argument("--vs-transformers", action="store_true",
                    help="also time HF transformers and our fp32 path on the same (unquantized) checkpoint")
     b.set_defaults(func=cmd_bench)

@@ -201,21 +201,25 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, shards: int) 
 def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_experts: bool = True,
                      vision: dict | None = TINY_VISION, mtp: bool = True, shards: int = 2,
                      text_only: bool = False, dtype: torch.dtype = torch.bfloat16,
-                     tokenizer: bool = False, quantization: str | None = None) -> Path:
+                     tokenizer: bool = False, quantization: str | None = None, streamed: bool = False) -> Path:
     """Write a random checkpoint in the official layout; returns its directory. With quantization
     ("int8"|"int4") the weights are written directly in qwen36's quantized form, layer by layer, so even
     the full real geometry never needs more than one layer in memory (vision is left out; the MTP head,
-    if asked, is written quantized too, under our fused names)."""
+    if asked, is written quantized too, under our fused names). streamed: plain `dtype` weights written the
+    same way, one layer in memory at a time (no vision tower)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model_config(geometry, None if text_only or quantization else vision, text_only)
+    cfg = model_config(geometry, None if text_only or quantization or streamed else vision, text_only)
     tc = cfg if text_only else cfg["text_config"]
     if quantization:
         from .quant import QuantConfig
         qcfg = QuantConfig(quantization)
         cfg["quantization_config"] = qcfg.to_json()
-        write_quantized_text(out, tc, seed, qcfg, "model." if text_only else "model.language_model.",
-                             mtp=mtp and not text_only)
+        write_streamed_text(out, tc, seed, qcfg, "model." if text_only else "model.language_model.",
+                            mtp=mtp and not text_only)
+    elif streamed:
+        write_streamed_text(out, tc, seed, None, "model." if text_only else "model.language_model.",
+                            mtp=mtp and not text_only, dtype=dtype)
     else:
         tensors = text_tensors(tc, seed, fused_experts, "model." if text_only else "model.language_model.",
                                mtp and not text_only)
@@ -266,9 +270,11 @@ def random_quantized(shape: tuple[int, ...], qcfg, r: _Rand) -> dict[str, torch.
     return {".q": q, ".scale": scale, ".min": -7.5 * scale}
 
 
-def write_quantized_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shard_bytes: int = 2 << 30,
-                         mtp: bool = False) -> None:
-    """The text model (and the MTP head) in quantized form, streamed shard by shard."""
+def write_streamed_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shard_bytes: int = 2 << 30,
+                        mtp: bool = False, dtype: torch.dtype = torch.bfloat16) -> None:
+    """The text model (and the MTP head), one layer in memory at a time, streamed shard by shard: in
+    qwen36's quantized form when qcfg is given (the MTP head under our fused names), else plain `dtype`
+    tensors in the official layout (per-expert MTP experts), which llama.cpp's converter reads."""
     from .quant import is_quantized
 
     r = _Rand(seed)
@@ -277,31 +283,36 @@ def write_quantized_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shar
 
     def put(name: str, t: torch.Tensor) -> None:
         ours = name[len(prefix):] if name.startswith(prefix) else name
-        if is_quantized(ours) or name == "mtp.fc.weight":
+        if qcfg is not None and (is_quantized(ours) or name == "mtp.fc.weight"):
             for part, v in random_quantized(tuple(t.shape), qcfg, r).items():
                 writer.add(name + part, v)
         else:
-            writer.add(name, t if t.dtype == torch.float32 and name.endswith(("A_log", "norm.weight"))
-                       else t.to(torch.bfloat16))
+            keep = t.dtype == torch.float32 and name.endswith(("A_log", "linear_attn.norm.weight"))
+            writer.add(name, t if keep else t.to(dtype))
+
+    def moe(p: str) -> dict[str, torch.Tensor]:
+        return _moe_shapes(r, p, tc) if qcfg is not None else _moe(r, p, tc, fused=True)
 
     put(f"{prefix}embed_tokens.weight", r.normal((V, H), 1.0))
     for i, kind in enumerate(tc["layer_types"]):
         p = f"{prefix}layers.{i}"
         layer = {f"{p}.input_layernorm.weight": r.normal(H, 0.1), f"{p}.post_attention_layernorm.weight": r.normal(H, 0.1)}
         layer.update(_attention(r, f"{p}.self_attn", tc) if kind == "full_attention" else _deltanet(r, f"{p}.linear_attn", tc))
-        layer.update(_moe_shapes(r, f"{p}.mlp", tc))
+        layer.update(moe(f"{p}.mlp"))
         for name, t in layer.items():
             put(name, t)
+        del layer
     put(f"{prefix}norm.weight", r.normal(H, 0.1))
-    put("lm_head.weight", torch.empty(V, H, device="meta"))
+    put("lm_head.weight", torch.empty(V, H, device="meta") if qcfg is not None else r.normal((V, H), 2.0 / math.sqrt(H)))
     if mtp:
-        put("mtp.fc.weight", torch.empty(H, 2 * H, device="meta"))
+        put("mtp.fc.weight", torch.empty(H, 2 * H, device="meta") if qcfg is not None else r.proj(H, 2 * H))
         for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
             put(f"mtp.{n}.weight", r.normal(H, 0.1))
         layer = {"mtp.layers.0.input_layernorm.weight": r.normal(H, 0.1),
                  "mtp.layers.0.post_attention_layernorm.weight": r.normal(H, 0.1)}
         layer.update(_attention(r, "mtp.layers.0.self_attn", tc))
-        layer.update(_moe_shapes(r, "mtp.layers.0.mlp", tc))
+        layer.update(_moe_shapes(r, "mtp.layers.0.mlp", tc) if qcfg is not None
+                     else _moe(r, "mtp.layers.0.mlp", tc, fused=False))
         for name, t in layer.items():
             put(name, t)
     writer.close()

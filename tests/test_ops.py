@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from qwen36.ops.attention import attention, attention_reference
 from qwen36.ops.conv1d import causal_conv1d, causal_conv1d_reference
 from qwen36.kernels import native
-from qwen36.ops.gated_delta import (gated_delta_chunked, gated_delta_decode, gated_delta_decode_reference,
-                                    gated_delta_recurrent, gated_delta_reference, gated_delta_steps,
-                                    gated_delta_steps_reference)
+from qwen36.ops.gated_delta import (gated_delta_chunked, gated_delta_recurrent, gated_delta_reference,
+                                    gated_delta_steps, gated_delta_steps_reference)
 from qwen36.ops.moe import moe, moe_reference
 
 
@@ -44,28 +43,9 @@ def test_gated_delta_does_not_write_inputs():
     assert torch.equal(state, before)
 
 
-@pytest.mark.parametrize("B,Hk,rep,K,V,slots", [(1, 2, 1, 8, 8, [0]), (3, 2, 2, 16, 8, [4, 0, 2]),
-                                                (2, 1, 4, 32, 16, [1, 3]), (1, 16, 2, 128, 128, [2])])
-def test_gated_delta_decode_fused_equals_reference(B, Hk, rep, K, V, slots):
-    """The fused in-place decode step against the plain recurrent form, states in a shared slot table."""
-    assert native() is not None, "the native kernels must build here (a compiler is part of the set-up)"
-    H = Hk * rep
-    gen = torch.Generator().manual_seed(K)
-    q = F.normalize(torch.randn(B, Hk, K, generator=gen), dim=-1) * K ** -0.5
-    k = F.normalize(torch.randn(B, Hk, K, generator=gen), dim=-1)
-    v, g, beta = torch.randn(B, H, V, generator=gen), -torch.rand(B, H, generator=gen) * 2, torch.rand(B, H, generator=gen)
-    table = torch.randn(5, H, K, V, generator=gen) * 0.5
-    want_table, before = table.clone(), table.clone()
-    idx = torch.tensor(slots)
-    want = gated_delta_decode_reference(want_table, idx, q, k, v, g, beta)
-    got = gated_delta_decode(table, idx, q, k, v, g, beta)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(table, want_table, rtol=1e-5, atol=1e-5)   # other slots untouched too
-    assert not torch.equal(table[idx], before[idx])                        # the states did move
-
-
 @pytest.mark.parametrize("B,T,Hk,rep,K,V,slots,nkeep", [(1, 3, 2, 2, 16, 8, [1], [2]), (3, 4, 1, 4, 32, 16, [4, 0, 2], [3, 0, 1]),
-                                                        (2, 1, 16, 2, 128, 128, [0, 3], [0, 0])])
+                                                        (2, 1, 16, 2, 128, 128, [0, 3], [0, 0]),
+                                                        (1, 1, 2, 1, 8, 8, [0], [0])])
 def test_gated_delta_steps_fused_keeps_every_state(B, T, Hk, rep, K, V, slots, nkeep):
     """Several tokens per sequence in one call (speculative verification): the outputs and final states
     equal the plain recurrence, and the states after each of the first nkeep tokens are kept exactly."""
@@ -137,3 +117,57 @@ def test_moe(N, E, k, H, I, wdtype):
     w = torch.rand(N, k, generator=g)
     gu, dn = torch.randn(E, 2 * I, H, generator=g).to(wdtype), torch.randn(E, H, I, generator=g).to(wdtype)
     torch.testing.assert_close(moe(x, ids, w, gu, dn), moe_reference(x, ids, w, gu, dn), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- decode glue, fused (csrc: rms_norm, ...)
+def test_fused_norms_equal_their_references():
+    from qwen36.layers.norm import GatedRMSNorm, RMSNorm
+
+    assert native() is not None
+    g = torch.Generator().manual_seed(5)
+    for shape in [(1, 2048), (7, 3, 40), (2, 256)]:
+        norm = RMSNorm(shape[-1], 1e-6)
+        norm.weight.data = torch.randn(shape[-1], generator=g) * 0.1
+        x = torch.randn(*shape, generator=g) * 3
+        torch.testing.assert_close(norm(x), norm.reference(x), rtol=1e-5, atol=1e-6)
+    gated = GatedRMSNorm(24, 1e-6)
+    gated.weight.data = torch.randn(24, generator=g)
+    x, z = torch.randn(5, 4, 24, generator=g), torch.randn(5, 4, 24, generator=g)
+    torch.testing.assert_close(gated(x, z), gated.reference(x, z), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,members,keep", [(1, [0, 1, 2], [0, 0, 0]), (3, [1, 2], [2, 2, 2]), (4, [0], [3, 0, 0])])
+def test_deltanet_fused_steps_equal_the_plain_path(monkeypatch, T, members, keep):
+    """DeltaNet's short-step path with the native glue (delta_prep: conv, SiLU, q/k norms, gates) equals the
+    tensor-op path: outputs, conv and recurrent states, and the states kept for speculation."""
+    import qwen36.layers.deltanet as dn
+    from qwen36.batch import ForwardBatch
+    from qwen36.config import parse_text_config
+    from qwen36.synth import text_config
+    from tests.conftest import BASE
+
+    cfg = parse_text_config(text_config({**BASE, "linear_num_key_heads": 2, "linear_num_value_heads": 4}))
+    layer = dn.GatedDeltaNet(cfg)
+    gen = torch.Generator().manual_seed(T)
+    for p in layer.parameters():
+        p.data = torch.randn(p.shape, generator=gen) * 0.3
+    S, W, C = 3, cfg.linear_conv_kernel_dim, cfg.linear_conv_dim
+    lens = [T if i in members else 1 for i in range(3)]
+    N = sum(lens)
+    m, a, b = torch.randn(N, C, generator=gen), torch.randn(N, cfg.linear_num_value_heads, generator=gen), \
+        torch.randn(N, cfg.linear_num_value_heads, generator=gen)
+    batch = ForwardBatch.build([2, 0, 1], [5, 5, 5], lens, [[0]] * 3, 64, keep=keep)
+
+    def fresh():
+        g2 = torch.Generator().manual_seed(99)
+        return {"conv": torch.randn(S, W - 1, C, generator=g2), "state": torch.randn(S, 4, 16, 24, generator=g2) * 0.3,
+                "spec_conv": torch.zeros(S, 3, W - 1, C), "spec_state": torch.zeros(S, 3, 4, 16, 24)}
+    fused, plain = fresh(), fresh()
+    o1, o2 = torch.zeros(N, 4, 24), torch.zeros(N, 4, 24)
+    layer._steps(m, a, b, fused, batch, members, T, o1)
+    monkeypatch.setattr(dn, "native", lambda: None)
+    layer._steps(m, a, b, plain, batch, members, T, o2)
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(fused["state"], fresh()["state"])

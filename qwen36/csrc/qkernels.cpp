@@ -360,6 +360,140 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// ------------------------------------------------------------------------------------
+// Decode glue: the small per-token operations of a layer in one call each, instead of tens of tensor ops
+// (each a few microseconds of dispatch on a step that moves little data). Every row is computed alike
+// whatever the row count, as in f32_linear. References: layers/norm.py, layers/deltanet.py.
+// ------------------------------------------------------------------------------------
+static inline float sum_squares(const float* x, int64_t n) {
+  __m256 a = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) { const __m256 v = _mm256_loadu_ps(x + i); a = _mm256_fmadd_ps(v, v, a); }
+  alignas(32) float lane[8];
+  _mm256_store_ps(lane, a);
+  float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (; i < n; ++i) s += x[i] * x[i];
+  return s;
+}
+
+static inline float silu(float y) { return y / (1.f + std::exp(-y)); }
+
+// y = x / rms(x) * (1 + w) per row (zero-centred RMSNorm). x [M, H] fp32, w [H] fp32.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32 && x.dim() == 2 && w.numel() == x.size(1),
+              "x [M,H], w [H] fp32");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t M = x.size(0), H = x.size(1);
+  auto y = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = xp + m * H;
+    const float inv = 1.f / std::sqrt(sum_squares(r, H) / H + (float)eps);
+    float* o = yp + m * H;
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) o[i] = r[i] * inv * (1.f + wp[i]);
+  }
+  return y;
+}
+
+// DeltaNet's output norm per (row, value head): w * o / rms(o) * silu(z). o [M, Hv, Dv], z [M, Hv * Dv], w [Dv].
+torch::Tensor gated_rms_norm(torch::Tensor o, torch::Tensor z, torch::Tensor w, double eps) {
+  TORCH_CHECK(o.dtype() == torch::kFloat32 && z.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32 &&
+              o.dim() == 3 && z.numel() == o.numel() && w.numel() == o.size(2), "o [M,Hv,Dv], z, w [Dv] fp32");
+  o = o.contiguous();
+  z = z.contiguous();
+  w = w.contiguous();
+  const int64_t M = o.size(0), Hv = o.size(1), D = o.size(2);
+  auto y = torch::empty({M, Hv * D}, o.options());
+  const float *op = o.data_ptr<float>(), *zp = z.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < M * Hv; ++r) {
+    const float* x = op + r * D;
+    const float inv = 1.f / std::sqrt(sum_squares(x, D) / D + (float)eps);
+    for (int64_t i = 0; i < D; ++i) yp[r * D + i] = wp[i] * (x[i] * inv) * silu(zp[r * D + i]);
+  }
+  return y;
+}
+
+// DeltaNet, what comes between the input projections and the recurrence, for T tokens of B sequences:
+// causal conv (state [S, W-1, C] in place, taps summed first to last), SiLU, split into q | k | v,
+// q and k L2-normalised per key head (q also scaled by Dk^-0.5), beta = sigmoid(b),
+// g = -exp(A_log) * softplus(a + dt_bias). m [B, T, C]; a, b [B, T, Hv]; conv_w [C, W].
+// keep_conv [S, Tk, W-1, C] / nkeep [B]: the conv state after token t < nkeep[b] also goes to
+// keep_conv[slots[b], t]. Returns q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], g, beta [B, T, Hv].
+std::vector<torch::Tensor> delta_prep(torch::Tensor m, torch::Tensor a, torch::Tensor b, torch::Tensor conv,
+                                      torch::Tensor conv_w, torch::Tensor slots, torch::Tensor A_log,
+                                      torch::Tensor dt_bias, torch::Tensor keep_conv, torch::Tensor nkeep,
+                                      int64_t Hk, int64_t Dk, int64_t Dv) {
+  for (auto* t : {&m, &a, &b, &conv, &conv_w, &A_log, &dt_bias})
+    TORCH_CHECK(t->dtype() == torch::kFloat32, "delta_prep: fp32 tensors");
+  TORCH_CHECK(conv.is_contiguous() && conv.dim() == 3, "conv state [S, W-1, C] contiguous");
+  m = m.contiguous(); a = a.contiguous(); b = b.contiguous(); conv_w = conv_w.contiguous();
+  A_log = A_log.contiguous(); dt_bias = dt_bias.contiguous();
+  const int64_t B = m.size(0), T = m.size(1), C = m.size(2), W = conv_w.size(1), Hv = a.size(2);
+  const int64_t KD = Hk * Dk;
+  TORCH_CHECK(conv.size(1) == W - 1 && conv.size(2) == C && conv_w.size(0) == C && C == 2 * KD + Hv * Dv,
+              "delta_prep: shapes");
+  TORCH_CHECK(slots.numel() == B && nkeep.numel() == B, "slots, nkeep [B]");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t* nk = nkeep.data_ptr<int64_t>();
+  int64_t Tk = 0;
+  float* kc = nullptr;
+  if (keep_conv.numel() > 0) {
+    TORCH_CHECK(keep_conv.dtype() == torch::kFloat32 && keep_conv.is_contiguous() && keep_conv.dim() == 4 &&
+                keep_conv.size(2) == W - 1 && keep_conv.size(3) == C, "keep_conv [S, Tk, W-1, C]");
+    Tk = keep_conv.size(1);
+    kc = keep_conv.data_ptr<float>();
+  }
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK(sl[i] >= 0 && sl[i] < conv.size(0), "slot out of range");
+    TORCH_CHECK(nk[i] >= 0 && nk[i] <= std::min(Tk, T), "nkeep out of range");
+  }
+  auto opts = m.options();
+  auto q = torch::empty({B, T, Hk, Dk}, opts), k = torch::empty({B, T, Hk, Dk}, opts);
+  auto v = torch::empty({B, T, Hv, Dv}, opts), g = torch::empty({B, T, Hv}, opts), beta = torch::empty({B, T, Hv}, opts);
+  const float *mp = m.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const float *cw = conv_w.data_ptr<float>(), *al = A_log.data_ptr<float>(), *db = dt_bias.data_ptr<float>();
+  float *cs = conv.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *gp = g.data_ptr<float>(), *btp = beta.data_ptr<float>();
+  const float qscale = 1.f / std::sqrt((float)Dk);
+  std::vector<float> xs((W - 1 + T) * C), y(C);
+  for (int64_t i = 0; i < B; ++i) {
+    float* state = cs + sl[i] * (W - 1) * C;
+    std::copy(state, state + (W - 1) * C, xs.begin());
+    std::copy(mp + i * T * C, mp + (i + 1) * T * C, xs.begin() + (W - 1) * C);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t bt = i * T + t;
+      for (int64_t c = 0; c < C; ++c) {
+        float acc = xs[t * C + c] * cw[c * W];
+        for (int64_t j = 1; j < W; ++j) acc += xs[(t + j) * C + c] * cw[c * W + j];
+        y[c] = silu(acc);
+      }
+      for (int64_t h = 0; h < Hk; ++h) {
+        const float* yq = y.data() + h * Dk;
+        const float* yk = y.data() + KD + h * Dk;
+        const float iq = 1.f / std::sqrt(sum_squares(yq, Dk) + 1e-6f) * qscale;
+        const float ik = 1.f / std::sqrt(sum_squares(yk, Dk) + 1e-6f);
+        float* oq = qp + (bt * Hk + h) * Dk;
+        float* ok = kp + (bt * Hk + h) * Dk;
+        for (int64_t d = 0; d < Dk; ++d) { oq[d] = yq[d] * iq; ok[d] = yk[d] * ik; }
+      }
+      std::copy(y.begin() + 2 * KD, y.end(), vp + bt * Hv * Dv);
+      for (int64_t h = 0; h < Hv; ++h) {
+        const float x = ap[bt * Hv + h] + db[h];
+        const float sp = x > 20.f ? x : std::log1p(std::exp(x));
+        gp[bt * Hv + h] = -std::exp(al[h]) * sp;
+        btp[bt * Hv + h] = 1.f / (1.f + std::exp(-bp[bt * Hv + h]));
+      }
+      if (t < nk[i]) std::copy(xs.begin() + (t + 1) * C, xs.begin() + (t + W) * C, kc + (sl[i] * Tk + t) * (W - 1) * C);
+    }
+    std::copy(xs.begin() + T * C, xs.begin() + (T + W - 1) * C, state);
+  }
+  return {q, k, v, g, beta};
+}
+
 // One token of the gated delta rule for one (sequence, value head): S [K, V] updated in place.
 // One pass reads S for S^T k and S^T q; a second pass, while S (64 KB) is still in cache, writes
 // S = a S + k d^T with a = exp(g), d = (v - a S^T k) beta; o = a S^T q + (k.q) d = S'^T q.
@@ -446,18 +580,10 @@ torch::Tensor delta_steps(torch::Tensor state, torch::Tensor slots, torch::Tenso
   return o;
 }
 
-// One decode step (delta_steps with T = 1 and nothing kept): q, k [B, Hk, K]; v [B, H, V]; g, beta [B, H].
-torch::Tensor delta_decode(torch::Tensor state, torch::Tensor slots, torch::Tensor q, torch::Tensor k,
-                           torch::Tensor v, torch::Tensor g, torch::Tensor beta) {
-  TORCH_CHECK(q.dim() == 3 && v.dim() == 3, "q, k [B,Hk,K], v [B,H,V]");
-  auto none = torch::empty({0}, state.options());
-  auto zeros = torch::zeros({slots.numel()}, slots.options());
-  return delta_steps(state, slots, q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.reshape({g.size(0), 1, -1}),
-                     beta.reshape({beta.size(0), 1, -1}), none, zeros).squeeze(1);
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("delta_decode", &delta_decode, "gated delta rule, one decode step, states updated in place");
+  m.def("rms_norm", &rms_norm, "zero-centred RMSNorm per row");
+  m.def("gated_rms_norm", &gated_rms_norm, "DeltaNet output norm: w * o / rms(o) * silu(z) per head");
+  m.def("delta_prep", &delta_prep, "DeltaNet conv, SiLU, q/k norms, decay and beta for T tokens per sequence");
   m.def("f32_linear", &f32_linear, "fp32 linear, each output computed alike whatever the row count");
   m.def("delta_steps", &delta_steps, "gated delta rule, T tokens per sequence, states updated in place, some kept");
   m.def("q4_linear", &q4_linear, "int4 weight-only linear");

@@ -14,7 +14,8 @@ from torch import nn
 from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
-from ..ops.gated_delta import gated_delta_chunked, gated_delta_decode, gated_delta_recurrent, gated_delta_steps
+from ..kernels import native
+from ..ops.gated_delta import gated_delta_chunked, gated_delta_recurrent, gated_delta_steps
 from .linear import Linear
 from .norm import GatedRMSNorm
 
@@ -56,16 +57,6 @@ class GatedDeltaNet(nn.Module):
         k = l2norm(k.reshape(B, T, self.n_k, self.d_k).float())
         return q, k, v.reshape(B, T, self.n_v, self.d_v).float()
 
-    def _decode(self, m: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cache: dict[str, torch.Tensor],
-                slots: tuple[int, ...]) -> torch.Tensor:
-        """One token for each of B sequences: m [B, C], g, beta [B, Hv] -> o [B, Hv, Dv]; states in place."""
-        idx = torch.tensor(slots, device=m.device)
-        conv_c = cache["conv"]
-        y, conv = causal_conv1d(m[:, None], self.conv1d.weight[:, 0].to(m.dtype), conv_c[idx])
-        conv_c[idx] = conv.to(conv_c.dtype)
-        q, k, v = self._qkv(F.silu(y))
-        return gated_delta_decode(cache["state"], idx, q[:, 0], k[:, 0], v[:, 0], g, beta)
-
     def _mix(self, m: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, conv: torch.Tensor, state: torch.Tensor,
              decode: bool):
         """m [B, T, C] pre-conv; g, beta [B, T, Hv]; conv [B, W-1, C]; state [B, Hv, Dk, Dv].
@@ -80,31 +71,47 @@ class GatedDeltaNet(nn.Module):
         o, state = rule(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)
         return o.transpose(1, 2), conv, state
 
-    def _steps(self, m, g, beta, cache: dict[str, torch.Tensor], batch: ForwardBatch, members: list[int], T: int,
+    def _steps(self, m, a, b, cache: dict[str, torch.Tensor], batch: ForwardBatch, members: list[int], T: int,
                o: torch.Tensor) -> None:
         """Sequences `members` of the batch, T new tokens each, through conv and recurrence token by token
-        (the decode kernel's arithmetic, so a verified draft leaves exactly the states decoding would). With
-        batch.keep, the states after each of a sequence's first keep[i] tokens go to its "spec_*" rows."""
+        (decode's arithmetic, so a verified draft leaves exactly the states decoding would). With
+        batch.keep, the states after each of a sequence's first keep[i] tokens go to its "spec_*" rows.
+        Native: conv, SiLU, norms and gates in one call (delta_prep), then the recurrence (delta_steps)."""
         dev = m.device
         slots = torch.tensor([batch.slots[i] for i in members], device=dev)
-        rows = torch.cat([torch.arange(batch.cu[i], batch.cu[i] + T, device=dev) for i in members])
         B = len(members)
-        mi, gi, bi = m[rows].view(B, T, -1), g[rows].view(B, T, -1), beta[rows].view(B, T, -1)
+        if B == len(batch.slots) and T == 1:
+            rows = None                                       # a decode step: every row, in order
+            mi, ai, bi = m.view(B, 1, -1), a.view(B, 1, -1), b.view(B, 1, -1)
+        else:
+            rows = torch.cat([torch.arange(batch.cu[i], batch.cu[i] + T, device=dev) for i in members])
+            mi, ai, bi = m[rows].view(B, T, -1), a[rows].view(B, T, -1), b[rows].view(B, T, -1)
         conv_c, state_c = cache["conv"], cache["state"]
-        prev = conv_c[slots]
-        y, conv = causal_conv1d(mi, self.conv1d.weight[:, 0].to(m.dtype), prev, per_token=True)
         nkeep = [batch.keep[i] if batch.keep else 0 for i in members]
-        if any(nkeep):      # conv state after token t: the last W-1 inputs up to it
-            xs, W1 = torch.cat([prev.to(mi.dtype), mi], dim=1), prev.shape[1]
-            for b, i in enumerate(members):
-                for t in range(nkeep[b]):
-                    cache["spec_conv"][batch.slots[i], t] = xs[b, t + 1:t + 1 + W1]
-        conv_c[slots] = conv.to(conv_c.dtype)
-        q, k, v = self._qkv(F.silu(y))
+        nk = torch.tensor(nkeep, dtype=torch.long)
+        weight = self.conv1d.weight[:, 0].to(m.dtype)
+        ext = native() if m.dtype == torch.float32 and conv_c.dtype == torch.float32 and dev.type == "cpu" else None
+        if ext is not None:
+            keep_conv = cache["spec_conv"] if any(nkeep) else torch.empty(0)
+            q, k, v, g, beta = ext.delta_prep(mi, ai.float(), bi.float(), conv_c, weight, slots, self.A_log.float(),
+                                              self.dt_bias.float(), keep_conv, nk, self.n_k, self.d_k, self.d_v)
+        else:
+            g, beta = self._gates(ai, bi)
+            prev = conv_c[slots]
+            y, conv = causal_conv1d(mi, weight, prev, per_token=True)
+            if any(nkeep):      # conv state after token t: the last W-1 inputs up to it
+                xs, W1 = torch.cat([prev.to(mi.dtype), mi], dim=1), prev.shape[1]
+                for j, i in enumerate(members):
+                    for t in range(nkeep[j]):
+                        cache["spec_conv"][batch.slots[i], t] = xs[j, t + 1:t + 1 + W1]
+            conv_c[slots] = conv.to(conv_c.dtype)
+            q, k, v = self._qkv(F.silu(y))
         keep = cache.get("spec_state") if any(nkeep) else None
-        out = gated_delta_steps(state_c, slots, q, k, v, gi.float(), bi.float(), keep,
-                                torch.tensor(nkeep, dtype=torch.long))
-        o[rows] = out.reshape(B * T, self.n_v, self.d_v)
+        out = gated_delta_steps(state_c, slots, q, k, v, g, beta, keep, nk).reshape(B * T, self.n_v, self.d_v)
+        if rows is None:
+            o.copy_(out)
+        else:
+            o[rows] = out
 
     @staticmethod
     def _capture(cache: dict[str, torch.Tensor], snap: int, conv: torch.Tensor, state: torch.Tensor) -> None:
@@ -112,38 +119,45 @@ class GatedDeltaNet(nn.Module):
         cache["snap_conv"][snap] = conv
         cache["snap_state"][snap] = state
 
+    def _gates(self, a: torch.Tensor, b: torch.Tensor):
+        """in_proj_a, in_proj_b outputs -> g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b) (fp32)."""
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        return g, torch.sigmoid(b).float()
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: dict[str, torch.Tensor]) -> torch.Tensor:
         N = x.shape[0]
         m = self.in_proj_qkv(x)                                                # [N, C]
         z = self.in_proj_z(x).view(N, self.n_v, self.d_v)
-        beta = torch.sigmoid(self.in_proj_b(x)).float()                        # [N, Hv]
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        a, b = self.in_proj_a(x), self.in_proj_b(x)                            # [N, Hv] each
         conv_c, state_c = cache["conv"], cache["state"]
+        o = torch.empty(N, self.n_v, self.d_v, dtype=torch.float32, device=x.device)
         if batch.is_decode:  # one token per sequence: all sequences in one recurrent step
-            o = self._decode(m, g, beta, cache, batch.slots)
+            self._steps(m, a, b, cache, batch, list(range(len(batch.slots))), 1, o)
             for slot, caps in zip(batch.slots, batch.captures):
                 for _, snap in caps:
                     self._capture(cache, snap, conv_c[slot], state_c[slot])
         else:
-            o = torch.empty(N, self.n_v, self.d_v, dtype=torch.float32, device=x.device)
             short: dict[int, list[int]] = {}       # T -> sequences adding T tokens, run by the fused recurrence
+            g = beta = None
             for i, slot in enumerate(batch.slots):
                 n = batch.lens[i]
                 if n <= SHORT and not (batch.captures and batch.captures[i]):
                     short.setdefault(n, []).append(i)
                     continue
-                a, b = batch.cu[i], batch.cu[i + 1]
+                if g is None:
+                    g, beta = self._gates(a, b)
+                lo_, hi_ = batch.cu[i], batch.cu[i + 1]
                 caps = dict(batch.captures[i]) if batch.captures else {}
                 # split the chunk where a prefix-cache snapshot wants the state (the recurrence is sequential)
-                cuts = [a + k for k in sorted(caps) if k < b - a]
-                for lo, hi in zip([a, *cuts], [*cuts, b]):
+                cuts = [lo_ + k for k in sorted(caps) if k < hi_ - lo_]
+                for lo, hi in zip([lo_, *cuts], [*cuts, hi_]):
                     oi, conv, state = self._mix(m[None, lo:hi], g[None, lo:hi], beta[None, lo:hi],
                                                 conv_c[slot:slot + 1], state_c[slot:slot + 1], hi - lo == 1)
                     conv_c[slot], state_c[slot] = conv[0].to(conv_c.dtype), state[0]
                     o[lo:hi] = oi[0]
-                    if hi - a in caps:
-                        self._capture(cache, caps[hi - a], conv_c[slot], state_c[slot])
+                    if hi - lo_ in caps:
+                        self._capture(cache, caps[hi - lo_], conv_c[slot], state_c[slot])
             for T, members in short.items():
-                self._steps(m, g, beta, cache, batch, members, T, o)
+                self._steps(m, a, b, cache, batch, members, T, o)
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(N, self.value_dim))

@@ -79,21 +79,13 @@ def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = 64):
 def gated_delta_decode_reference(state, slots, q, k, v, g, beta):
     """One decode step for B sequences whose states live in `state` [S, H, K, V] at rows `slots` [B],
     updated in place. q, k [B, Hk, K] (each key head serves H / Hk value heads); v [B, H, V]; g, beta [B, H].
-    Returns o [B, H, V]. (The only function here that writes an input: the cache's states.)"""
+    Returns o [B, H, V]. (It and the *_steps functions are the ones here that write an input: the cache's
+    states.)"""
     rep = state.shape[1] // q.shape[1]
     q, k = (t.repeat_interleave(rep, dim=1)[:, :, None] for t in (q, k))
     o, new = gated_delta_recurrent(q, k, v[:, :, None], g[:, :, None], beta[:, :, None], state[slots])
     state[slots] = new
     return o[:, :, 0]
-
-
-def gated_delta_decode(state, slots, q, k, v, g, beta):
-    """gated_delta_decode_reference, fused: each state is read once and rewritten in place while in cache
-    (csrc/qkernels.cpp `delta_decode`); the reference where the native kernels are unavailable."""
-    ext = native()
-    if ext is None or state.dtype != torch.float32 or state.device.type != "cpu":
-        return gated_delta_decode_reference(state, slots, q, k, v, g, beta)
-    return ext.delta_decode(state, slots, *(t.float().contiguous() for t in (q, k, v, g, beta)))
 
 
 def gated_delta_steps_reference(state, slots, q, k, v, g, beta, keep=None, nkeep=None):
