@@ -96,13 +96,16 @@ def _timed(fn):
 
 def run(model: str | None, layers: int = 40, quantization: str | None = "int4", prompt_len: int = 512,
         decode_tokens: int = 128, vs_transformers: bool = False, experts: int = 256,
-        max_ram: int | None = None, image: bool = True, structured: bool = False, speculative: int = 0) -> dict:
+        max_ram: int | None = None, image: bool = True, structured: bool = False, speculative: int = 0,
+        draft_vocab: int | None = None) -> dict:
     from . import LLM, SamplingParams
 
     torch.manual_seed(0)
     path = Path(model) if model else synthetic_checkpoint(layers, quantization, experts, mtp=speculative > 0)
     bandwidth = memory_bandwidth_gbs()
     spec = {"method": "mtp", "num_speculative_tokens": speculative} if speculative else None
+    if spec and draft_vocab:
+        spec["draft_vocab_size"] = draft_vocab
     llm, load_s = _timed(lambda: LLM(path, dtype="bfloat16", quantization=None if model is None else quantization,
                                     max_model_len=prompt_len + decode_tokens + 8, max_num_seqs=8,
                                     max_ram=max_ram, enable_prefix_caching=False,   # repeated prompts
@@ -217,28 +220,33 @@ def speculative_decode_bench(llm, short: list[int], n: int, k: int, rounds: int 
     engine.spec_k = 0
     want = llm.generate(short, p).token_ids
 
-    def oracle(right: int):
+    def oracle(right):
+        """Drafts from the plain run: the first right(step) of each step's drafts true, the rest wrong."""
+        steps = [0]
+
         def override(r, drafts):
             m = len(r.output_ids)
-            true = want[m:m + len(drafts)]
-            return [t if j < right else (t + 1) % llm.config.text.vocab_size for j, t in enumerate(true)]
+            true, steps[0] = want[m:m + len(drafts)], steps[0] + 1
+            n_right = right(steps[0])
+            return [t if j < n_right else (t + 1) % llm.config.text.vocab_size for j, t in enumerate(true)]
         return override
 
-    modes = {"plain": (0, None), "mtp": (k, None), "oracle_all": (k, oracle(k)),
-             "oracle_half": (k, oracle((k + 1) // 2)), "oracle_none": (k, oracle(0))}
+    modes = {"plain": (0, None), "mtp": (k, None), "oracle_all": (k, oracle(lambda step: k)),
+             # half of all drafts right: k/2 per step (odd k: alternately rounded up and down)
+             "oracle_half": (k, oracle(lambda step: (k + step % 2) // 2)), "oracle_none": (k, oracle(lambda step: 0))}
     draft_time = [0.0, 0]
-    real_draft = llm.model.draft
+    real_propose = engine._propose
 
-    def timed_draft(*a, **kw):                       # the MTP head's own cost, per call
+    def timed_propose(*a, **kw):                     # the head's rows and drafts, per step
         t = time.perf_counter()
-        out = real_draft(*a, **kw)
+        out = real_propose(*a, **kw)
         draft_time[0] += time.perf_counter() - t
         draft_time[1] += 1
         return out
 
     runs: dict[str, list[float]] = {}
     info: dict[str, dict] = {}
-    llm.model.draft = timed_draft
+    engine._propose = timed_propose
     try:
         for _ in range(rounds):
             for label, (spec_k, override) in modes.items():
@@ -253,9 +261,10 @@ def speculative_decode_bench(llm, short: list[int], n: int, k: int, rounds: int 
                                "tokens_per_step": round(n / max(steps, 1), 2) if steps else 1.0}
     finally:
         engine.spec_k, engine.draft_override = 0, None
-        del llm.model.draft
+        del engine._propose
     med = {label: sorted(v)[len(v) // 2] for label, v in runs.items()}
-    out = {"k": k, "tokens": n, "draft_pass_ms": round(draft_time[0] / max(draft_time[1], 1) * 1000, 2)}
+    out = {"k": k, "tokens": n, "draft_vocab_size": engine.draft_head.ids.numel() if engine.draft_head.ids is not None
+           else None, "drafting_ms_per_step": round(draft_time[0] / max(draft_time[1], 1) * 1000, 2)}
     for label in modes:
         out[label] = {"tok_s": round(med[label], 2), **info[label]}
     # step time vs accepted drafts, linear between the oracle's none and all (same k, same step shape)
@@ -375,7 +384,7 @@ def run_bench(args) -> int:
 
     result = run(args.model, args.layers, quantization, args.prompt_len, args.decode_tokens,
                  args.vs_transformers, args.experts, parse_size(args.max_ram) if args.max_ram else None,
-                 not args.no_image, args.structured, args.speculative)
+                 not args.no_image, args.structured, args.speculative, args.draft_vocab)
     if args.vs_llamacpp:       # the peer on the same model geometry, right after ours (same machine state)
         peer = llamacpp_bench(args.vs_llamacpp, args.prompt_len, args.decode_tokens, torch.get_num_threads())
         result["llamacpp"] = peer

@@ -365,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="also decode with MTP speculation, K drafts per step: the head's own drafts and oracle "
                         "drafts (all / half / none right), with the estimate at the published acceptance")
+    b.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="with --speculative: draft among the first N token ids (speculative_config's "
+                        "draft_vocab_size)")
     b.add_argument("--agent", action="store_true",
                    help="replay a coding-agent session (see bench_agent.py) against --url or a server started here")
     b.add_argument("--url", default=None, help="--agent: an OpenAI-compatible server (ours, llama.cpp's, ...)")

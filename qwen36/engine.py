@@ -30,6 +30,7 @@ import torch
 from .batch import ForwardBatch, text_positions
 from .cache import HybridCache, SnapshotStore
 from .model import TextModel
+from .mtp import DraftHead
 from .multimodal import MultimodalPrompt
 from .sampling import Sampler, SamplingParams
 from .structured import GrammarBackend, Guide, json_grammar
@@ -90,7 +91,7 @@ class Engine:
                  max_model_len: int | None = None, kv_cache_bytes: int = 1 << 30, block_size: int = 64,
                  token_budget: int = 512, enable_prefix_caching: bool = True, prefix_cache_bytes: int = 1 << 30,
                  snapshot_every: int = 4096, grammar: GrammarBackend | None = None,
-                 num_speculative_tokens: int = 0):
+                 num_speculative_tokens: int = 0, draft_vocab_size: int | None = None):
         self.model, self.tokenizer, self.eos = model, tokenizer, set(eos_token_ids)
         self.device = model.embed_tokens.weight.device
         cfg = model.cfg
@@ -98,6 +99,9 @@ class Engine:
             raise ValueError("speculative decoding needs the MTP head: load the model with mtp=True")
         self.spec_k = num_speculative_tokens
         self.mtp_layer = len(model.layers)                   # the MTP head's index in the cache
+        self.draft_head = DraftHead(model.lm_head, cfg.vocab_size, draft_vocab_size,
+                                    tokenizer.special_tokens.values() if tokenizer is not None else ()) \
+            if self.spec_k else None
         # bench only: (request, drafts) -> drafts to verify instead (oracle acceptance; qwen36 bench)
         self.draft_override = None
         max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -465,15 +469,16 @@ class Engine:
             seq.mtp_rows = max(hi, lo)
         if not lens:
             return
-        batch = ForwardBatch.build(slots, lows, lens, tables, B, logits=logit_rows, positions=torch.cat(pos, dim=1),
+        batch = ForwardBatch.build(slots, lows, lens, tables, B, positions=torch.cat(pos, dim=1),
                                    device=self.device, first_row=1)
         x = self.model.embed(torch.tensor(ids, device=self.device))
         for r, lo, n, offset in zip(members, lows, lens, batch.cu):
             if r.mm is not None:             # image and video rows take their embeddings, as in the forward
                 r.mm.scatter_into(x, lo, n, offset)
-        logits, g = self.model.draft(x, torch.cat(hs), batch, self.cache)
+        g = self.model.draft(x, torch.cat(hs), batch, self.cache)
         ends = [c - 1 for c in batch.cu[1:]]
-        chains = [[r, [int(logits[j].argmax())], g[ends[i]]] for j, (r, i) in enumerate(drafting)]
+        firsts = self.draft_head(g[logit_rows]) if logit_rows else []
+        chains = [[r, [d], g[ends[i]]] for d, (r, i) in zip(firsts, drafting)]
         for step in range(1, self.spec_k):           # each further draft: one row per sequence still drafting
             live = [c for c in chains if len(c[1]) < self._budget(c[0])]
             if not live:
@@ -482,12 +487,12 @@ class Engine:
             ps = [r.mm.positions_for(row - 1, 1) if r.mm is not None else text_positions(row - 1, 1)
                   for (r, _, _), row in zip(live, rows)]
             batch = ForwardBatch.build([r.seq.slot for r, _, _ in live], rows, [1] * len(live),
-                                       [r.seq.blocks for r, _, _ in live], B, logits="all",
+                                       [r.seq.blocks for r, _, _ in live], B,
                                        positions=torch.cat(ps, dim=1), device=self.device, first_row=1)
             x = self.model.embed(torch.tensor([d[-1] for _, d, _ in live], device=self.device))
-            logits, g = self.model.draft(x, torch.stack([h for _, _, h in live]), batch, self.cache)
-            for j, c in enumerate(live):
-                c[1].append(int(logits[j].argmax()))
+            g = self.model.draft(x, torch.stack([h for _, _, h in live]), batch, self.cache)
+            for j, (c, d) in enumerate(zip(live, self.draft_head(g))):
+                c[1].append(d)
                 c[2] = g[j]
         for r, d, _ in chains:
             if r.forcing:                            # tokens that will be forced are the best drafts

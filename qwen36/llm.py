@@ -12,7 +12,7 @@ from .engine import Engine, StepOutput
 from .image import VisionPreprocess
 from .inputs import MediaInputs, MediaPolicy, PromptInputs
 from .model import load_model
-from .mtp import speculative_tokens
+from .mtp import parse_speculative_config
 from .multimodal import MultimodalPrompt
 from .parsers import ChatResult, parse_assistant
 from .sampling import SamplingParams
@@ -60,7 +60,7 @@ class LLM:
             raise ValueError(f"device={device!r}: CUDA is not available on this machine")
         # speculative decoding: {"method": "mtp", "num_speculative_tokens": k} drafts k tokens per step with
         # the checkpoint's MTP head; the output is the same as without it (greedy tokens, sampled distribution)
-        self.num_speculative_tokens = speculative_tokens(speculative_config)
+        self.num_speculative_tokens, self.draft_vocab_size = parse_speculative_config(speculative_config)
         self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization,
                                              mtp=self.num_speculative_tokens > 0)
         # on the CPU the vision tower stays as stored (bf16: the memory map itself, no copy at start-up) and
@@ -156,7 +156,8 @@ class LLM:
                                   max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes,
                                   enable_prefix_caching=self.enable_prefix_caching,
                                   prefix_cache_bytes=self.prefix_cache_memory, grammar=grammar,
-                                  num_speculative_tokens=self.num_speculative_tokens)
+                                  num_speculative_tokens=self.num_speculative_tokens,
+                                  draft_vocab_size=self.draft_vocab_size)
         return self._engine
 
     @property

@@ -103,13 +103,12 @@ class TextModel(nn.Module):
             return self.lm_head(h[batch.logits_index]).float(), h
         return self.lm_head(self.norm(x[batch.logits_index])).float()
 
-    def draft(self, x: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, cache: HybridCache):
-        """The MTP head over MTP rows (see mtp.py): x [N, H] embeddings of tokens x_r, hidden [N, H] states h_{r-1}, batch
-        over those rows (positions: RoPE position r - 1) -> (logits at batch.logits_index [M, V] fp32,
-        the head's normed output g [N, H], fed back as the next draft's hidden state)."""
+    def draft(self, x: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, cache: HybridCache) -> torch.Tensor:
+        """The MTP head over MTP rows (see mtp.py): x [N, H] embeddings of tokens x_r, hidden [N, H] states
+        h_{r-1}, batch over those rows (positions: RoPE position r - 1) -> the head's normed output g [N, H]
+        (mtp.DraftHead turns it into tokens; it is also the next draft's hidden state)."""
         rope = self.rotary.cos_sin(batch.positions, self.compute_dtype)
-        g = self.mtp(x, hidden, rope, batch, cache[len(self.layers)])
-        return self.lm_head(g[batch.logits_index]).float(), g
+        return self.mtp(x, hidden, rope, batch, cache[len(self.layers)])
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",

@@ -9,7 +9,7 @@ import torch
 
 from qwen36 import LLM, SamplingParams
 from qwen36.engine import Engine
-from qwen36.mtp import speculative_tokens
+from qwen36.mtp import parse_speculative_config, speculative_tokens
 from qwen36.sampling import Sampler
 
 BOUNDARY = 7          # stands in for <|im_start|> in these small-vocabulary prompts
@@ -59,6 +59,9 @@ def test_speculative_config_is_vllms_and_checked():
     assert speculative_tokens(None) == 0
     assert speculative_tokens({"method": "mtp", "num_speculative_tokens": 3}) == 3
     assert speculative_tokens('{"method": "mtp", "num_speculative_tokens": 2}') == 2
+    assert parse_speculative_config({"num_speculative_tokens": 2, "draft_vocab_size": 32768}) == (2, 32768)
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        parse_speculative_config({"num_speculative_tokens": 2, "draft_vocab_size": 3})
     for bad, field in [({"method": "eagle3", "num_speculative_tokens": 2}, "method"),
                        ({"method": "mtp", "num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"method": "mtp", "num_speculative_tokens": True}, "num_speculative_tokens"),
@@ -148,6 +151,24 @@ def test_greedy_tokens_identical_alone_and_batched(model, k):
             assert e.stats.accepted_tokens == e.stats.draft_tokens       # every oracle draft accepted
         if right == 0:
             assert e.stats.accepted_tokens == 0
+
+
+def test_a_draft_vocabulary_limits_the_drafts_not_the_output(model):
+    """draft_vocab_size: the head drafts among the first N ids only (the rest of the output head is not
+    read), and the output is still exactly the plain run's."""
+    prompts = [rand(20, 11), rand(9, 12)]
+    want, _ = run(engine(model), prompts, n=10)
+    e = engine(model, 2, draft_vocab_size=256)
+    drafted = []
+
+    def note(e):
+        drafted.extend(d for r in e.requests.values() for d in r.seq.drafts)
+    got, _ = run(e, prompts, n=10, each_step=note)
+    assert got == want and drafted and max(drafted) < 256
+    full = engine(model, 2)
+    seen = []
+    run(full, prompts, n=10, each_step=lambda e: seen.extend(d for r in e.requests.values() for d in r.seq.drafts))
+    assert max(seen) >= 256                                  # the whole vocabulary drafts above it
 
 
 def test_prefix_cache_hits_with_speculation_equal_cache_off(model):
