@@ -358,6 +358,38 @@ def _vs_transformers(path: Path, prompt: list[int], n: int) -> dict:
     return {"prefill_s": round(prefill, 3), "decode_tok_s": _decode_rate(streamer.stamps)}
 
 
+def per_layer_cost(depths: tuple[int, int], quantization: str | None = "int4", n: int = 64, rounds: int = 3) -> dict:
+    """A decode layer's cost against the time its weights take to read: batch-1 decode at two depths (same
+    widths), alternated, medians; ms per layer = the difference of ms per token / the difference of depths,
+    set beside the weight bytes a layer reads per token at the read bandwidth measured in the same run."""
+    from . import LLM, SamplingParams
+
+    llms = {d: LLM(synthetic_checkpoint(d, quantization, mtp=True), dtype="bfloat16", max_model_len=n + 32,
+                   enable_prefix_caching=False) for d in depths}
+    prompt = list(range(1000, 1016))
+    p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for llm in llms.values():
+        llm.generate(prompt, p)                                        # warm-up
+    ms: dict[int, list[float]] = {d: [] for d in depths}
+    bandwidth = []
+    for _ in range(rounds):
+        bandwidth.append(memory_bandwidth_gbs())
+        for d, llm in llms.items():
+            _, t1 = _timed(lambda: llm.generate(prompt, p1))
+            _, tn = _timed(lambda: llm.generate(prompt, p))
+            ms[d].append((tn - t1) / (n - 1) * 1000)
+    med = {d: sorted(v)[len(v) // 2] for d, v in ms.items()}
+    a, b = depths
+    layer_ms = (med[b] - med[a]) / (b - a)
+    layer_bytes = (weight_bytes_per_token(llms[b].model) - weight_bytes_per_token(llms[a].model)) / (b - a)
+    gbs = sorted(bandwidth)[len(bandwidth) // 2]
+    read_ms = layer_bytes / gbs / 1e6
+    return {"ms_per_token": {str(d): round(v, 2) for d, v in med.items()}, "ms_per_layer": round(layer_ms, 3),
+            "weight_mb_per_layer": round(layer_bytes / 1e6, 1), "memory_bandwidth_gbs": round(gbs, 2),
+            "weight_read_ms_per_layer": round(read_ms, 3), "ratio_to_weight_read": round(layer_ms / read_ms, 2)}
+
+
 def llamacpp_bench(gguf: str, prompt_len: int, decode_tokens: int, threads: int) -> dict:
     """llama.cpp's llama-bench on a GGUF of the same model, same prompt and decode lengths and threads (the
     binary from $LLAMA_BENCH, else the one shared/tools/llamacpp-anchor.sh builds)."""
@@ -382,6 +414,10 @@ def run_bench(args) -> int:
     quantization = None if args.quantization == "none" else args.quantization
     from .cli import parse_size
 
+    if args.per_layer:
+        a, b = (int(x) for x in args.per_layer.split(","))
+        print(json.dumps(per_layer_cost((a, b), quantization, args.decode_tokens), indent=None if args.json else 2))
+        return 0
     result = run(args.model, args.layers, quantization, args.prompt_len, args.decode_tokens,
                  args.vs_transformers, args.experts, parse_size(args.max_ram) if args.max_ram else None,
                  not args.no_image, args.structured, args.speculative, args.draft_vocab)

@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--file-lines", type=int, default=120, help="--agent: lines of each file a tool returns")
     b.add_argument("--server-args", default="", help="--agent: extra `qwen36 serve` options, e.g. "
                                                      "'--no-enable-prefix-caching'")
+    b.add_argument("--per-layer", default=None, metavar="A,B",
+                   help="a decode layer's cost: synthetic checkpoints of A and B layers alternated, ms per layer "
+                        "against its weights' read time at the bandwidth measured in the same run")
     b.add_argument("--vs-llamacpp", default=None, metavar="GGUF",
                    help="also run llama.cpp's llama-bench on GGUF (the same geometry and layers, e.g. made with "
                         "make-demo --dtype bfloat16 and shared/tools/llamacpp-anchor.sh gguf) and print both")
