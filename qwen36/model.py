@@ -140,6 +140,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
     model.compute_dtype = compute_dtype
     model.quantization = qcfg
     model.checkpoint = ckpt             # other parts (the vision tower) are read from the same memory maps
+    if device.type == "cpu":
+        from .kernels import flush_denormals
+        flush_denormals()               # DeltaNet's decays underflow: denormals are ~100x slower (kernels.py)
     if mtp:
         from .mtp import load_mtp
         model.mtp = load_mtp(cfg, ckpt, dtype, device, qcfg)

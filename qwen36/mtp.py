@@ -94,11 +94,12 @@ class DraftHead:
                 self.sub = lm_head.weight.index_select(0, self.ids)
 
     def __call__(self, g: torch.Tensor) -> list[int]:
+        from .sampling import greedy
         if self.ids is None:
-            return self.lm_head(g).argmax(-1).tolist()
+            return greedy(self.lm_head(g))
         from . import kernels
         logits = kernels.qlinear(g, self.sub) if isinstance(self.sub, dict) else kernels.float_linear(g, self.sub)
-        return self.ids[logits.argmax(-1)].tolist()
+        return self.ids[torch.tensor(greedy(logits))].tolist()
 
 
 def speculative_tokens(config) -> int:

@@ -318,3 +318,38 @@ def test_structured_output_and_images_compose_with_speculation(checkpoint):
     p = SamplingParams(temperature=0, max_tokens=10)
     a, b = llm.chat(msgs, p), plain.chat(msgs, p)
     assert (a.reasoning_content, a.content) == (b.reasoning_content, b.content)
+
+
+# ---------------------------------------------------------------- the server
+def test_server_with_speculation_answers_as_without(checkpoint, tmp_path):
+    """`serve --speculative-config` (vLLM's spelling): the official client's greedy answers, whole and
+    streamed, equal the offline engine's without speculation; the spec-decode counters move; a bad config
+    stops the server at start with the field named."""
+    import subprocess
+    import sys
+
+    import openai
+
+    from tests.test_server import KEY, launch, metrics, stop
+
+    path = checkpoint("demo")
+    proc, base = launch(path, tmp_path / "log", "--api-key", KEY, "--max-model-len", "256",
+                        "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}')
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": "Count to five."}]
+        want = LLM(path).chat(msgs, SamplingParams(temperature=0, max_tokens=16))
+        r = client.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0)
+        assert r.choices[0].message.content == want.content
+        assert getattr(r.choices[0].message, "reasoning_content", None) == want.reasoning_content
+        chunks = client.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == (want.content or "")
+        m = metrics({"base": base})
+        assert m["qwen36_spec_decode_num_draft_tokens_total"] > 0
+        assert m["qwen36_spec_decode_num_drafts_total"] > 0
+    finally:
+        stop(proc)
+    bad = subprocess.run([sys.executable, "-m", "qwen36.cli", "serve", str(path), "--speculative-config",
+                          '{"method": "eagle3"}'], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "speculative_config.method" in bad.stderr
