@@ -2,7 +2,6 @@
 sampled distribution, the caches it leaves)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

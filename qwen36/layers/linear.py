@@ -6,7 +6,6 @@ matmul on CPU is ~500x slower than fp32, so the weight is cast on use.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
