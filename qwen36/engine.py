@@ -29,6 +29,7 @@ import torch
 
 from .batch import ForwardBatch, text_positions
 from .cache import HybridCache, SnapshotStore
+from .kernels import flush_denormals
 from .model import TextModel
 from .mtp import DraftHead
 from .multimodal import MultimodalPrompt
@@ -285,6 +286,8 @@ class Engine:
     # ---------------------------------------------------------------- one step
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        if self.device.type == "cpu":
+            flush_denormals()               # per thread: the server steps the engine on its own thread
         work, admitted = self.scheduler.schedule()
         by_seq = {r.seq.seq_id: r for r in self.requests.values()}
         for seq in admitted:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -81,17 +82,24 @@ def native512():
     return _ext512 or None
 
 
+_ftz = threading.local()
+
+
 def flush_denormals() -> bool:
-    """Flush denormal floats to zero on this process's compute threads (x86: FTZ + DAZ), as the engine runs:
-    DeltaNet's decays underflow into denormals, each ~100x slower to compute with, and a 512-token prefill
-    chunk of the delta rule ran ~4x slower with them. Values below 1.2e-38 become 0 (the model's outputs do
-    not move measurably). QWEN36_DENORMALS=1 keeps them. Returns whether it applied."""
+    """Flush denormal floats to zero (x86: FTZ + DAZ) on the calling thread and the compute threads it runs
+    on: DeltaNet's decays underflow into denormals, each ~100x slower to compute with, and a 512-token
+    prefill chunk of the delta rule ran ~4x slower with them. Values below 1.2e-38 become 0 (the model's
+    outputs do not move measurably). The setting is per thread and so is OpenMP's team of a thread: the
+    loader calls this, and the engine again from whichever thread steps it (once per thread).
+    QWEN36_DENORMALS=1 keeps them. Returns whether it applies."""
+    if getattr(_ftz, "on", None) is not None:
+        return _ftz.on
     ext = native()
-    if ext is None or os.environ.get("QWEN36_DENORMALS") == "1":
-        return False
-    torch.set_flush_denormal(True)
-    ext.flush_denormals(True)
-    return True
+    _ftz.on = ext is not None and os.environ.get("QWEN36_DENORMALS") != "1"
+    if _ftz.on:
+        torch.set_flush_denormal(True)
+        ext.flush_denormals(True)
+    return _ftz.on
 
 
 def act8() -> bool:

@@ -1,7 +1,9 @@
 """The engine on a background thread, fed and drained by asyncio request handlers.
 
 One lock guards the engine (it is not thread-safe): handlers add and abort under it, the loop thread
-runs one step under it. Each request gets an asyncio queue that receives its StepOutputs; a handler
+runs one step under it. A lock is not fair: the loop would take it back between steps before a waiting
+handler wakes, and a request arriving during a background prefill waited for all of it. So handlers take it
+through `_handler_lock`, and the loop lets them in first. Each request gets an asyncio queue that receives its StepOutputs; a handler
 that goes away (client disconnect) aborts its request, which frees the slot and KV blocks at once.
 An exception inside a step fails the requests of that step only; the loop keeps serving.
 """
@@ -11,6 +13,7 @@ import asyncio
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..engine import Engine, StepOutput
@@ -35,8 +38,24 @@ class EngineRunner:
         self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.stats = Stats()
         self._stop = False
+        self._waiting = 0                  # handlers waiting for the lock (the loop lets them go first)
+        self._count = threading.Lock()     # guards _waiting
         self.thread = threading.Thread(target=self._loop, name="qwen36-engine", daemon=True)
         self.thread.start()
+
+    @contextmanager
+    def _handler_lock(self):
+        with self._count:
+            self._waiting += 1
+        try:
+            self.lock.acquire()
+        finally:
+            with self._count:
+                self._waiting -= 1
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, q: asyncio.Queue | None = None,
                force: tuple[int | None, list[int]] | None = None, mm=None) -> tuple[str, asyncio.Queue]:
@@ -44,7 +63,7 @@ class EngineRunner:
         context) before anything runs."""
         loop = asyncio.get_running_loop()
         q = q if q is not None else asyncio.Queue()
-        with self.lock:
+        with self._handler_lock():
             rid = self.engine.add_request(prompt_ids, params, force=force, mm=mm)
             self.queues[rid] = (loop, q)
         self.stats.prompt_tokens += len(prompt_ids)
@@ -53,13 +72,13 @@ class EngineRunner:
 
     def warm(self, prompt_ids: list[int]) -> None:
         """Prefill prompt_ids in the background while the server is idle (see Engine.warm)."""
-        with self.lock:
+        with self._handler_lock():
             rid = self.engine.warm(prompt_ids)
         if rid is not None:
             self.wake.set()
 
     def abort(self, rid: str) -> None:
-        with self.lock:
+        with self._handler_lock():
             self.engine.abort(rid)
             self.queues.pop(rid, None)
 
@@ -69,7 +88,7 @@ class EngineRunner:
         self.thread.join(timeout=5)
 
     def load(self) -> dict[str, float]:
-        with self.lock:                                # the engine thread changes these between steps
+        with self._handler_lock():                     # the engine thread changes these between steps
             return self._load()
 
     def _load(self) -> dict[str, float]:
@@ -96,6 +115,9 @@ class EngineRunner:
     def _loop(self) -> None:
         while not self._stop:
             self.wake.wait(timeout=0.5)
+            deadline = time.monotonic() + 0.05
+            while self._waiting > 0 and time.monotonic() < deadline:   # handlers first (see the docstring)
+                time.sleep(0.0002)
             with self.lock:
                 if not self.engine.has_work():
                     self.wake.clear()
