@@ -11,6 +11,7 @@ are also written to its slot's "spec_conv" / "spec_state" rows, where the engine
 """
 from __future__ import annotations
 
+from functools import cached_property
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -49,6 +50,16 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return self.cu[-1]
+
+    @cached_property
+    def slot_tensor(self) -> torch.Tensor:
+        """slots as an int64 tensor (made once per step, not once per layer)."""
+        return torch.tensor(self.slots, dtype=torch.long, device=self.positions.device)
+
+    @cached_property
+    def keep_tensor(self) -> torch.Tensor:
+        """keep as an int64 CPU tensor (zeros when empty)."""
+        return torch.tensor(self.keep or [0] * len(self.slots), dtype=torch.long)
 
     @property
     def is_decode(self) -> bool:

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from . import hugepages
 from .batch import ForwardBatch
 
 # name -> (shape, dtype or None for the compute dtype); "per_token" tensors get num_blocks*block_size rows,
@@ -27,7 +28,7 @@ class HybridCache:
             self.layers[layer] = {}
             for name, (kind, shape, own_dtype) in tensors.items():
                 rows = num_blocks * block_size if kind == "per_token" else num_slots
-                self.layers[layer][name] = torch.zeros((rows, *shape), dtype=own_dtype or dtype, device=device)
+                self.layers[layer][name] = hugepages.zeros((rows, *shape), own_dtype or dtype, device)
 
     @classmethod
     def contiguous(cls, layout: Layout, num_slots: int, max_len: int, dtype, device, block_size: int = 64):
@@ -69,7 +70,7 @@ class SnapshotStore:
       DeltaNet layers:  conv [S, W-1, C], state [S, Hv, Dk, Dv] (fp32)     the recurrent state at position P
       attention layers: k, v [S, block_size - 1, Hkv, D]                   KV rows of the partial last block
       MTP head (when speculating): its k, v tail as above, and hidden [S, H] (the state at position P - 1)
-    Allocated with torch.empty: pages are touched (and count in resident memory) only once a slot is written.
+    Allocated untouched (hugepages.zeros): pages are touched (and count in resident memory) only once a slot is written.
     A DeltaNet layer's rows are also in its cache dict as "snap_conv" / "snap_state", so the layer can write a
     state reached in the middle of a prefill chunk (ForwardBatch.captures).
     """
@@ -84,7 +85,7 @@ class SnapshotStore:
                 if name not in STATE_NAMES:
                     continue
                 rows = (B - 1,) if name in ("k", "v") else ()
-                self.layers[layer][name] = torch.empty((num_slots, *rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                self.layers[layer][name] = hugepages.zeros((num_slots, *rows, *t.shape[1:]), t.dtype, t.device)
                 if name in ("conv", "state"):
                     tensors["snap_" + name] = self.layers[layer][name]
 

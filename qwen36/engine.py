@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import hugepages
 from .batch import ForwardBatch, text_positions
 from .cache import HybridCache, SnapshotStore
 from .kernels import flush_denormals
@@ -115,8 +116,8 @@ class Engine:
                 for name in ("conv", "state"):
                     if name in tensors:
                         t = tensors[name]
-                        tensors["spec_" + name] = torch.empty((num_slots, self.spec_k, *t.shape[1:]),
-                                                              dtype=t.dtype, device=t.device)
+                        tensors["spec_" + name] = hugepages.zeros((num_slots, self.spec_k, *t.shape[1:]),
+                                                                  t.dtype, t.device)
         self.snapshot_bytes = SnapshotStore.bytes_per_slot(self.cache)
         num_snapshots = prefix_cache_bytes // self.snapshot_bytes if enable_prefix_caching else 0
         self.snapshots = SnapshotStore(self.cache, num_snapshots) if num_snapshots else None

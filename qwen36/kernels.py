@@ -223,3 +223,43 @@ def qlinear_experts_sorted(x: torch.Tensor, stacked: dict[str, torch.Tensor], of
     expert e's weight, every used expert in one call (check `sorted_experts_ok` first)."""
     return native512().q4q8_moe_sorted(x.contiguous(), stacked["q"], stacked["scale"], stacked["min"],
                                        _group(stacked), offsets)
+
+
+def _parts(t: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [t["q"], t["scale"], t["min"]]
+
+
+def moe_decode_ok(stacked: list[dict[str, torch.Tensor]], packed: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether `moe_decode` takes these int4 experts (stacked: gate_up, down) and shared-expert projections
+    (packed: gate, up, down): the int8-activation kernels, mins stored, one group size."""
+    parts = [*stacked, *packed]
+    return all(_act8_ok(t) and "min" in t and t["min"].dtype == torch.float32 for t in parts) \
+        and len({_group(t) for t in parts}) == 1
+
+
+def moe_decode(x: torch.Tensor, router: torch.Tensor, top_k: int, stacked, packed, shared_gate: torch.Tensor):
+    """The sparse-MoE block of a decode-sized step in one native call (csrc/qkernels512.cpp moe_decode; check
+    `moe_decode_ok` first). x [N, H] fp32 -> (out [N, H], expert ids [N, k], weights [N, k])."""
+    gate_up, down = stacked
+    s_gate, s_up, s_down = packed
+    return native512().moe_decode(x.contiguous(), router.contiguous(), top_k, _parts(gate_up), _parts(down),
+                                  _parts(s_gate), _parts(s_up), _parts(s_down), shared_gate.contiguous(),
+                                  _group(gate_up))
+
+
+def multi_linear(x: torch.Tensor, weights: list) -> list[torch.Tensor] | None:
+    """x [M, K] times several weights in one native call (csrc/qkernels512.cpp multi_linear): each weight a
+    quantized dict (int4 for the int8-activation kernels, mins stored) or an fp32 [N, K] tensor. The same
+    values as qlinear / float_linear one by one; None where the call cannot take them (then run those)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or not 0 < x.shape[0] <= PREFILL_ROWS:
+        return None
+    q4 = [w for w in weights if isinstance(w, dict)]
+    f32 = [w for w in weights if not isinstance(w, dict)]
+    if not q4 or not all(_act8_ok(w) and "min" in w and w["min"].dtype == torch.float32 for w in q4) \
+            or len({_group(w) for w in q4}) != 1 or any(w["q"].dim() != 2 for w in q4) \
+            or not all(w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous() for w in f32) \
+            or native() is None:
+        return None
+    outs = native512().multi_linear(x.contiguous(), [_parts(w) for w in q4], f32, _group(q4[0]))
+    it_q, it_f = iter(outs[:len(q4)]), iter(outs[len(q4):])
+    return [next(it_q) if isinstance(w, dict) else next(it_f) for w in weights]

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from .chat import ChatTemplate
+from . import hugepages
 from .engine import Engine, StepOutput
 from .image import VisionPreprocess
 from .inputs import MediaInputs, MediaPolicy, PromptInputs
@@ -63,6 +64,8 @@ class LLM:
         self.num_speculative_tokens, self.draft_vocab_size = parse_speculative_config(speculative_config)
         self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization,
                                              mtp=self.num_speculative_tokens > 0)
+        if self.device.type == "cpu":   # decode reads weights ~1.4x faster from huge pages (hugepages.py)
+            hugepages.place_weights(self.model, experts=max_ram is None)
         # on the CPU the vision tower stays as stored (bf16: the memory map itself, no copy at start-up) and
         # upcasts one layer at a time as it runs; elsewhere it takes the model's dtype
         tower_dtype = None if self.device.type == "cpu" else DTYPES[dtype]

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <vector>
+#include <cmath>
 
 static inline float hsum256(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -34,3 +35,28 @@ static std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int g
     }
   return xs;
 }
+
+// R rows of x times one weight row w (fp32, K long): each output the same operation sequence whatever R
+// (f32_linear in qkernels.cpp; the fused MoE step in qkernels512.cpp computes the router with it too)
+template <int R>
+static inline void f32_dot_rows(const float* const* xs, const float* w, int64_t K, float* const* outs) {
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[r] + k), w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[r] + k + 8), w1, a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float lane[8];
+    _mm256_store_ps(lane, _mm256_add_ps(a0[r], a1[r]));
+    float sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (int64_t j = k; j < K; ++j) sum += xs[r][j] * w[j];
+    *outs[r] = sum;
+  }
+}
+
+static inline float silu(float y) { return y / (1.f + std::exp(-y)); }

@@ -310,27 +310,6 @@ torch::Tensor q4_dequant(torch::Tensor wq, torch::Tensor sc, c10::optional<torch
 // for M = 1 and its gemm for M > 1 sum in different orders). Speculative verification runs 1 + k rows where
 // decoding runs 1; with this the two agree bit for bit.
 // ------------------------------------------------------------------------------------
-template <int R>
-static inline void f32_dot_rows(const float* const* xs, const float* w, int64_t K, float* const* outs) {
-  __m256 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
-    for (int r = 0; r < R; ++r) {
-      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[r] + k), w0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[r] + k + 8), w1, a1[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    alignas(32) float lane[8];
-    _mm256_store_ps(lane, _mm256_add_ps(a0[r], a1[r]));
-    float sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-    for (int64_t j = k; j < K; ++j) sum += xs[r][j] * w[j];
-    *outs[r] = sum;
-  }
-}
-
 torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32 && x.dim() == 2 && w.dim() == 2 &&
               x.size(1) == w.size(1), "x [M,K], w [N,K] fp32");
@@ -375,8 +354,6 @@ static inline float sum_squares(const float* x, int64_t n) {
   for (; i < n; ++i) s += x[i] * x[i];
   return s;
 }
-
-static inline float silu(float y) { return y / (1.f + std::exp(-y)); }
 
 // y = x / rms(x) * (1 + w) per row (zero-centred RMSNorm). x [M, H] fp32, w [H] fp32.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
@@ -601,7 +578,21 @@ torch::Tensor delta_steps(torch::Tensor state, torch::Tensor slots, torch::Tenso
   return o;
 }
 
+
+// A DeltaNet decode step from the input projections to the output norm, in one call: delta_prep, delta_steps
+// and gated_rms_norm one after the other (the same values; one call instead of three and the tensor ops
+// between them). B sequences of one token: m [B, 1, C], a, b [B, 1, Hv], z [B, Hv * Dv]. Returns [B, Hv * Dv].
+torch::Tensor delta_decode(torch::Tensor m, torch::Tensor a, torch::Tensor b, torch::Tensor conv,
+                           torch::Tensor conv_w, torch::Tensor slots, torch::Tensor A_log, torch::Tensor dt_bias,
+                           torch::Tensor keep_conv, torch::Tensor nkeep, torch::Tensor state, torch::Tensor keep,
+                           torch::Tensor z, torch::Tensor norm_w, double eps, int64_t Hk, int64_t Dk, int64_t Dv) {
+  auto p = delta_prep(m, a, b, conv, conv_w, slots, A_log, dt_bias, keep_conv, nkeep, Hk, Dk, Dv);
+  auto o = delta_steps(state, slots, p[0], p[1], p[2], p[3], p[4], keep, nkeep);
+  return gated_rms_norm(o.view({-1, o.size(2), o.size(3)}), z, norm_w, eps);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("delta_decode", &delta_decode, "DeltaNet decode step: delta_prep, delta_steps, gated_rms_norm in one call");
   m.def("flush_denormals", &flush_denormals, "flush-to-zero and denormals-are-zero on every pool thread");
   m.def("rms_norm", &rms_norm, "zero-centred RMSNorm per row");
   m.def("gated_rms_norm", &gated_rms_norm, "DeltaNet output norm: w * o / rms(o) * silu(z) per head");

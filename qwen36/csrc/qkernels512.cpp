@@ -506,7 +506,221 @@ torch::Tensor q4q8_moe_sorted(torch::Tensor x, torch::Tensor wq, torch::Tensor s
   return y;
 }
 
+
+// ---------------- the whole sparse-MoE block of a decode-sized step in one call ---------------------------
+// Per row r of x [N, H] (N small: decode, speculative verification), what layers/moe.py SparseMoE computes:
+//   p = softmax(router x_r) over E experts (fp32), the top k of them (ties: the lower id), weights renormalised;
+//   routed_r = sum_j w_j * down_{e_j}( silu(gate_{e_j} x_r) * up_{e_j} x_r )           (j in rank order)
+//   out_r = routed_r + sigmoid(shared_gate . x_r) * down_s( silu(gate_s x_r) * up_s x_r )
+// with the int8-activation int4 kernels of q4q8_moe for every projection (x_r quantized once for the router-
+// independent ones), the router through f32_dot_rows (as f32_linear). Three parallel regions (router and
+// shared gate/up; routed gate/up; all down projections) instead of ~25 tensor ops and kernel calls. Each row
+// is computed alike whatever N. Weights: {q, scale, min} as stored (scales fp32, gs a multiple of 128).
+struct Q4Mat { const uint8_t* q; const float* s; const float* m; int64_t rows, K, G; };
+
+static Q4Mat q4_mat(const std::vector<torch::Tensor>& t, int64_t K, int64_t gs, int64_t dims, const char* what) {
+  TORCH_CHECK(t.size() == 3, what, ": q, scale, min");
+  TORCH_CHECK(t[0].dtype() == torch::kUInt8 && t[0].is_contiguous() && t[0].dim() == dims && t[0].size(-1) == K / 2,
+              what, ": q uint8 [.., ", K / 2, "] contiguous");
+  for (int i = 1; i < 3; ++i)
+    TORCH_CHECK(t[i].dtype() == torch::kFloat32 && t[i].is_contiguous() && t[i].size(-1) == K / gs, what,
+                ": scale and min fp32 [.., K/gs] contiguous");
+  return {t[0].data_ptr<uint8_t>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), t[0].size(-2), K, K / gs};
+}
+
+// rows [r0, r1) of weight matrix `w` (or expert e of a stack: row offset e * rows) times activation row `row`
+Q8_TARGET static inline void q8_span(const Q8Act& a, int64_t row, const Q4Mat& w, int64_t e, int64_t r0, int64_t r1,
+                                     int gs, float* y) {
+  for (int64_t n = r0; n < r1; ++n) {
+    const int64_t r = e * w.rows + n;
+    q8_rows<1>(a.r(row, w.K), w.K, a.a(row, w.G), a.b(row, w.G), w.G, gs, w.q + r * (w.K / 2), w.s + r * w.G,
+               w.m + r * w.G, y + n, 0);
+  }
+}
+
+std::vector<torch::Tensor> moe_decode(torch::Tensor x, torch::Tensor router, int64_t topk,
+                                      std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down,
+                                      std::vector<torch::Tensor> s_gate, std::vector<torch::Tensor> s_up,
+                                      std::vector<torch::Tensor> s_down, torch::Tensor s_gate_w, int64_t gs) {
+  TORCH_CHECK(has_vnni(), "moe_decode needs AVX-512 VNNI");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x fp32 [N,H] contiguous");
+  TORCH_CHECK(gs % 128 == 0, "gs a multiple of 128");
+  const int64_t N = x.size(0), H = x.size(1);
+  TORCH_CHECK(router.dtype() == torch::kFloat32 && router.is_contiguous() && router.dim() == 2 && router.size(1) == H,
+              "router fp32 [E,H]");
+  TORCH_CHECK(s_gate_w.dtype() == torch::kFloat32 && s_gate_w.is_contiguous() && s_gate_w.numel() == H,
+              "shared expert gate fp32 [1,H]");
+  const int64_t E = router.size(0);
+  TORCH_CHECK(topk >= 1 && topk <= E, "top k in 1..E");
+  const Q4Mat gu = q4_mat(gate_up, H, gs, 3, "gate_up"), sg = q4_mat(s_gate, H, gs, 2, "shared gate"),
+              su = q4_mat(s_up, H, gs, 2, "shared up");
+  TORCH_CHECK(gate_up[0].size(0) == E && gu.rows % 2 == 0, "gate_up [E, 2I, H/2]");
+  const int64_t I = gu.rows / 2, Is = sg.rows;
+  TORCH_CHECK(su.rows == Is, "shared gate and up: the same rows");
+  const Q4Mat dn = q4_mat(down, I, gs, 3, "down"), sd = q4_mat(s_down, Is, gs, 2, "shared down");
+  TORCH_CHECK(down[0].size(0) == E && dn.rows == H && sd.rows == H, "down [E, H, I/2], shared down [H, Is/2]");
+  const int64_t P = N * topk;                                   // (row, chosen expert) pairs
+  const float* xp = x.data_ptr<float>();
+  const float* rw = router.data_ptr<float>();
+  const float* sgw = s_gate_w.data_ptr<float>();
+  auto opts = x.options();
+  auto logits = torch::empty({N, E}, opts), sh = torch::empty({N, 2 * Is}, opts), sgl = torch::empty({N}, opts);
+  float *lp = logits.data_ptr<float>(), *shp = sh.data_ptr<float>(), *sglp = sgl.data_ptr<float>();
+  const Q8Act ax = q8_prepare(x, gs);
+  // 1. router logits, shared gate and up, shared gate logit: blocks of 16 outputs
+  const int64_t bE = (E + 15) / 16, bS = (Is + 15) / 16, per1 = bE + 2 * bS + 1;
+  at::parallel_for(0, N * per1, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t r = i / per1, j = i % per1;
+      const float* xr[1] = {xp + r * H};
+      if (j < bE) {
+        for (int64_t e = j * 16; e < std::min(E, j * 16 + 16); ++e) {
+          float* o[1] = {lp + r * E + e};
+          f32_dot_rows<1>(xr, rw + e * H, H, o);
+        }
+      } else if (j < bE + 2 * bS) {
+        const int64_t b = j - bE, up = b / bS, r0 = (b % bS) * 16;
+        q8_span(ax, r, up ? su : sg, 0, r0, std::min(Is, r0 + 16), (int)gs, shp + r * 2 * Is + up * Is);
+      } else {
+        float* o[1] = {sglp + r};
+        f32_dot_rows<1>(xr, sgw, H, o);
+      }
+    }
+  });
+  // 2. softmax, top k, renormalise (per row, in fp32)
+  auto ids = torch::empty({N, topk}, opts.dtype(torch::kInt64));
+  auto wts = torch::empty({N, topk}, opts);
+  int64_t* idp = ids.data_ptr<int64_t>();
+  float* wp = wts.data_ptr<float>();
+  std::vector<float> p(E);
+  std::vector<int64_t> order(E);
+  for (int64_t r = 0; r < N; ++r) {
+    const float* l = lp + r * E;
+    float mx = l[0];
+    for (int64_t e = 1; e < E; ++e) mx = std::max(mx, l[e]);
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) { p[e] = std::exp(l[e] - mx); sum += p[e]; }
+    for (int64_t e = 0; e < E; ++e) { p[e] /= sum; order[e] = e; }
+    std::partial_sort(order.begin(), order.begin() + topk, order.end(),
+                      [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    float ws = 0.f;
+    for (int64_t j = 0; j < topk; ++j) ws += p[order[j]];
+    for (int64_t j = 0; j < topk; ++j) { idp[r * topk + j] = order[j]; wp[r * topk + j] = p[order[j]] / ws; }
+  }
+  // 3. routed gate and up: per pair, blocks of 16 of the 2I rows
+  auto gux = torch::empty({P, 2 * I}, opts);
+  float* gup = gux.data_ptr<float>();
+  const int64_t bG = (2 * I + 15) / 16;
+  at::parallel_for(0, P * bG, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t pr = i / bG, r0 = (i % bG) * 16;
+      q8_span(ax, pr / topk, gu, idp[pr], r0, std::min(2 * I, r0 + 16), (int)gs, gup + pr * 2 * I);
+    }
+  });
+  // 4. silu(gate) * up for the pairs and the shared expert, then all down projections
+  auto hr = torch::empty({P, I}, opts), hs = torch::empty({N, Is}, opts);
+  float *hrp = hr.data_ptr<float>(), *hsp = hs.data_ptr<float>();
+  at::parallel_for(0, P + N, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t pr = lo; pr < hi; ++pr) {
+      if (pr < P)
+        for (int64_t j = 0; j < I; ++j) hrp[pr * I + j] = silu(gup[pr * 2 * I + j]) * gup[pr * 2 * I + I + j];
+      else
+        for (int64_t j = 0, r = pr - P; j < Is; ++j) hsp[r * Is + j] = silu(shp[r * 2 * Is + j]) * shp[r * 2 * Is + Is + j];
+    }
+  });
+  const Q8Act ar = q8_prepare(hr, gs), as = q8_prepare(hs, gs);
+  auto yr = torch::empty({P, H}, opts), ys = torch::empty({N, H}, opts);
+  float *yrp = yr.data_ptr<float>(), *ysp = ys.data_ptr<float>();
+  const int64_t bH = (H + 15) / 16;
+  at::parallel_for(0, (P + N) * bH, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t pr = i / bH, r0 = (i % bH) * 16, r1 = std::min(H, r0 + 16);
+      if (pr < P) q8_span(ar, pr, dn, idp[pr], r0, r1, (int)gs, yrp + pr * H);
+      else q8_span(as, pr - P, sd, 0, r0, r1, (int)gs, ysp + (pr - P) * H);
+    }
+  });
+  // 5. weighted sum of the routed outputs in rank order, plus the gated shared expert
+  auto out = torch::empty({N, H}, opts);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N * bH, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t r = i / bH, h0 = (i % bH) * 16, h1 = std::min(H, h0 + 16);
+      const float gate = 1.f / (1.f + std::exp(-sglp[r]));
+      float* o = op + r * H;
+      for (int64_t h = h0; h < h1; ++h) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < topk; ++j) acc += wp[r * topk + j] * yrp[(r * topk + j) * H + h];
+        o[h] = acc + gate * ysp[r * H + h];
+      }
+    }
+  });
+  return {out, ids, wts};
+}
+
+
+// ---------------- several linears of one input in one call (decode-sized steps) ---------------------------
+// x [M, K] fp32 times each int4 weight in `q4` ({q, scale, min}, one group size) and each fp32 weight in
+// `f32` ([N, K]): the outputs of q4q8_gemv and f32_linear, bit for bit (the same per-row arithmetic), with
+// x quantized once and every output row of every weight in one parallel region. Returns the int4 outputs,
+// then the fp32 ones. A layer's input projections (DeltaNet: qkv, z, a, b; attention: q, k, v) read their
+// weights back to back instead of in four calls with tensor ops between them.
+std::vector<torch::Tensor> multi_linear(torch::Tensor x, std::vector<std::vector<torch::Tensor>> q4,
+                                        std::vector<torch::Tensor> f32, int64_t gs) {
+  TORCH_CHECK(has_vnni(), "multi_linear needs AVX-512 VNNI");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x fp32 [M,K] contiguous");
+  TORCH_CHECK(gs % 128 == 0, "gs a multiple of 128");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<Q4Mat> mats;
+  std::vector<torch::Tensor> outs;
+  std::vector<int64_t> first{0};                             // first block of each weight
+  for (auto& t : q4) {
+    mats.push_back(q4_mat(t, K, gs, 2, "multi_linear int4 weight"));
+    outs.push_back(torch::empty({M, mats.back().rows}, x.options()));
+    first.push_back(first.back() + (mats.back().rows + 15) / 16);
+  }
+  for (auto& w : f32) {
+    TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous() && w.dim() == 2 && w.size(1) == K,
+                "multi_linear fp32 weight [N,K] contiguous");
+    outs.push_back(torch::empty({M, w.size(0)}, x.options()));
+    first.push_back(first.back() + (w.size(0) + 15) / 16);
+  }
+  const Q8Act a = q8_prepare(x, gs);
+  const float* xp = x.data_ptr<float>();
+  const int64_t nq = (int64_t)mats.size();
+  at::parallel_for(0, first.back(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t j = std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1;
+      float* y = outs[j].data_ptr<float>();
+      const int64_t N = outs[j].size(1), n0 = (i - first[j]) * 16, n1 = std::min(N, n0 + 16);
+      if (j < nq) {
+        const Q4Mat& w = mats[j];
+        for (int64_t n = n0; n < n1; ++n)
+          q8_row_all(a.r(0, K), M, K, a.a(0, w.G), a.b(0, w.G), w.G, (int)gs, w.q + n * (K / 2), w.s + n * w.G,
+                     w.m + n * w.G, y + n, N);
+      } else {
+        const float* wp = f32[j - nq].data_ptr<float>();
+        for (int64_t n = n0; n < n1; ++n) {
+          int64_t m = 0;
+          for (; m + 4 <= M; m += 4) {
+            const float* xs[4] = {xp + m * K, xp + (m + 1) * K, xp + (m + 2) * K, xp + (m + 3) * K};
+            float* os[4] = {y + m * N + n, y + (m + 1) * N + n, y + (m + 2) * N + n, y + (m + 3) * N + n};
+            f32_dot_rows<4>(xs, wp + n * K, K, os);
+          }
+          for (; m < M; ++m) {
+            const float* xs[1] = {xp + m * K};
+            float* os[1] = {y + m * N + n};
+            f32_dot_rows<1>(xs, wp + n * K, K, os);
+          }
+        }
+      }
+    }
+  });
+  return outs;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("multi_linear", &multi_linear, "several int4 and fp32 linears of one input in one call (decode)");
+  m.def("moe_decode", &moe_decode, "the sparse-MoE block of a decode-sized step in one call (AVX-512 VNNI)");
   m.def("q4q8_moe_sorted", &q4q8_moe_sorted, "grouped experts over expert-sorted rows, int8 activations, prefill");
   m.def("q4_linear", &q4_linear, "int4 weight-only linear (AVX-512)");
   m.def("has_vnni", &has_vnni, "whether this CPU has AVX-512 VNNI");

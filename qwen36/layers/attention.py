@@ -8,7 +8,7 @@ from torch import nn
 from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
 from ..ops.attention import attention
-from .linear import Linear
+from .linear import Linear, project
 from .norm import RMSNorm
 from .rotary import apply_rotary
 
@@ -28,10 +28,11 @@ class GatedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope, batch: ForwardBatch, cache: dict[str, torch.Tensor]) -> torch.Tensor:
         N = x.shape[0]
-        q, gate = self.q_proj(x).view(N, self.n_q, 2 * self.d).chunk(2, dim=-1)  # [N, Hq, D] each
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, gate = q.view(N, self.n_q, 2 * self.d).chunk(2, dim=-1)              # [N, Hq, D] each
         q = apply_rotary(self.q_norm(q), *rope)
-        k = apply_rotary(self.k_norm(self.k_proj(x).view(N, self.n_kv, self.d)), *rope)
-        v = self.v_proj(x).view(N, self.n_kv, self.d)
+        k = apply_rotary(self.k_norm(k.view(N, self.n_kv, self.d)), *rope)
+        v = v.view(N, self.n_kv, self.d)
         kc, vc = cache["k"], cache["v"]                                        # [rows, Hkv, D]
         out = torch.empty_like(q)
         for i, rows in enumerate(batch.kv_rows):

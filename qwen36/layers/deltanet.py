@@ -14,10 +14,13 @@ from torch import nn
 from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
-from ..kernels import native
+from ..kernels import PREFILL_ROWS, native
 from ..ops.gated_delta import gated_delta_chunked, gated_delta_recurrent, gated_delta_steps
-from .linear import Linear
+from .linear import Linear, project
 from .norm import GatedRMSNorm
+
+
+_EMPTY = torch.empty(0)
 
 
 class Conv1dWeight(nn.Module):
@@ -48,6 +51,7 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.n_v), requires_grad=False)
         self.norm = GatedRMSNorm(self.d_v, cfg.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, H)
+        self._consts = None                      # _decode's fp32 copies of conv1d, A_log, dt_bias, norm weights
 
     def _qkv(self, y: torch.Tensor):
         """y [B, T, C] conv output -> q, k [B, T, Hk, Dk] fp32 (normalised, q scaled), v [B, T, Hv, Dv] fp32."""
@@ -113,6 +117,28 @@ class GatedDeltaNet(nn.Module):
         else:
             o[rows] = out
 
+    def _decode(self, m, a, b, z, cache: dict[str, torch.Tensor], batch: ForwardBatch) -> torch.Tensor | None:
+        """A decode step (one token per sequence) from the projections to the output norm in one native call
+        (delta_decode: delta_prep, delta_steps, gated_rms_norm; what `_steps` and `norm` compute). Returns
+        [B, value_dim], or None where the call does not apply (then the general path runs)."""
+        ext = native()
+        conv_c, state_c = cache["conv"], cache["state"]
+        B = m.shape[0]
+        if ext is None or m.dtype != torch.float32 or conv_c.dtype != torch.float32 or m.device.type != "cpu" \
+                or B > PREFILL_ROWS:
+            return None
+        small = (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight)
+        key = tuple(t.data_ptr() for t in small)
+        if self._consts is None or self._consts[0] != key:   # fp32 contiguous copies, made once per weights
+            self._consts = key, (small[0][:, 0].float().contiguous(), *(t.float().contiguous() for t in small[1:]))
+        conv_w, A_log, dt_bias, norm_w = self._consts[1]
+        nk = batch.keep_tensor
+        keeping = bool(batch.keep) and any(batch.keep)
+        return ext.delta_decode(m.view(B, 1, -1), a.view(B, 1, -1), b.view(B, 1, -1), conv_c, conv_w,
+                                batch.slot_tensor, A_log, dt_bias, cache["spec_conv"] if keeping else _EMPTY, nk,
+                                state_c, cache["spec_state"] if keeping else _EMPTY, z.reshape(B, -1), norm_w,
+                                self.norm.eps, self.n_k, self.d_k, self.d_v)
+
     @staticmethod
     def _capture(cache: dict[str, torch.Tensor], snap: int, conv: torch.Tensor, state: torch.Tensor) -> None:
         """Copy one sequence's states into prefix-cache snapshot slot `snap` (cache.SnapshotStore)."""
@@ -126,10 +152,14 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: dict[str, torch.Tensor]) -> torch.Tensor:
         N = x.shape[0]
-        m = self.in_proj_qkv(x)                                                # [N, C]
-        z = self.in_proj_z(x).view(N, self.n_v, self.d_v)
-        a, b = self.in_proj_a(x), self.in_proj_b(x)                            # [N, Hv] each
+        m, z, a, b = project(x, self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b)
+        z = z.view(N, self.n_v, self.d_v)                                      # m [N, C]; a, b [N, Hv]
         conv_c, state_c = cache["conv"], cache["state"]
+        if batch.is_decode and (y := self._decode(m, a, b, z, cache, batch)) is not None:
+            for slot, caps in zip(batch.slots, batch.captures):
+                for _, snap in caps:
+                    self._capture(cache, snap, conv_c[slot], state_c[slot])
+            return self.out_proj(y)
         o = torch.empty(N, self.n_v, self.d_v, dtype=torch.float32, device=x.device)
         if batch.is_decode:  # one token per sequence: all sequences in one recurrent step
             self._steps(m, a, b, cache, batch, list(range(len(batch.slots))), 1, o)

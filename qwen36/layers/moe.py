@@ -2,17 +2,21 @@
 sigmoid-gated shared expert."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from .. import kernels
 from ..kernels import PREFILL_ROWS
 from ..ops.moe import float_linear, moe
 from .linear import Linear
 
 
 GROUPED_ROWS = 64          # (token, expert) pairs up to which quantized experts run as one grouped call
+FUSED = os.environ.get("QWEN36_FUSED") != "0"   # decode-sized steps through SparseMoE.fused (tests compare)
 
 
 class MLP(nn.Module):
@@ -45,6 +49,7 @@ class SparseMoE(nn.Module):
         self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size)
         self.shared_expert = MLP(H, cfg.shared_expert_intermediate_size)
         self.shared_expert_gate = Linear(H, 1)
+        self._fusable: bool | None = None        # whether `fused` applies (decided at first use)
 
     def route(self, x: torch.Tensor):
         """x [N, H] -> (expert ids [N, k], weights [N, k] in x's dtype)."""
@@ -52,7 +57,31 @@ class SparseMoE(nn.Module):
         w, ids = torch.topk(logits.float().softmax(-1), self.top_k, dim=-1)
         return ids, (w / w.sum(-1, keepdim=True)).to(logits.dtype)
 
+    def fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole block in one native call for a decode-sized step (kernels.moe_decode), where the
+        weights are int4 for the int8-activation kernels and nothing watches expert use; else None.
+        Routing as `route` (softmax, top k, renormalised); the same arithmetic for every row count."""
+        e, s = self.experts, self.shared_expert
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[0] * self.top_k > GROUPED_ROWS \
+                or getattr(e, "on_use", None) is not None or not kernels.act8():
+            return None
+        if self._fusable is None:          # the weights' kinds do not change once loaded: decided once
+            self._fusable = (hasattr(e, "grouped") and hasattr(s.gate_proj, "packed")
+                             and self.gate.weight.dtype == torch.float32 and self.gate.bias is None
+                             and self.shared_expert_gate.weight.dtype == torch.float32
+                             and self.shared_expert_gate.bias is None
+                             and kernels.moe_decode_ok([e.gate_up_proj.tensors, e.down_proj.tensors],
+                                                       [s.gate_proj.packed, s.up_proj.packed, s.down_proj.packed]))
+        if not self._fusable:
+            return None
+        return kernels.moe_decode(x, self.gate.weight, self.top_k, [e.gate_up_proj.tensors, e.down_proj.tensors],
+                                  [s.gate_proj.packed, s.up_proj.packed, s.down_proj.packed],
+                                  self.shared_expert_gate.weight)[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fused(x) if FUSED else None
+        if out is not None:
+            return out
         ids, w = self.route(x)
         e = self.experts
         if getattr(e, "on_use", None) is not None:

@@ -1,0 +1,139 @@
+"""Weights in anonymous memory backed by transparent huge pages (CPU decode reads them at full bandwidth).
+
+Why: a decode step streams every dense weight and each chosen expert once, and on this machine the read
+rate depends on where the bytes live. The int4 output head (286 MB) through `q4q8_gemv`, same kernel,
+caches flushed before each call (`qwen36 bench --synthetic --hugepages-check` prints the same comparison):
+
+  the checkpoint's file mapping (4 KiB page-cache pages)      20.3 ms
+  ordinary anonymous memory (torch.empty, 4 KiB pages)        14.7 ms
+  anonymous memory with MADV_HUGEPAGE (2 MiB pages)           10.0 ms
+
+A 4 KiB page costs a TLB miss and a page walk every 4 KiB of a streaming read; a 2 MiB page, every 2 MiB.
+Linux gives huge pages to anonymous memory that asks (madvise) when THP is "madvise" (the usual default)
+or to any aligned anonymous memory when it is "always"; page-cache pages of an ordinary file stay small.
+
+`place_weights` copies the weights into one such region (an arena) once, after loading. It leaves
+alone: the embedding table (one row is read per token), and experts that must stay in their file mapping
+(`max_ram`: residency.py drops their pages). It moves nothing when the copies would not fit in the
+memory the kernel reports available (MemAvailable) less a margin: then the mappings stay, as before.
+QWEN36_HUGEPAGES=0 turns it off.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+
+import torch
+from torch import nn
+
+HUGE = 2 << 20                 # the x86 transparent huge page
+ALIGN = 64                     # each weight starts on a cache line
+MARGIN = 1 << 30               # memory left free for caches, activations and the rest of the process
+
+
+def enabled() -> bool:
+    return os.environ.get("QWEN36_HUGEPAGES") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in its own anonymous mapping, 2 MiB aligned, advised to use huge pages.
+    Its memory is returned when the tensor (and every view of it) is gone."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    size = -(-nbytes // HUGE) * HUGE
+    mm = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = _address(mm)
+    offset = -start % HUGE                       # the first 2 MiB boundary inside the mapping
+    mm.madvise(mmap.MADV_HUGEPAGE, offset, size)
+    buf = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)   # keeps `mm` alive
+    return buf.view(dtype).view(shape)
+
+
+def zeros(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """torch.zeros for caches: on the CPU (when enabled) in huge-page memory, whose pages the kernel fills
+    with zeros when first touched, so untouched rows take no memory."""
+    if torch.device(device).type != "cpu" or not enabled():
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return empty(shape, dtype)
+
+
+def _address(mm: mmap.mmap) -> int:
+    import ctypes
+    obj = ctypes.c_char.from_buffer(mm)
+    try:
+        return ctypes.addressof(obj)
+    finally:
+        del obj                                  # release the export, or the mapping could never close
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (free memory plus what the kernel can reclaim), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _weights(model: nn.Module, experts: bool):
+    """(owner, key, tensor) for every weight place_weights may move: parameters of any module, the parts of
+    quantized linears and, with experts=True, of quantized experts."""
+    from .quant import QuantExperts, QuantLinear
+
+    for name, module in model.named_modules():
+        if name.endswith("embed_tokens"):
+            continue
+        for key, p in module.named_parameters(recurse=False):
+            if "experts" in name and not experts:
+                continue
+            yield module._parameters, key, p
+        if isinstance(module, QuantLinear) and module.packed is not None:
+            for key, t in module.packed.items():
+                yield module.packed, key, t
+        if isinstance(module, QuantExperts) and experts:
+            for stacked in (module.gate_up_proj, module.down_proj):
+                if stacked is not None:
+                    for key, t in stacked.tensors.items():
+                        yield stacked.tensors, key, t
+
+
+def place_weights(model: nn.Module, experts: bool = True) -> int:
+    """Copy the model's CPU weights into one huge-page arena (see the module text), each at a 64-byte
+    boundary. experts=False leaves routed experts in place; when all of them would not fit, only the other
+    weights move. Returns the bytes moved (0 when off or short of memory)."""
+    if not enabled():
+        return 0
+    for with_experts in ((True, False) if experts else (False,)):
+        todo = [(owner, key, t) for owner, key, t in _weights(model, with_experts) if t.device.type == "cpu"]
+        if todo and _fits(todo):
+            offsets, total = [], 0
+            for _, _, t in todo:
+                offsets.append(total)
+                total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+            arena = empty((total,), torch.uint8)
+            for (owner, key, t), at in zip(todo, offsets):
+                n = t.numel() * t.element_size()
+                new = arena[at:at + n].view(t.dtype).view(t.shape)
+                new.copy_(t)
+                owner[key] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+            return total
+    return 0
+
+
+def _fits(todo) -> bool:
+    """Whether the copies fit: a copy of a file-mapped tensor adds its size (its page-cache pages, counted
+    as available, become reclaimable), a copy of an anonymous one only while both exist (one at a time)."""
+    from .checkpoint import MAPPINGS
+
+    avail = available_bytes()
+    if avail is None:
+        return False
+    ranges = [(_address(mm), len(mm)) for mm in MAPPINGS]
+    sizes = [(t.numel() * t.element_size(), any(a <= t.data_ptr() < a + n for a, n in ranges)) for _, _, t in todo]
+    mapped = sum(n for n, m in sizes if m)
+    largest = max((n for n, m in sizes if not m), default=0)
+    return mapped + largest + MARGIN <= avail
