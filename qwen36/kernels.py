@@ -229,17 +229,16 @@ def _parts(t: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [t["q"], t["scale"], t["min"]]
 
 
-def moe_decode_ok(stacked: list[dict[str, torch.Tensor]], packed: list[dict[str, torch.Tensor]]) -> bool:
-    """Whether `moe_decode` takes these int4 experts (stacked: gate_up, down) and shared-expert projections
-    (packed: gate, up, down): the int8-activation kernels, mins stored, one group size."""
-    parts = [*stacked, *packed]
+def fused_ok(parts: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether the fused decode calls (moe_decode, multi_linear, the layer plan) take these quantized weights:
+    int4 for the int8-activation kernels, mins stored in fp32, one group size."""
     return all(_act8_ok(t) and "min" in t and t["min"].dtype == torch.float32 for t in parts) \
-        and len({_group(t) for t in parts}) == 1
+        and len({_group(t) for t in parts}) <= 1
 
 
 def moe_decode(x: torch.Tensor, router: torch.Tensor, top_k: int, stacked, packed, shared_gate: torch.Tensor):
     """The sparse-MoE block of a decode-sized step in one native call (csrc/qkernels512.cpp moe_decode; check
-    `moe_decode_ok` first). x [N, H] fp32 -> (out [N, H], expert ids [N, k], weights [N, k])."""
+    `fused_ok` on its weights first). x [N, H] fp32 -> (out [N, H], expert ids [N, k], weights [N, k])."""
     gate_up, down = stacked
     s_gate, s_up, s_down = packed
     return native512().moe_decode(x.contiguous(), router.contiguous(), top_k, _parts(gate_up), _parts(down),
@@ -255,8 +254,7 @@ def multi_linear(x: torch.Tensor, weights: list) -> list[torch.Tensor] | None:
         return None
     q4 = [w for w in weights if isinstance(w, dict)]
     f32 = [w for w in weights if not isinstance(w, dict)]
-    if not q4 or not all(_act8_ok(w) and "min" in w and w["min"].dtype == torch.float32 for w in q4) \
-            or len({_group(w) for w in q4}) != 1 or any(w["q"].dim() != 2 for w in q4) \
+    if not q4 or not fused_ok(q4) or any(w["q"].dim() != 2 for w in q4) \
             or not all(w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous() for w in f32) \
             or native() is None:
         return None

@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint, disk_names_for, iter_text_weights
 from .config import ModelConfig, TextConfig, load_config
 from .layers.attention import GatedAttention
 from .layers.deltanet import GatedDeltaNet
+from .layers.fastpath import plan_for
 from .layers.linear import Linear
 from .layers.moe import SparseMoE
 from .layers.norm import RMSNorm
@@ -44,6 +45,9 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(cfg)
 
     def forward(self, x, rope, batch: ForwardBatch, cache: dict[str, torch.Tensor]):
+        plan = plan_for(self)      # a decode step as native calls only, the same values (layers/fastpath.py)
+        if plan is not None and plan.applies(x, batch):
+            return plan(x, rope, batch, cache)
         h = self.input_layernorm(x)
         h = self.self_attn(h, rope, batch, cache) if self.full_attention else self.linear_attn(h, batch, cache)
         x = x + h

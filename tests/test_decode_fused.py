@@ -12,6 +12,7 @@ import torch
 
 from qwen36 import LLM, SamplingParams, hugepages, kernels
 from qwen36.batch import ForwardBatch
+from qwen36.engine import Engine
 
 from conftest import rel_err
 from test_quant import vnni_or_skip
@@ -132,3 +133,35 @@ def test_weights_in_huge_pages_give_the_same_tokens(checkpoint, monkeypatch):
     assert on.model.embed_tokens.weight.untyped_storage().data_ptr() != arena   # one row per token: stays
     assert off.model.layers[0].mlp.gate.weight.untyped_storage().data_ptr() != \
         off.model.layers[0].linear_attn.in_proj_qkv.packed["q"].untyped_storage().data_ptr()
+
+
+def test_layer_plan_equals_the_module_path(wide, monkeypatch):
+    """Decode steps through the layers' native plans == through their modules: logits of every step and
+    every cache tensor, bit for bit; two sequences decode in one batch."""
+    from qwen36.layers import fastpath
+
+    layers = wide.model.layers
+    assert all(fastpath.plan_for(layer) is not None for layer in layers)
+    prompts = [list(range(5, 40)), list(range(60, 71))]
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=5)
+
+    def run():
+        engine = Engine(wide.model, None, num_slots=2, max_model_len=128, enable_prefix_caching=False)
+        for ids in prompts:
+            engine.add_request(ids, p)
+        steps = []
+        while engine.has_work():
+            steps.append([(o.request_id, o.token_ids, o.logprobs) for o in engine.step()])
+        return steps, {i: {k: t.clone() for k, t in c.items()} for i, c in engine.cache.layers.items()}
+
+    calls = []
+    real = fastpath.DecodePlan.__call__
+    monkeypatch.setattr(fastpath.DecodePlan, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    fused_steps, fused_cache = run()
+    assert len(calls) >= 9 * len(layers)                 # every decode step of every layer
+    monkeypatch.setattr(fastpath, "FUSED_LAYERS", False)
+    plain_steps, plain_cache = run()
+    assert fused_steps == plain_steps
+    for i in plain_cache:
+        for k in plain_cache[i]:
+            assert torch.equal(fused_cache[i][k], plain_cache[i][k]), (i, k)

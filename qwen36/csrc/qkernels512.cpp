@@ -19,6 +19,7 @@
 #include "qcommon.h"
 
 static const int64_t kPrefetch = 4096;  // software-prefetch distance (bytes) for the M=1 two-row kernel
+static const int64_t kScaleAhead = 8;   // rows ahead whose scales and mins q8_rows prefetches
 
 // ---------------- M = 1: two output rows at a time (independent chains, shared x loads) -------
 template <typename ST>
@@ -384,6 +385,9 @@ Q8_TARGET static inline void q8_rows(const int8_t* xr, int64_t K, const float* x
   __m512 f[MT];
   float z[MT];
   for (int t = 0; t < MT; ++t) { f[t] = _mm512_setzero_ps(); z[t] = 0.f; }
+  // the scales and mins of a row a few rows ahead (separate arrays: their own streams)
+  _mm_prefetch((const char*)(s + kScaleAhead * G), _MM_HINT_T0);
+  if (mn) _mm_prefetch((const char*)(mn + kScaleAhead * G), _MM_HINT_T0);
   for (int64_t g = 0; g < G; ++g) {
     __m512i a[MT];
     for (int t = 0; t < MT; ++t) a[t] = _mm512_setzero_si512();

@@ -70,8 +70,8 @@ class SparseMoE(nn.Module):
                              and self.gate.weight.dtype == torch.float32 and self.gate.bias is None
                              and self.shared_expert_gate.weight.dtype == torch.float32
                              and self.shared_expert_gate.bias is None
-                             and kernels.moe_decode_ok([e.gate_up_proj.tensors, e.down_proj.tensors],
-                                                       [s.gate_proj.packed, s.up_proj.packed, s.down_proj.packed]))
+                             and kernels.fused_ok([e.gate_up_proj.tensors, e.down_proj.tensors, s.gate_proj.packed,
+                                                   s.up_proj.packed, s.down_proj.packed]))
         if not self._fusable:
             return None
         return kernels.moe_decode(x, self.gate.weight, self.top_k, [e.gate_up_proj.tensors, e.down_proj.tensors],
