@@ -165,3 +165,33 @@ def test_layer_plan_equals_the_module_path(wide, monkeypatch):
     for i in plain_cache:
         for k in plain_cache[i]:
             assert torch.equal(fused_cache[i][k], plain_cache[i][k]), (i, k)
+
+
+def test_short_chunk_attention_equals_the_tensor_path(wide, monkeypatch):
+    """gated_attention_short (norms, rotary, cache writes, each query alone, gate) against the tensor-op
+    path of the same layer: outputs and cache rows; a decode step and a 3-token chunk in one step."""
+    import qwen36.layers.attention as at
+
+    layer = wide.model.layers[3].self_attn
+    cfg = wide.config.text
+    g = torch.Generator().manual_seed(6)
+    rows = 256
+    kc, vc = torch.randn(rows, cfg.num_key_value_heads, cfg.head_dim, generator=g), \
+        torch.randn(rows, cfg.num_key_value_heads, cfg.head_dim, generator=g)
+    batch = ForwardBatch.build([0, 1], [9, 20], [1, 3], [[0], [1, 2]], 64)
+    x = torch.randn(4, cfg.hidden_size, generator=g)
+    rope = wide.model.rotary.cos_sin(batch.positions, torch.float32)
+    fused = {"k": kc.clone(), "v": vc.clone()}
+    plain = {"k": kc.clone(), "v": vc.clone()}
+    y1 = layer(x, rope, batch, fused)
+    # a query's result does not depend on the queries beside it
+    alone = ForwardBatch.build([0], [9], [1], [[0]], 64)
+    y3 = layer(x[:1], wide.model.rotary.cos_sin(alone.positions, torch.float32), alone, {"k": kc.clone(), "v": vc.clone()})
+    assert torch.equal(y3[0], y1[0])
+    monkeypatch.setattr(at, "native", lambda: None)
+    y2 = layer(x, rope, batch, plain)
+    assert rel_err(y1, y2) < 1e-5
+    torch.testing.assert_close(fused["k"], plain["k"], rtol=1e-6, atol=1e-6)
+    assert torch.equal(fused["v"], plain["v"])
+    written = torch.cat(batch.kv_rows)
+    assert not torch.equal(fused["k"][written], kc[written])

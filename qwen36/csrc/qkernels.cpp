@@ -386,11 +386,13 @@ torch::Tensor gated_rms_norm(torch::Tensor o, torch::Tensor z, torch::Tensor w, 
   auto y = torch::empty({M, Hv * D}, o.options());
   const float *op = o.data_ptr<float>(), *zp = z.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < M * Hv; ++r) {
-    const float* x = op + r * D;
-    const float inv = 1.f / std::sqrt(sum_squares(x, D) / D + (float)eps);
-    for (int64_t i = 0; i < D; ++i) yp[r * D + i] = wp[i] * (x[i] * inv) * silu(zp[r * D + i]);
-  }
+  at::parallel_for(0, M * Hv, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* x = op + r * D;
+      const float inv = 1.f / std::sqrt(sum_squares(x, D) / D + (float)eps);
+      for (int64_t i = 0; i < D; ++i) yp[r * D + i] = wp[i] * (x[i] * inv) * silu(zp[r * D + i]);
+    }
+  });
   return y;
 }
 
@@ -436,37 +438,53 @@ std::vector<torch::Tensor> delta_prep(torch::Tensor m, torch::Tensor a, torch::T
   float *cs = conv.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *gp = g.data_ptr<float>(), *btp = beta.data_ptr<float>();
   const float qscale = 1.f / std::sqrt((float)Dk);
-  std::vector<float> xs((W - 1 + T) * C), y(C);
+  // every sequence's conv window (its state, then its T inputs), then conv + SiLU of every (token, channel)
+  // in parallel (each output is the same sequence of operations as one at a time), then the per-head parts
+  const int64_t X = (W - 1 + T) * C;
+  std::vector<float> xs(B * X), y(B * T * C);
   for (int64_t i = 0; i < B; ++i) {
-    float* state = cs + sl[i] * (W - 1) * C;
-    std::copy(state, state + (W - 1) * C, xs.begin());
-    std::copy(mp + i * T * C, mp + (i + 1) * T * C, xs.begin() + (W - 1) * C);
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t bt = i * T + t;
-      for (int64_t c = 0; c < C; ++c) {
-        float acc = xs[t * C + c] * cw[c * W];
-        for (int64_t j = 1; j < W; ++j) acc += xs[(t + j) * C + c] * cw[c * W + j];
-        y[c] = silu(acc);
+    const float* state = cs + sl[i] * (W - 1) * C;
+    std::copy(state, state + (W - 1) * C, xs.begin() + i * X);
+    std::copy(mp + i * T * C, mp + (i + 1) * T * C, xs.begin() + i * X + (W - 1) * C);
+  }
+  const int64_t CB = 512, nCB = (C + CB - 1) / CB;
+  at::parallel_for(0, B * T * nCB, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t bt = it / nCB, i = bt / T, t = bt % T, c0 = (it % nCB) * CB, c1 = std::min(C, c0 + CB);
+      const float* xw = xs.data() + i * X + t * C;
+      for (int64_t c = c0; c < c1; ++c) {
+        float acc = xw[c] * cw[c * W];
+        for (int64_t j = 1; j < W; ++j) acc += xw[j * C + c] * cw[c * W + j];
+        y[bt * C + c] = silu(acc);
       }
+    }
+  });
+  at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bt = lo; bt < hi; ++bt) {
+      const float* yr = y.data() + bt * C;
       for (int64_t h = 0; h < Hk; ++h) {
-        const float* yq = y.data() + h * Dk;
-        const float* yk = y.data() + KD + h * Dk;
+        const float* yq = yr + h * Dk;
+        const float* yk = yr + KD + h * Dk;
         const float iq = 1.f / std::sqrt(sum_squares(yq, Dk) + 1e-6f) * qscale;
         const float ik = 1.f / std::sqrt(sum_squares(yk, Dk) + 1e-6f);
         float* oq = qp + (bt * Hk + h) * Dk;
         float* ok = kp + (bt * Hk + h) * Dk;
         for (int64_t d = 0; d < Dk; ++d) { oq[d] = yq[d] * iq; ok[d] = yk[d] * ik; }
       }
-      std::copy(y.begin() + 2 * KD, y.end(), vp + bt * Hv * Dv);
+      std::copy(yr + 2 * KD, yr + C, vp + bt * Hv * Dv);
       for (int64_t h = 0; h < Hv; ++h) {
         const float x = ap[bt * Hv + h] + db[h];
         const float sp = x > 20.f ? x : std::log1p(std::exp(x));
         gp[bt * Hv + h] = -std::exp(al[h]) * sp;
         btp[bt * Hv + h] = 1.f / (1.f + std::exp(-bp[bt * Hv + h]));
       }
-      if (t < nk[i]) std::copy(xs.begin() + (t + 1) * C, xs.begin() + (t + W) * C, kc + (sl[i] * Tk + t) * (W - 1) * C);
     }
-    std::copy(xs.begin() + T * C, xs.begin() + (T + W - 1) * C, state);
+  });
+  for (int64_t i = 0; i < B; ++i) {                // conv states: after each kept token, and after the last
+    const float* xw = xs.data() + i * X;
+    for (int64_t t = 0; t < nk[i]; ++t)
+      std::copy(xw + (t + 1) * C, xw + (t + W) * C, kc + (sl[i] * Tk + t) * (W - 1) * C);
+    std::copy(xw + T * C, xw + (T + W - 1) * C, cs + sl[i] * (W - 1) * C);
   }
   return {q, k, v, g, beta};
 }
@@ -591,7 +609,112 @@ torch::Tensor delta_decode(torch::Tensor m, torch::Tensor a, torch::Tensor b, to
   return gated_rms_norm(o.view({-1, o.size(2), o.size(3)}), z, norm_w, eps);
 }
 
+
+// ------------------------------------------------------------------------------------
+// Gated attention for short chunks (decode: one token per sequence; speculative verification: 1 + k), every
+// query alone against its cached prefix, so a query's result never depends on how many came with it:
+//   per token: q and k heads RMS-normed ((1 + w), as rms_norm), the first rd dims rotated (NeoX halves,
+//   rot * cos + rotate_half(rot) * sin, each product rounded as the tensor ops do), k and v written to their
+//   cache rows; per query head: softmax(scale * q.K) over the sequence's rows up to its own, times V, times
+//   sigmoid(gate). qg [n, Hq, 2D] (per head: query D | gate D), k, v [n, Hkv, D], cos, sin [n, rd];
+//   kc, vc [R, Hkv, D]; rows: every sequence's cache rows (rcu [B+1] offsets), tcu [B+1]: its tokens in n.
+//   Returns [n, Hq * D]. References: layers/attention.py (tensor ops), ops/attention.py.
+// ------------------------------------------------------------------------------------
+__attribute__((optimize("-ffp-contract=off")))
+static void norm_rope(const float* x, const float* w, float eps, const float* cs, const float* sn, int64_t D,
+                      int64_t rd, float* n, float* out) {
+  const float inv = 1.f / std::sqrt(sum_squares(x, D) / D + eps);
+  for (int64_t i = 0; i < D; ++i) n[i] = x[i] * inv * (1.f + w[i]);
+  const int64_t h = rd / 2;
+  for (int64_t d = 0; d < h; ++d) { const float a = n[d] * cs[d], b = -n[d + h] * sn[d]; out[d] = a + b; }
+  for (int64_t d = h; d < rd; ++d) { const float a = n[d] * cs[d], b = n[d - h] * sn[d]; out[d] = a + b; }
+  for (int64_t d = rd; d < D; ++d) out[d] = n[d];
+}
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+  float r;
+  float* o[1] = {&r};
+  const float* xs[1] = {a};
+  f32_dot_rows<1>(xs, b, n, o);
+  return r;
+}
+
+torch::Tensor gated_attention_short(torch::Tensor qg, torch::Tensor k, torch::Tensor v, torch::Tensor qw,
+                                    torch::Tensor kw, double eps, torch::Tensor cos, torch::Tensor sin,
+                                    torch::Tensor kc, torch::Tensor vc, torch::Tensor rows, torch::Tensor rcu,
+                                    torch::Tensor tcu, double scale) {
+  for (auto* t : {&qg, &k, &v, &qw, &kw, &cos, &sin, &kc, &vc})
+    TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous(), "gated_attention_short: contiguous fp32");
+  for (auto* t : {&rows, &rcu, &tcu})
+    TORCH_CHECK(t->dtype() == torch::kInt64 && t->is_contiguous(), "rows, rcu, tcu int64");
+  TORCH_CHECK(qg.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && kc.dim() == 3 && vc.sizes() == kc.sizes(),
+              "qg [n,Hq,2D], k, v [n,Hkv,D], kc, vc [R,Hkv,D]");
+  const int64_t n = qg.size(0), Hq = qg.size(1), D = qg.size(2) / 2, Hkv = k.size(1), rd = cos.size(1);
+  TORCH_CHECK(qg.size(2) == 2 * D && k.size(0) == n && k.size(2) == D && kc.size(1) == Hkv && kc.size(2) == D &&
+              Hkv > 0 && Hq % Hkv == 0 && qw.numel() == D && kw.numel() == D && cos.size(0) == n &&
+              sin.sizes() == cos.sizes() && rd % 2 == 0 && rd <= D, "gated_attention_short: shapes");
+  const int64_t B = rcu.numel() - 1, R = kc.size(0);
+  TORCH_CHECK(tcu.numel() == B + 1, "rcu, tcu [B+1]");
+  const int64_t *rp = rows.data_ptr<int64_t>(), *rc = rcu.data_ptr<int64_t>(), *tc = tcu.data_ptr<int64_t>();
+  TORCH_CHECK(tc[0] == 0 && tc[B] == n && rc[0] == 0 && rc[B] == rows.numel(), "offsets");
+  std::vector<int64_t> seq(n);                              // the sequence of each token
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(tc[b + 1] >= tc[b] && rc[b + 1] - rc[b] >= tc[b + 1] - tc[b], "each sequence's rows cover its tokens");
+    for (int64_t r = tc[b]; r < tc[b + 1]; ++r) seq[r] = b;
+  }
+  for (int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < R, "cache row out of range");
+  const float *qp = qg.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *qwp = qw.data_ptr<float>(), *kwp = kw.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>();
+  // the new keys (normed, rotated) and values into their rows: token r of sequence b is row S_b - T_b + j
+  auto row_of = [&](int64_t r) { const int64_t b = seq[r]; return rc[b + 1] - (tc[b + 1] - r); };
+  {
+    std::vector<float> tmp(D);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t row = rp[row_of(r)];
+      for (int64_t h = 0; h < Hkv; ++h) {
+        norm_rope(kp + (r * Hkv + h) * D, kwp, (float)eps, cp + r * rd, sp + r * rd, D, rd, tmp.data(),
+                  kcp + (row * Hkv + h) * D);
+        std::copy(vp + (r * Hkv + h) * D, vp + (r * Hkv + h + 1) * D, vcp + (row * Hkv + h) * D);
+      }
+    }
+  }
+  auto out = torch::empty({n, Hq * D}, qg.options());
+  float* op = out.data_ptr<float>();
+  const int64_t rep = Hq / Hkv;
+  at::parallel_for(0, n * Hq, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> tmp(D), qn(D), acc(D), sc;
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t r = it / Hq, h = it % Hq, g = h / rep, b = seq[r];
+      const float* qh = qp + (r * Hq + h) * 2 * D;
+      norm_rope(qh, qwp, (float)eps, cp + r * rd, sp + r * rd, D, rd, tmp.data(), qn.data());
+      const int64_t first = rc[b], last = row_of(r);          // keys first .. last (inclusive)
+      const int64_t S = last - first + 1;
+      sc.resize(S);
+      float mx = -INFINITY;
+      for (int64_t i = 0; i < S; ++i) {
+        sc[i] = dot_f32(qn.data(), kcp + (rp[first + i] * Hkv + g) * D, D) * (float)scale;
+        mx = std::max(mx, sc[i]);
+      }
+      float sum = 0.f;
+      for (int64_t i = 0; i < S; ++i) { sc[i] = std::exp(sc[i] - mx); sum += sc[i]; }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i = 0; i < S; ++i) {
+        const float* vr = vcp + (rp[first + i] * Hkv + g) * D;
+        const float p = sc[i];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += p * vr[d];
+      }
+      float* o = op + (r * Hq + h) * D;
+      const float* gate = qh + D;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] / sum * (1.f / (1.f + std::exp(-gate[d])));
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gated_attention_short", &gated_attention_short, "gated attention of short chunks, each query alone (decode, verification)");
   m.def("delta_decode", &delta_decode, "DeltaNet decode step: delta_prep, delta_steps, gated_rms_norm in one call");
   m.def("flush_denormals", &flush_denormals, "flush-to-zero and denormals-are-zero on every pool thread");
   m.def("rms_norm", &rms_norm, "zero-centred RMSNorm per row");

@@ -2,11 +2,14 @@
 sigmoid output gate, o_proj."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
+from ..kernels import native
 from ..ops.attention import attention
 from .linear import Linear, project
 from .norm import RMSNorm
@@ -29,24 +32,61 @@ class GatedAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope, batch: ForwardBatch, cache: dict[str, torch.Tensor]) -> torch.Tensor:
         N = x.shape[0]
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
-        q, gate = q.view(N, self.n_q, 2 * self.d).chunk(2, dim=-1)              # [N, Hq, D] each
-        q = apply_rotary(self.q_norm(q), *rope)
-        k = apply_rotary(self.k_norm(k.view(N, self.n_kv, self.d)), *rope)
-        v = v.view(N, self.n_kv, self.d)
         kc, vc = cache["k"], cache["v"]                                        # [rows, Hkv, D]
-        out = torch.empty_like(q)
-        for i, rows in enumerate(batch.kv_rows):
-            a, b = batch.cu[i], batch.cu[i + 1]
-            kc[rows[-(b - a):]] = k[a:b]
-            vc[rows[-(b - a):]] = v[a:b]
+        ext = native() if x.dtype == kc.dtype == torch.float32 and x.device.type == "cpu" else None
+        short = [i for i, n in enumerate(batch.lens) if n <= SHORT] if ext is not None else []
+        if len(short) == len(batch.lens):      # decode or verification only: every query in the native call
+            return self.o_proj(self._short(ext, q, k, v, rope, batch, cache, short, None))
+        out = torch.empty(N, self.n_q * self.d, dtype=x.dtype, device=x.device)
+        if short:
+            idx = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1]) for i in short])
+            out[idx] = self._short(ext, q, k, v, rope, batch, cache, short, idx)
+        long = [i for i in range(len(batch.lens)) if i not in set(short)]
+        idx = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1]) for i in long]) if short else None
+        sub = (lambda t: t if idx is None else t[idx])
+        n = N if idx is None else len(idx)
+        qg, kl, vl = sub(q).view(n, self.n_q, 2 * self.d), sub(k).view(n, self.n_kv, self.d), sub(v)
+        ql, gate = qg.chunk(2, dim=-1)                                         # [n, Hq, D] each
+        cos, sin = sub(rope[0]), sub(rope[1])
+        ql = apply_rotary(self.q_norm(ql), cos, sin)
+        kl = apply_rotary(self.k_norm(kl), cos, sin)
+        vl = vl.view(n, self.n_kv, self.d)
+        o_long = torch.empty_like(ql)
+        at = 0
+        for i in long:
+            rows, T = batch.kv_rows[i], batch.lens[i]
+            kc[rows[-T:]] = kl[at:at + T]
+            vc[rows[-T:]] = vl[at:at + T]
             K, V = kc[rows].transpose(0, 1), vc[rows].transpose(0, 1)
-            if 1 < b - a <= SHORT:   # one query at a time, as decoding runs it (the same arithmetic)
-                S = K.shape[1] - (b - a)
-                for j in range(b - a):
-                    o = attention(q[a + j:a + j + 1].transpose(0, 1), K[:, :S + j + 1], V[:, :S + j + 1], self.scale)
-                    out[a + j] = o[:, 0]
-                continue
-            o = attention(q[a:b].transpose(0, 1), K, V, self.scale)
-            out[a:b] = o.transpose(0, 1)
-        out = out.reshape(N, -1) * torch.sigmoid(gate.reshape(N, -1))
+            if 1 < T <= SHORT:   # (no native kernels) one query at a time, as decoding runs it
+                S = K.shape[1] - T
+                for j in range(T):
+                    o = attention(ql[at + j:at + j + 1].transpose(0, 1), K[:, :S + j + 1], V[:, :S + j + 1], self.scale)
+                    o_long[at + j] = o[:, 0]
+            else:
+                o_long[at:at + T] = attention(ql[at:at + T].transpose(0, 1), K, V, self.scale).transpose(0, 1)
+            at += T
+        gated = o_long.reshape(n, -1) * torch.sigmoid(gate.reshape(n, -1))
+        if idx is None:
+            out = gated
+        else:
+            out[idx] = gated
         return self.o_proj(out)
+
+    def _short(self, ext, q, k, v, rope, batch: ForwardBatch, cache, members: list[int], idx) -> torch.Tensor:
+        """Sequences `members` (chunks of at most SHORT tokens: decode, speculative verification) through
+        `gated_attention_short`: q/k norms, rotary, cache writes, each query alone against its prefix, gate.
+        idx: their rows of the step (None: all). Returns [rows, Hq * D]."""
+        sub = (lambda t: t if idx is None else t[idx].contiguous())
+        n = q.shape[0] if idx is None else len(idx)
+        rows = [batch.kv_rows[i] for i in members]
+        rcu = torch.tensor([0, *itertools.accumulate(len(r) for r in rows)], dtype=torch.long)
+        tcu = torch.tensor([0, *itertools.accumulate(batch.lens[i] for i in members)], dtype=torch.long)
+        return ext.gated_attention_short(sub(q).view(n, self.n_q, 2 * self.d), sub(k).view(n, self.n_kv, self.d),
+                                         sub(v).view(n, self.n_kv, self.d), *self._norm_weights(),
+                                         self.q_norm.eps, sub(rope[0]).contiguous(), sub(rope[1]).contiguous(),
+                                         cache["k"], cache["v"], torch.cat(rows) if len(rows) > 1 else rows[0],
+                                         rcu, tcu, self.scale)
+
+    def _norm_weights(self):
+        return self.q_norm.weight.float().contiguous(), self.k_norm.weight.float().contiguous()
