@@ -2,15 +2,18 @@
 
 Why: a decode step streams every dense weight and each chosen expert once, and on this machine the read
 rate depends on where the bytes live. The int4 output head (286 MB) through `q4q8_gemv`, same kernel,
-caches flushed before each call (`qwen36 bench --synthetic --hugepages-check` prints the same comparison):
+caches flushed before each call (`python scripts/hugepage_read.py`, medians of 7, this machine):
 
-  the checkpoint's file mapping (4 KiB page-cache pages)      20.3 ms
-  ordinary anonymous memory (torch.empty, 4 KiB pages)        14.7 ms
-  anonymous memory with MADV_HUGEPAGE (2 MiB pages)           10.0 ms
+  the checkpoint's file mapping                               20.3 ms, or 11-12 ms (see below)
+  ordinary anonymous memory (torch.empty, 4 KiB pages)        14.2-15.0 ms
+  anonymous memory with MADV_HUGEPAGE (2 MiB pages)           9.9-10.5 ms
 
 A 4 KiB page costs a TLB miss and a page walk every 4 KiB of a streaming read; a 2 MiB page, every 2 MiB.
 Linux gives huge pages to anonymous memory that asks (madvise) when THP is "madvise" (the usual default)
-or to any aligned anonymous memory when it is "always"; page-cache pages of an ordinary file stay small.
+or to any aligned anonymous memory when it is "always". A file mapping is as fast as the page cache's
+folios are large: 20.3 ms when the file's pages were in the cache as written (small pages), 11-12 ms
+after they were evicted and read back (large folios); which one a user gets depends on the machine's
+history, so the weights are copied.
 
 `place_weights` copies the weights into one such region (an arena) once, after loading. It leaves
 alone: the embedding table (one row is read per token), and experts that must stay in their file mapping
@@ -115,24 +118,40 @@ def place_weights(model: nn.Module, experts: bool = True) -> int:
                 offsets.append(total)
                 total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
             arena = empty((total,), torch.uint8)
+            bases = _mapping_bases()
             for (owner, key, t), at in zip(todo, offsets):
                 n = t.numel() * t.element_size()
                 new = arena[at:at + n].view(t.dtype).view(t.shape)
                 new.copy_(t)
                 owner[key] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+                _drop_pages(bases, t.data_ptr(), n)
             return total
     return 0
+
+
+def _mapping_bases():
+    from .checkpoint import MAPPINGS
+    return [(_address(mm), len(mm), mm) for mm in MAPPINGS]
+
+
+def _drop_pages(bases, ptr: int, nbytes: int) -> None:
+    """A copied weight's pages of the checkpoint's file mapping leave this process (they stay in the page
+    cache, reclaimable; if anything reads them again they come back from it): resident memory counts the
+    copy once, not twice, from the first weight on."""
+    from .residency import _locate
+    where = _locate(bases, ptr, nbytes)
+    if where is not None:
+        mm, start, length = where
+        mm.madvise(mmap.MADV_DONTNEED, start, length)
 
 
 def _fits(todo) -> bool:
     """Whether the copies fit: a copy of a file-mapped tensor adds its size (its page-cache pages, counted
     as available, become reclaimable), a copy of an anonymous one only while both exist (one at a time)."""
-    from .checkpoint import MAPPINGS
-
     avail = available_bytes()
     if avail is None:
         return False
-    ranges = [(_address(mm), len(mm)) for mm in MAPPINGS]
+    ranges = [(a, n) for a, n, _ in _mapping_bases()]
     sizes = [(t.numel() * t.element_size(), any(a <= t.data_ptr() < a + n for a, n in ranges)) for _, _, t in todo]
     mapped = sum(n for n, m in sizes if m)
     largest = max((n for n, m in sizes if not m), default=0)
