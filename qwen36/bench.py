@@ -363,10 +363,11 @@ def _vs_transformers(path: Path, prompt: list[int], n: int) -> dict:
     return {"prefill_s": round(prefill, 3), "decode_tok_s": _decode_rate(streamer.stamps)}
 
 
-def per_layer_cost(depths: tuple[int, int], quantization: str | None = "int4", n: int = 64, rounds: int = 3) -> dict:
+def per_layer_cost(depths: tuple[int, int], quantization: str | None = "int4", n: int = 64, rounds: int = 7) -> dict:
     """A decode layer's cost against the time its weights take to read: batch-1 decode at two depths (same
-    widths), alternated, medians; ms per layer = the difference of ms per token / the difference of depths,
-    set beside the weight bytes a layer reads per token at the read bandwidth measured in the same run."""
+    widths) back to back in each round; a round's ms per layer = the difference of its ms per token / the
+    difference of depths (pairing cancels this VM's slow drifts); the median over rounds, set beside the
+    weight bytes a layer reads per token at the read bandwidth measured in the same rounds (median)."""
     from . import LLM, SamplingParams
 
     llms = {d: LLM(synthetic_checkpoint(d, quantization, mtp=True), dtype="bfloat16", max_model_len=n + 32,
@@ -384,13 +385,14 @@ def per_layer_cost(depths: tuple[int, int], quantization: str | None = "int4", n
             _, t1 = _timed(lambda: llm.generate(prompt, p1))
             _, tn = _timed(lambda: llm.generate(prompt, p))
             ms[d].append((tn - t1) / (n - 1) * 1000)
-    med = {d: sorted(v)[len(v) // 2] for d, v in ms.items()}
     a, b = depths
-    layer_ms = (med[b] - med[a]) / (b - a)
+    per_round = [(y - x) / (b - a) for x, y in zip(ms[a], ms[b])]
+    layer_ms = sorted(per_round)[len(per_round) // 2]
     layer_bytes = (weight_bytes_per_token(llms[b].model) - weight_bytes_per_token(llms[a].model)) / (b - a)
     gbs = sorted(bandwidth)[len(bandwidth) // 2]
     read_ms = layer_bytes / gbs / 1e6
-    return {"ms_per_token": {str(d): round(v, 2) for d, v in med.items()}, "ms_per_layer": round(layer_ms, 3),
+    return {"ms_per_token": {str(d): round(sorted(v)[len(v) // 2], 2) for d, v in ms.items()},
+            "ms_per_layer": round(layer_ms, 3), "ms_per_layer_rounds": [round(v, 3) for v in per_round],
             "weight_mb_per_layer": round(layer_bytes / 1e6, 1), "memory_bandwidth_gbs": round(gbs, 2),
             "weight_read_ms_per_layer": round(read_ms, 3), "ratio_to_weight_read": round(layer_ms / read_ms, 2)}
 

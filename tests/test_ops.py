@@ -45,6 +45,7 @@ def test_gated_delta_does_not_write_inputs():
 
 @pytest.mark.parametrize("B,T,Hk,rep,K,V,slots,nkeep", [(1, 3, 2, 2, 16, 8, [1], [2]), (3, 4, 1, 4, 32, 16, [4, 0, 2], [3, 0, 1]),
                                                         (2, 1, 16, 2, 128, 128, [0, 3], [0, 0]),
+                                                        (2, 3, 2, 2, 128, 128, [1, 3], [2, 1]),
                                                         (1, 1, 2, 1, 8, 8, [0], [0])])
 def test_gated_delta_steps_fused_keeps_every_state(B, T, Hk, rep, K, V, slots, nkeep):
     """Several tokens per sequence in one call (speculative verification): the outputs and final states

@@ -571,14 +571,15 @@ std::vector<torch::Tensor> moe_decode(torch::Tensor x, torch::Tensor router, int
   auto logits = torch::empty({N, E}, opts), sh = torch::empty({N, 2 * Is}, opts), sgl = torch::empty({N}, opts);
   float *lp = logits.data_ptr<float>(), *shp = sh.data_ptr<float>(), *sglp = sgl.data_ptr<float>();
   const Q8Act ax = q8_prepare(x, gs);
-  // 1. router logits, shared gate and up, shared gate logit: blocks of 16 outputs
-  const int64_t bE = (E + 15) / 16, bS = (Is + 15) / 16, per1 = bE + 2 * bS + 1;
+  // 1. router logits (blocks of 2 fp32 rows: 16 KB, about what a block of 16 int4 rows reads, so the two
+  // threads' halves of the region read alike), shared gate and up (blocks of 16 rows), shared gate logit
+  const int64_t bE = (E + 1) / 2, bS = (Is + 15) / 16, per1 = bE + 2 * bS + 1;
   at::parallel_for(0, N * per1, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t r = i / per1, j = i % per1;
       const float* xr[1] = {xp + r * H};
       if (j < bE) {
-        for (int64_t e = j * 16; e < std::min(E, j * 16 + 16); ++e) {
+        for (int64_t e = j * 2; e < std::min(E, j * 2 + 2); ++e) {
           float* o[1] = {lp + r * E + e};
           f32_dot_rows<1>(xr, rw + e * H, H, o);
         }
