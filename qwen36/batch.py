@@ -11,6 +11,7 @@ are also written to its slot's "spec_conv" / "spec_state" rows, where the engine
 """
 from __future__ import annotations
 
+import itertools
 from functools import cached_property
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -60,6 +61,19 @@ class ForwardBatch:
     def keep_tensor(self) -> torch.Tensor:
         """keep as an int64 CPU tensor (zeros when empty)."""
         return torch.tensor(self.keep or [0] * len(self.slots), dtype=torch.long)
+
+    @cached_property
+    def kv_rows_flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(every sequence's KV rows concatenated, their offsets [B+1], the tokens' offsets [B+1]), int64:
+        what the native attention of short chunks takes (layers/attention.py)."""
+        return self.kv_rows_of(range(len(self.slots)))
+
+    def kv_rows_of(self, members) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """kv_rows_flat for some of the sequences."""
+        rows = [self.kv_rows[i] for i in members]
+        rcu = torch.tensor([0, *itertools.accumulate(len(r) for r in rows)], dtype=torch.long)
+        tcu = torch.tensor([0, *itertools.accumulate(self.lens[i] for i in members)], dtype=torch.long)
+        return (torch.cat(rows) if len(rows) > 1 else rows[0]), rcu, tcu
 
     @property
     def is_decode(self) -> bool:

@@ -2,8 +2,6 @@
 sigmoid output gate, o_proj."""
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 
@@ -79,14 +77,11 @@ class GatedAttention(nn.Module):
         idx: their rows of the step (None: all). Returns [rows, Hq * D]."""
         sub = (lambda t: t if idx is None else t[idx].contiguous())
         n = q.shape[0] if idx is None else len(idx)
-        rows = [batch.kv_rows[i] for i in members]
-        rcu = torch.tensor([0, *itertools.accumulate(len(r) for r in rows)], dtype=torch.long)
-        tcu = torch.tensor([0, *itertools.accumulate(batch.lens[i] for i in members)], dtype=torch.long)
+        rows, rcu, tcu = batch.kv_rows_flat if idx is None else batch.kv_rows_of(members)
         return ext.gated_attention_short(sub(q).view(n, self.n_q, 2 * self.d), sub(k).view(n, self.n_kv, self.d),
                                          sub(v).view(n, self.n_kv, self.d), *self._norm_weights(),
                                          self.q_norm.eps, sub(rope[0]).contiguous(), sub(rope[1]).contiguous(),
-                                         cache["k"], cache["v"], torch.cat(rows) if len(rows) > 1 else rows[0],
-                                         rcu, tcu, self.scale)
+                                         cache["k"], cache["v"], rows, rcu, tcu, self.scale)
 
     def _norm_weights(self):
         return self.q_norm.weight.float().contiguous(), self.k_norm.weight.float().contiguous()

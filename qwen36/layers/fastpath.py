@@ -7,7 +7,7 @@ time between two kernels is time in which nothing streams. The plan holds each k
 once per layer, and runs (csrc: qkernels.cpp, qkernels512.cpp):
 
   linear attention:  rms_norm -> multi_linear (qkv, z, a, b) -> delta_decode -> q4q8_gemv (out_proj)
-  full attention:    rms_norm -> the attention module
+  full attention:    rms_norm -> multi_linear (q, k, v) -> gated_attention_short -> q4q8_gemv (o_proj)
   both:              + residual -> rms_norm -> moe_decode -> + residual
 
 It applies to decode steps (one token per sequence, no speculative rows), int4 weights for the int8-activation
@@ -46,11 +46,11 @@ def _f32(module: nn.Module) -> torch.Tensor | None:
 class DecodePlan:
     """One layer's decode step as native calls (see the module text). Built by `plan_for`."""
 
-    def __init__(self, layer: nn.Module, tensors: list[torch.Tensor], norms, delta, moe_args):
+    def __init__(self, layer: nn.Module, tensors: list[torch.Tensor], norms, attn, delta, moe_args):
         self.layer = layer
         self.tensors = tensors                         # everything the plan reads: a weight replaced -> rebuilt
         self.key = self._key(tensors)
-        self.norms, self.delta, self.moe_args = norms, delta, moe_args
+        self.norms, self.attn, self.delta, self.moe_args = norms, attn, delta, moe_args
         self.top_k = moe_args[1]
 
     @staticmethod
@@ -66,11 +66,16 @@ class DecodePlan:
         ext, e5 = kernels.native(), kernels.native512()
         (n1, n2, eps), layer = self.norms, self.layer
         h = ext.rms_norm(x, n1, eps)
-        if self.delta is None:
-            h = layer.self_attn(h, rope, batch, cache)
+        B = x.shape[0]
+        if self.attn is not None:
+            q4, gs, qw, kw, a_eps, out, (n_q, n_kv, d, scale) = self.attn
+            q, k, v = e5.multi_linear(h, q4, [], gs)
+            rows, rcu, tcu = batch.kv_rows_flat
+            y = ext.gated_attention_short(q.view(B, n_q, 2 * d), k.view(B, n_kv, d), v.view(B, n_kv, d), qw, kw, a_eps,
+                                          rope[0], rope[1], cache["k"], cache["v"], rows, rcu, tcu, scale)
+            h = e5.q4q8_gemv(y, *out, gs)
         else:
             q4, f32, gs, (conv_w, A_log, dt_bias, norm_w, norm_eps), out, dims = self.delta
-            B = x.shape[0]
             m, z, a, b = e5.multi_linear(h, q4, f32, gs)
             y = ext.delta_decode(m.view(B, 1, -1), a.view(B, 1, -1), b.view(B, 1, -1), cache["conv"], conv_w,
                                  batch.slot_tensor, A_log, dt_bias, _EMPTY, batch.keep_tensor, cache["state"], _EMPTY,
@@ -114,8 +119,18 @@ def _build(layer: nn.Module) -> DecodePlan | None:
                 mlp.shared_expert_gate.weight, gs)
     tensors = [n1, n2, mlp.gate.weight, mlp.shared_expert_gate.weight, *moe_args[2], *moe_args[3],
                *(t for p in shared for t in p)]
-    delta = None
-    if not layer.full_attention:
+    attn = delta = None
+    if layer.full_attention:
+        a = layer.self_attn
+        q4 = [_q4(a.q_proj), _q4(a.k_proj), _q4(a.v_proj)]
+        out = _q4(a.o_proj)
+        if any(p is None for p in (*q4, out)) or len({kernels._group(a.q_proj.packed),
+                                                     kernels._group(a.o_proj.packed), gs}) != 1:
+            return None
+        qw, kw = a._norm_weights()
+        attn = (q4, gs, qw, kw, a.q_norm.eps, out, (a.n_q, a.n_kv, a.d, a.scale))
+        tensors += [*(t for p in q4 for t in p), *out, a.q_norm.weight, a.k_norm.weight]
+    else:
         d = layer.linear_attn
         q4 = [_q4(d.in_proj_qkv), _q4(d.in_proj_z)]
         f32 = [_f32(d.in_proj_a), _f32(d.in_proj_b)]
@@ -127,4 +142,4 @@ def _build(layer: nn.Module) -> DecodePlan | None:
         consts = (small[0][:, 0].float().contiguous(), *(t.float().contiguous() for t in small[1:]), d.norm.eps)
         delta = (q4, f32, gs, consts, out, (d.n_k, d.d_k, d.d_v))
         tensors += [*(t for p in q4 for t in p), *f32, *out, *small]
-    return DecodePlan(layer, tensors, (n1, n2, layer.input_layernorm.eps), delta, moe_args)
+    return DecodePlan(layer, tensors, (n1, n2, layer.input_layernorm.eps), attn, delta, moe_args)
