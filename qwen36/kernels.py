@@ -243,7 +243,7 @@ def moe_decode(x: torch.Tensor, router: torch.Tensor, top_k: int, stacked, packe
     s_gate, s_up, s_down = packed
     return native512().moe_decode(x.contiguous(), router.contiguous(), top_k, _parts(gate_up), _parts(down),
                                   _parts(s_gate), _parts(s_up), _parts(s_down), shared_gate.contiguous(),
-                                  _group(gate_up), None)
+                                  _group(gate_up))
 
 
 def multi_linear(x: torch.Tensor, weights: list) -> list[torch.Tensor] | None:

@@ -60,35 +60,3 @@ static inline void f32_dot_rows(const float* const* xs, const float* w, int64_t 
 }
 
 static inline float silu(float y) { return y / (1.f + std::exp(-y)); }
-
-// exp of 8 floats (AVX2/FMA): 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2, p a degree-6 polynomial
-// (Cephes expf's coefficients); within 2 ulp of std::exp over [-87, 88]; inputs are clamped to that range
-// (below it the result is ~0, above it ~1.7e38). For SiLU over thousands of channels per decode step, where
-// one std::exp per element cost more than the rest of the step's DeltaNet glue.
-static inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-// silu over n floats: y / (1 + exp(-y)), 8 at a time (exp8), the tail with std::exp
-static inline void silu_n(const float* y, float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(y + i);
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
-    _mm256_storeu_ps(out + i, _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
-  }
-  for (; i < n; ++i) out[i] = silu(y[i]);
-}

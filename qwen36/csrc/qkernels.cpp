@@ -375,20 +375,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
-// The residual add and the next norm of a decoder layer in one call: s = x + h (as the tensor add), y =
-// rms_norm(s). Returns [s, y].
-std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor h, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && h.dtype() == torch::kFloat32 && x.sizes() == h.sizes() && x.dim() == 2,
-              "x, h [M,H] fp32");
-  x = x.contiguous();
-  h = h.contiguous();
-  auto s = torch::empty_like(x);
-  const float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>();
-  float* sp = s.data_ptr<float>();
-  for (int64_t i = 0; i < x.numel(); ++i) sp[i] = xp[i] + hp[i];
-  return {s, rms_norm(s, w, eps)};
-}
-
 // DeltaNet's output norm per (row, value head): w * o / rms(o) * silu(z). o [M, Hv, Dv], z [M, Hv * Dv], w [Dv].
 torch::Tensor gated_rms_norm(torch::Tensor o, torch::Tensor z, torch::Tensor w, double eps) {
   TORCH_CHECK(o.dtype() == torch::kFloat32 && z.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32 &&
@@ -401,12 +387,10 @@ torch::Tensor gated_rms_norm(torch::Tensor o, torch::Tensor z, torch::Tensor w, 
   const float *op = o.data_ptr<float>(), *zp = z.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, M * Hv, 4, [&](int64_t lo, int64_t hi) {
-    std::vector<float> sz(D);
     for (int64_t r = lo; r < hi; ++r) {
       const float* x = op + r * D;
       const float inv = 1.f / std::sqrt(sum_squares(x, D) / D + (float)eps);
-      silu_n(zp + r * D, sz.data(), D);
-      for (int64_t i = 0; i < D; ++i) yp[r * D + i] = wp[i] * (x[i] * inv) * sz[i];
+      for (int64_t i = 0; i < D; ++i) yp[r * D + i] = wp[i] * (x[i] * inv) * silu(zp[r * D + i]);
     }
   });
   return y;
@@ -471,9 +455,8 @@ std::vector<torch::Tensor> delta_prep(torch::Tensor m, torch::Tensor a, torch::T
       for (int64_t c = c0; c < c1; ++c) {
         float acc = xw[c] * cw[c * W];
         for (int64_t j = 1; j < W; ++j) acc += xw[j * C + c] * cw[c * W + j];
-        y[bt * C + c] = acc;
+        y[bt * C + c] = silu(acc);
       }
-      silu_n(y.data() + bt * C + c0, y.data() + bt * C + c0, c1 - c0);
     }
   });
   at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
@@ -771,7 +754,6 @@ torch::Tensor gated_attention_short(torch::Tensor qg, torch::Tensor k, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("add_rms_norm", &add_rms_norm, "residual add and zero-centred RMSNorm in one call");
   m.def("gated_attention_short", &gated_attention_short, "gated attention of short chunks, each query alone (decode, verification)");
   m.def("delta_decode", &delta_decode, "DeltaNet decode step: delta_prep, delta_steps, gated_rms_norm in one call");
   m.def("flush_denormals", &flush_denormals, "flush-to-zero and denormals-are-zero on every pool thread");

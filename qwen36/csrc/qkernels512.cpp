@@ -545,8 +545,7 @@ Q8_TARGET static inline void q8_span(const Q8Act& a, int64_t row, const Q4Mat& w
 std::vector<torch::Tensor> moe_decode(torch::Tensor x, torch::Tensor router, int64_t topk,
                                       std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down,
                                       std::vector<torch::Tensor> s_gate, std::vector<torch::Tensor> s_up,
-                                      std::vector<torch::Tensor> s_down, torch::Tensor s_gate_w, int64_t gs,
-                                      c10::optional<torch::Tensor> residual) {
+                                      std::vector<torch::Tensor> s_down, torch::Tensor s_gate_w, int64_t gs) {
   TORCH_CHECK(has_vnni(), "moe_decode needs AVX-512 VNNI");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x fp32 [N,H] contiguous");
   TORCH_CHECK(gs % 128 == 0, "gs a multiple of 128");
@@ -628,12 +627,10 @@ std::vector<torch::Tensor> moe_decode(torch::Tensor x, torch::Tensor router, int
   float *hrp = hr.data_ptr<float>(), *hsp = hs.data_ptr<float>();
   at::parallel_for(0, P + N, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t pr = lo; pr < hi; ++pr) {
-      const bool routed = pr < P;
-      const int64_t w = routed ? I : Is;
-      const float* gu_row = routed ? gup + pr * 2 * I : shp + (pr - P) * 2 * Is;
-      float* h = routed ? hrp + pr * I : hsp + (pr - P) * Is;
-      silu_n(gu_row, h, w);
-      for (int64_t j = 0; j < w; ++j) h[j] *= gu_row[w + j];
+      if (pr < P)
+        for (int64_t j = 0; j < I; ++j) hrp[pr * I + j] = silu(gup[pr * 2 * I + j]) * gup[pr * 2 * I + I + j];
+      else
+        for (int64_t j = 0, r = pr - P; j < Is; ++j) hsp[r * Is + j] = silu(shp[r * 2 * Is + j]) * shp[r * 2 * Is + Is + j];
     }
   });
   const Q8Act ar = q8_prepare(hr, gs), as = q8_prepare(hs, gs);
@@ -650,12 +647,6 @@ std::vector<torch::Tensor> moe_decode(torch::Tensor x, torch::Tensor router, int
   // 5. weighted sum of the routed outputs in rank order, plus the gated shared expert
   auto out = torch::empty({N, H}, opts);
   float* op = out.data_ptr<float>();
-  const float* res = nullptr;              // residual: out = residual + (the block's output), as x + mlp(x)
-  if (residual && residual->numel() > 0) {
-    TORCH_CHECK(residual->dtype() == torch::kFloat32 && residual->is_contiguous() && residual->numel() == N * H,
-                "residual fp32 [N,H] contiguous");
-    res = residual->data_ptr<float>();
-  }
   at::parallel_for(0, N * bH, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t r = i / bH, h0 = (i % bH) * 16, h1 = std::min(H, h0 + 16);
@@ -664,8 +655,7 @@ std::vector<torch::Tensor> moe_decode(torch::Tensor x, torch::Tensor router, int
       for (int64_t h = h0; h < h1; ++h) {
         float acc = 0.f;
         for (int64_t j = 0; j < topk; ++j) acc += wp[r * topk + j] * yrp[(r * topk + j) * H + h];
-        const float y = acc + gate * ysp[r * H + h];
-        o[h] = res ? res[r * H + h] + y : y;
+        o[h] = acc + gate * ysp[r * H + h];
       }
     }
   });

@@ -8,7 +8,7 @@ once per layer, and runs (csrc: qkernels.cpp, qkernels512.cpp):
 
   linear attention:  rms_norm -> multi_linear (qkv, z, a, b) -> delta_decode -> q4q8_gemv (out_proj)
   full attention:    rms_norm -> multi_linear (q, k, v) -> gated_attention_short -> q4q8_gemv (o_proj)
-  both:              add_rms_norm (residual, norm) -> moe_decode (the block, plus the residual)
+  both:              + residual -> rms_norm -> moe_decode -> + residual
 
 It applies to decode steps (one token per sequence, no speculative rows), int4 weights for the int8-activation
 kernels, fp32 activations on the CPU, and nothing watching expert use (`max_ram`); elsewhere `plan_for`
@@ -84,8 +84,8 @@ class DecodePlan:
                 for _, snap in caps:
                     layer.linear_attn._capture(cache, snap, cache["conv"][slot], cache["state"][slot])
             h = e5.q4q8_gemv(y, *out, gs)
-        x, h = ext.add_rms_norm(x, h, n2, eps)
-        return e5.moe_decode(h, *self.moe_args, x)[0]                    # x + the MoE block's output
+        x = x + h
+        return x + e5.moe_decode(ext.rms_norm(x, n2, eps), *self.moe_args)[0]
 
 
 def plan_for(layer: nn.Module) -> DecodePlan | None:
