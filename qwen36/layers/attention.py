@@ -39,7 +39,7 @@ class GatedAttention(nn.Module):
         if short:
             idx = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1]) for i in short])
             out[idx] = self._short(ext, q, k, v, rope, batch, cache, short, idx)
-        long = [i for i in range(len(batch.lens)) if i not in set(short)]
+        long = [i for i in range(len(batch.lens)) if i not in short]
         idx = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1]) for i in long]) if short else None
         sub = (lambda t: t if idx is None else t[idx])
         n = N if idx is None else len(idx)
