@@ -195,3 +195,17 @@ def test_short_chunk_attention_equals_the_tensor_path(wide, monkeypatch):
     assert torch.equal(fused["v"], plain["v"])
     written = torch.cat(batch.kv_rows)
     assert not torch.equal(fused["k"][written], kc[written])
+
+
+def test_weights_stay_where_they_are_when_no_mapping_is_given(checkpoint, monkeypatch):
+    """If the kernel refuses the arena's mapping, loading still works: the weights stay as loaded."""
+    vnni_or_skip()
+
+    def refuse(*a, **k):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(hugepages, "empty", refuse)
+    llm = LLM(checkpoint("wide"), quantization="int4", enable_prefix_caching=False)
+    q = llm.model.layers[0].linear_attn.in_proj_qkv.packed["q"]
+    assert q.untyped_storage().data_ptr() != llm.model.layers[0].mlp.gate.weight.untyped_storage().data_ptr()
+    out = llm.generate(list(range(5, 20)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out.token_ids) == 4
