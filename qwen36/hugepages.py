@@ -18,7 +18,8 @@ history, so the weights are copied.
 `place_weights` copies the weights into one such region (an arena) once, after loading. It leaves
 alone: the embedding table (one row is read per token), and experts that must stay in their file mapping
 (`max_ram`: residency.py drops their pages). It moves nothing when the copies would not fit in the
-memory the kernel reports available (MemAvailable) less a margin: then the mappings stay, as before.
+memory the kernel reports available (MemAvailable) less a margin, or when the kernel refuses the mapping:
+then the weights stay as loaded.
 QWEN36_HUGEPAGES=0 turns it off.
 """
 from __future__ import annotations
