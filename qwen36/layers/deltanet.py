@@ -51,7 +51,7 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.n_v), requires_grad=False)
         self.norm = GatedRMSNorm(self.d_v, cfg.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, H)
-        self._consts = None                      # _decode's fp32 copies of conv1d, A_log, dt_bias, norm weights
+        self._consts = None                      # small_weights(): (key, fp32 copies)
 
     def _qkv(self, y: torch.Tensor):
         """y [B, T, C] conv output -> q, k [B, T, Hk, Dk] fp32 (normalised, q scaled), v [B, T, Hv, Dv] fp32."""
@@ -117,6 +117,21 @@ class GatedDeltaNet(nn.Module):
         else:
             o[rows] = out
 
+    def small_weights(self) -> tuple[torch.Tensor, ...]:
+        """(conv1d [C, W], A_log, dt_bias, norm weight) as the native decode calls take them: fp32 contiguous
+        copies, made once per set of weights."""
+        small = (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight)
+        key = tuple(t.data_ptr() for t in small)
+        if self._consts is None or self._consts[0] != key:
+            self._consts = key, (small[0][:, 0].float().contiguous(), *(t.float().contiguous() for t in small[1:]))
+        return self._consts[1]
+
+    def capture_decode(self, cache: dict[str, torch.Tensor], batch: ForwardBatch) -> None:
+        """After a decode step: the states the prefix cache asked for (batch.captures) into their snapshots."""
+        for slot, caps in zip(batch.slots, batch.captures):
+            for _, snap in caps:
+                self._capture(cache, snap, cache["conv"][slot], cache["state"][slot])
+
     def _decode(self, m, a, b, z, cache: dict[str, torch.Tensor], batch: ForwardBatch) -> torch.Tensor | None:
         """A decode step (one token per sequence) from the projections to the output norm in one native call
         (delta_decode: delta_prep, delta_steps, gated_rms_norm; what `_steps` and `norm` compute). Returns
@@ -127,11 +142,7 @@ class GatedDeltaNet(nn.Module):
         if ext is None or m.dtype != torch.float32 or conv_c.dtype != torch.float32 or m.device.type != "cpu" \
                 or B > PREFILL_ROWS:
             return None
-        small = (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight)
-        key = tuple(t.data_ptr() for t in small)
-        if self._consts is None or self._consts[0] != key:   # fp32 contiguous copies, made once per weights
-            self._consts = key, (small[0][:, 0].float().contiguous(), *(t.float().contiguous() for t in small[1:]))
-        conv_w, A_log, dt_bias, norm_w = self._consts[1]
+        conv_w, A_log, dt_bias, norm_w = self.small_weights()
         nk = batch.keep_tensor
         keeping = bool(batch.keep) and any(batch.keep)
         return ext.delta_decode(m.view(B, 1, -1), a.view(B, 1, -1), b.view(B, 1, -1), conv_c, conv_w,
@@ -156,16 +167,12 @@ class GatedDeltaNet(nn.Module):
         z = z.view(N, self.n_v, self.d_v)                                      # m [N, C]; a, b [N, Hv]
         conv_c, state_c = cache["conv"], cache["state"]
         if batch.is_decode and (y := self._decode(m, a, b, z, cache, batch)) is not None:
-            for slot, caps in zip(batch.slots, batch.captures):
-                for _, snap in caps:
-                    self._capture(cache, snap, conv_c[slot], state_c[slot])
+            self.capture_decode(cache, batch)
             return self.out_proj(y)
         o = torch.empty(N, self.n_v, self.d_v, dtype=torch.float32, device=x.device)
         if batch.is_decode:  # one token per sequence: all sequences in one recurrent step
             self._steps(m, a, b, cache, batch, list(range(len(batch.slots))), 1, o)
-            for slot, caps in zip(batch.slots, batch.captures):
-                for _, snap in caps:
-                    self._capture(cache, snap, conv_c[slot], state_c[slot])
+            self.capture_decode(cache, batch)
         else:
             short: dict[int, list[int]] = {}       # T -> sequences adding T tokens, run by the fused recurrence
             g = beta = None

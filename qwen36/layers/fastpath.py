@@ -31,8 +31,7 @@ FUSED_LAYERS = True                    # tests and measurements switch the plan 
 def _q4(module: nn.Module) -> list[torch.Tensor] | None:
     """A QuantLinear's stored parts for the int8-activation kernels, or None."""
     packed = getattr(module, "packed", None)
-    if packed is None or getattr(module, "bias", None) is not None or packed["q"].dtype != torch.uint8 \
-            or not kernels.fused_ok([packed]):
+    if packed is None or getattr(module, "bias", None) is not None or not kernels.fused_ok([packed]):
         return None
     return kernels._parts(packed)
 
@@ -80,9 +79,7 @@ class DecodePlan:
             y = ext.delta_decode(m.view(B, 1, -1), a.view(B, 1, -1), b.view(B, 1, -1), cache["conv"], conv_w,
                                  batch.slot_tensor, A_log, dt_bias, _EMPTY, batch.keep_tensor, cache["state"], _EMPTY,
                                  z, norm_w, norm_eps, *dims)
-            for slot, caps in zip(batch.slots, batch.captures):
-                for _, snap in caps:
-                    layer.linear_attn._capture(cache, snap, cache["conv"][slot], cache["state"][slot])
+            layer.linear_attn.capture_decode(cache, batch)
             h = e5.q4q8_gemv(y, *out, gs)
         x = x + h
         return x + e5.moe_decode(ext.rms_norm(x, n2, eps), *self.moe_args)[0]
@@ -139,7 +136,7 @@ def _build(layer: nn.Module) -> DecodePlan | None:
                                                              kernels._group(d.out_proj.packed), gs}) != 1:
             return None
         small = (d.conv1d.weight, d.A_log, d.dt_bias, d.norm.weight)
-        consts = (small[0][:, 0].float().contiguous(), *(t.float().contiguous() for t in small[1:]), d.norm.eps)
+        consts = (*d.small_weights(), d.norm.eps)
         delta = (q4, f32, gs, consts, out, (d.n_k, d.d_k, d.d_v))
         tensors += [*(t for p in q4 for t in p), *f32, *out, *small]
     return DecodePlan(layer, tensors, (n1, n2, layer.input_layernorm.eps), attn, delta, moe_args)
