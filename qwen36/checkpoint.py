@@ -203,7 +203,8 @@ class _Expert:
 
 def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], num_experts: int,
                       dtype: torch.dtype, device: torch.device | str,
-                      keep_fp32: tuple[str, ...] = (), part: str = "text") -> Iterator[tuple[str, torch.Tensor]]:
+                      keep_fp32: tuple[str, ...] = (), part: str = "text",
+                      on_cpu: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (our name, tensor) for every tensor of `expected` (our name -> shape), one at a time.
 
     Everything is checked first (unexpected, missing, shapes, dtypes: errors name file and tensor), so
@@ -212,7 +213,9 @@ def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
     its pages stay file-backed), so the caller can consume it (e.g. quantize it) before the next one
     exists. Names ending in `keep_fp32` stay fp32 if they are on disk; the integer part `.q` of a
     quantized weight keeps its dtype. Per-expert tensors are assembled into fused [E, 2I, H] / [E, H, I].
-    part="mtp" reads the `mtp.*` head instead of the decoder (see map_name).
+    part="mtp" reads the `mtp.*` head instead of the decoder (see map_name). Names in `on_cpu` (or whose
+    quantized parts they are) go to the CPU whatever `device` is (experts offloaded with --cpu-experts).
+    On a GPU, each tensor crosses as stored and is converted there (no converted copy in host memory).
     """
     found: dict[str, str] = {}                      # our name -> disk name
     experts: dict[str, list[_Expert]] = {}          # "layers.L.mlp.experts" -> pieces
@@ -275,29 +278,35 @@ def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
         _check_shape(ckpt, found[ours], shape)
         check_dtype(found[ours], ours)
 
-    def convert(disk: str, t_dtype: torch.dtype) -> torch.Tensor:
-        # already in the wanted dtype on the CPU: the memory-mapped view itself (no second copy in RAM)
-        return ckpt.tensor(disk).to(device=device, dtype=t_dtype)
+    def target(ours: str) -> torch.device:
+        return cpu if ours in on_cpu or ours.rpartition(".")[0] in on_cpu else device
 
+    def convert(disk: str, t_dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+        # already in the wanted dtype on the CPU: the memory-mapped view itself (no second copy in RAM)
+        t = ckpt.tensor(disk)
+        return t.to(device=dev, dtype=t_dtype) if dev.type == "cpu" else t.to(dev).to(t_dtype)
+
+    device, cpu = torch.device(device), torch.device("cpu")
     for ours, shape in expected.items():
+        dev = target(ours)
         if ours in assembled:
             kind, by_key = assembled[ours]
-            fused = torch.empty(shape, dtype=dtype, device=device)
+            fused = torch.empty(shape, dtype=dtype, device=dev)
             I = shape[1] // 2 if kind == "gate_up" else shape[2]
             for e in range(num_experts):
                 if kind == "gate_up":
-                    fused[e, :I] = convert(by_key[(e, "gate_proj")], dtype)
-                    fused[e, I:] = convert(by_key[(e, "up_proj")], dtype)
+                    fused[e, :I] = convert(by_key[(e, "gate_proj")], dtype, dev)
+                    fused[e, I:] = convert(by_key[(e, "up_proj")], dtype, dev)
                 else:
-                    fused[e] = convert(by_key[(e, "down_proj")], dtype)
+                    fused[e] = convert(by_key[(e, "down_proj")], dtype, dev)
             yield ours, fused
             continue
         disk = found[ours]
         if ours.endswith(".q"):
-            yield ours, ckpt.tensor(disk).to(device=device)
+            yield ours, ckpt.tensor(disk).to(device=dev)
             continue
         keep = ckpt.dtype_str(disk) == "F32" and ours.endswith(keep_fp32 + (".scale", ".min"))
-        yield ours, convert(disk, torch.float32 if keep else dtype)
+        yield ours, convert(disk, torch.float32 if keep else dtype, dev)
 
 
 def _check_shape(ckpt: Checkpoint, disk: str, shape: tuple[int, ...]) -> None:

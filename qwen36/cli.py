@@ -245,7 +245,10 @@ def _bench_agent(args) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--cpu-experts", default=None, metavar="all|N",
+                   help="with a GPU: keep the routed experts of all or the last N layers in CPU memory (int4, "
+                        "run by the CPU kernels), the rest on the GPU (llama.cpp's --n-cpu-moe)")
     p.add_argument("--quantization", default=None, choices=["int8", "int4"])
     p.add_argument("--max-ram", default=None, help="keep resident memory under SIZE (e.g. 8G) by letting "
                                                  "least recently used experts leave memory (quantized checkpoints)")
@@ -265,7 +268,16 @@ def _llm(args, **kw):
                max_ram=parse_size(args.max_ram) if args.max_ram else None,
                enable_prefix_caching=args.enable_prefix_caching,
                prefix_cache_memory=parse_size(args.prefix_cache_memory),
-               speculative_config=args.speculative_config, **kw)
+               speculative_config=args.speculative_config, cpu_experts=_cpu_experts(args.cpu_experts), **kw)
+
+
+def _cpu_experts(value: str | None) -> int | str | None:
+    if value is None or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"qwen36: --cpu-experts {value!r}: give 'all' or a number of layers") from None
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:

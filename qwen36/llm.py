@@ -50,20 +50,24 @@ class LLM:
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", quantization: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_bytes: int = 1 << 30,
                  max_ram: int | None = None, enable_prefix_caching: bool = True,
-                 prefix_cache_memory: int = 1 << 30, speculative_config: dict | str | None = None):
+                 prefix_cache_memory: int = 1 << 30, speculative_config: dict | str | None = None,
+                 cpu_experts: int | str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)}")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={quantization!r} is not supported; choose one of {list(QUANTIZATIONS)}")
         self.path = Path(path)
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+            if self.device.index is None:      # "cuda" -> "cuda:N" of the current device, as tensors report it
+                self.device = torch.device("cuda", torch.cuda.current_device())
         # speculative decoding: {"method": "mtp", "num_speculative_tokens": k} drafts k tokens per step with
         # the checkpoint's MTP head; the output is the same as without it (greedy tokens, sampled distribution)
         self.num_speculative_tokens, self.draft_vocab_size = parse_speculative_config(speculative_config)
         self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization,
-                                             mtp=self.num_speculative_tokens > 0)
+                                             mtp=self.num_speculative_tokens > 0, cpu_experts=cpu_experts or 0)
         if self.device.type == "cpu":   # decode reads weights ~1.4x faster from huge pages (hugepages.py)
             hugepages.place_weights(self.model, experts=max_ram is None)
         # on the CPU the vision tower stays as stored (bf16: the memory map itself, no copy at start-up) and

@@ -25,7 +25,7 @@ from .layers.linear import Linear
 from .layers.moe import SparseMoE
 from .layers.norm import RMSNorm
 from .layers.rotary import MRotary
-from .quant import DEFAULT_GROUP, METHODS, QuantConfig, quantize, quantize_modules, quantized_shapes
+from .quant import DEFAULT_GROUP, METHODS, QuantConfig, offload_experts, quantize, quantize_modules, quantized_shapes
 
 # fp32 on disk and tiny: kept in fp32 whatever the storage dtype (the decay and the gated norm)
 KEEP_FP32 = ("linear_attn.A_log", "linear_attn.norm.weight")
@@ -117,12 +117,15 @@ class TextModel(nn.Module):
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
                compute_dtype: torch.dtype | None = None, quantization: str | None = None,
-               group_size: int = DEFAULT_GROUP, mtp: bool = False) -> tuple[ModelConfig, TextModel]:
+               group_size: int = DEFAULT_GROUP, mtp: bool = False,
+               cpu_experts: int | str = 0) -> tuple[ModelConfig, TextModel]:
     """Build the text model on the meta device and fill it from the checkpoint, one tensor at a time.
 
     quantization="int8"|"int4" quantizes each weight as it is read (the model never exists in fp32 as a
     whole); a checkpoint written by `qwen36 quantize` is loaded as it is stored, without re-quantizing.
-    mtp=True also loads the MTP head (`model.mtp`, for speculative decoding).
+    mtp=True also loads the MTP head (`model.mtp`, for speculative decoding). cpu_experts=N keeps the routed
+    experts of the last N layers ("all": every layer) in CPU memory, int4, run by the CPU kernels
+    (quant.offload_experts).
     """
     cfg = load_config(path)
     ckpt = Checkpoint(path)
@@ -131,7 +134,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
     with torch.device("meta"):
         model = TextModel(cfg.text)
     drop = ("lm_head.weight",) if cfg.text.tie_word_embeddings else ()
-    tensors, targets = _read_weights(model, ckpt, cfg, qcfg, dtype, device, drop=drop)
+    n = cfg.text.num_hidden_layers
+    cpu_experts = n if cpu_experts == "all" else cpu_experts
+    if not isinstance(cpu_experts, int) or isinstance(cpu_experts, bool) or not 0 <= cpu_experts <= n:
+        raise ValueError(f"cpu_experts={cpu_experts!r}: give 'all' or a number of layers from 0 to {n}")
+    offload = (lambda m, q: offload_experts(m, range(n - cpu_experts, n), qcfg or QuantConfig("int4", group_size))) \
+        if cpu_experts else None
+    tensors, targets = _read_weights(model, ckpt, cfg, qcfg, dtype, device, drop=drop, on_cpu=offload)
     if cfg.text.tie_word_embeddings and "lm_head.weight" not in targets:
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
     elif cfg.text.tie_word_embeddings:
@@ -155,26 +164,29 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
 
 def _read_weights(module: nn.Module, ckpt: Checkpoint, cfg: ModelConfig, qcfg: QuantConfig | None, dtype, device,
                   drop: tuple[str, ...] = (), part: str = "text",
-                  extra_targets=None) -> tuple[dict[str, torch.Tensor], dict]:
+                  extra_targets=None, on_cpu=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Fill `module` (built on the meta device) from the checkpoint, one tensor at a time: quantized weights
     go straight into their modules (quantized as read, or read as stored), the rest are returned by name.
     part: "text" (the decoder) or "mtp" (the `mtp.*` head). extra_targets(module, qcfg) may add weights to
-    quantize that the naming rule (quant.is_quantized) does not cover."""
+    quantize that the naming rule (quant.is_quantized) does not cover; on_cpu(module, qcfg) likewise adds
+    weights that are read, quantized and kept on the CPU whatever `device` is."""
     expected = {name: tuple(p.shape) for name, p in module.state_dict().items() if name not in drop}
     targets = quantize_modules(module, qcfg) if qcfg else {}
     if qcfg and extra_targets is not None:
         targets.update(extra_targets(module, qcfg))
+    cpu_targets = on_cpu(module, qcfg) if on_cpu is not None else {}
+    targets.update(cpu_targets)
     stored = {name for name in targets if cfg.quantization is not None and _stored_as_parts(ckpt, name, part)}
     for name in stored:                                 # read the stored parts instead of float weights
         for suffix, shape in quantized_shapes(expected.pop(name), qcfg).items():
             expected[name + suffix] = shape
     tensors, parts = {}, {}
     for name, t in iter_text_weights(ckpt, expected, cfg.text.num_experts, dtype, device, keep_fp32=KEEP_FP32,
-                                     part=part):
+                                     part=part, on_cpu=frozenset(cpu_targets)):
         base, dot, suffix = name.rpartition(".")
         if name in targets:                                    # a float weight to quantize now
             mod, attr = targets[name]
-            mod.load(attr, quantize(t, qcfg))
+            mod.load(attr, quantize(t, mod.cfg))
         elif base in stored:                                   # a stored part: load once all are read
             parts.setdefault(base, {})[suffix] = t
             if len(parts[base]) == len(quantized_shapes((1, qcfg.group_size * 2), qcfg)):

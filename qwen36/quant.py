@@ -148,6 +148,7 @@ class QuantExperts(nn.Module):
         self.gate_up_proj: StackedQuant | None = None
         self.down_proj: StackedQuant | None = None
         self.on_use = None                                   # residency.py: told which experts ran
+        self.offloaded = False                               # in CPU memory for a model elsewhere (offload_experts)
 
     def load(self, name: str, t: dict[str, torch.Tensor]) -> None:
         setattr(self, name, StackedQuant(kernels.pack(t)))
@@ -222,6 +223,21 @@ def quantize_modules(model: nn.Module, cfg: QuantConfig) -> dict[str, tuple[nn.M
             setattr(parent, child, q)
             targets[f"{name}.gate_up_proj"] = (q, "gate_up_proj")
             targets[f"{name}.down_proj"] = (q, "down_proj")
+    return targets
+
+
+def offload_experts(model: nn.Module, layers, cfg: QuantConfig) -> dict[str, tuple[nn.Module, str]]:
+    """--cpu-experts (llama.cpp's --n-cpu-moe): the routed experts of `layers` become quantized experts in CPU
+    memory, run by the CPU kernels, while the rest of the model is on its device; the MoE block sends them
+    its activations and takes their sum back (layers/moe.py). Returns weight name -> (module, part)."""
+    targets = {}
+    for i in layers:
+        mlp = model.layers[i].mlp
+        E, two_i, H = mlp.experts.gate_up_proj.shape
+        mlp.experts = QuantExperts(E, H, two_i // 2, cfg)
+        mlp.experts.offloaded = True
+        for part in ("gate_up_proj", "down_proj"):
+            targets[f"layers.{i}.mlp.experts.{part}"] = (mlp.experts, part)
     return targets
 
 

@@ -15,7 +15,8 @@ from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
 from ..kernels import PREFILL_ROWS, native
-from ..ops.gated_delta import gated_delta_chunked, gated_delta_recurrent, gated_delta_steps
+from ..ops.gated_delta import (fla_kernels, gated_delta_chunked, gated_delta_fla, gated_delta_recurrent,
+                               gated_delta_steps)
 from .linear import Linear, project
 from .norm import GatedRMSNorm
 
@@ -71,8 +72,11 @@ class GatedDeltaNet(nn.Module):
         rep = self.n_v // self.n_k
         q, k = (t.repeat_interleave(rep, dim=2) for t in (q, k))
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))           # [B, Hv, T, D]
-        rule = gated_delta_recurrent if decode else gated_delta_chunked
-        o, state = rule(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)
+        if q.device.type == "cuda" and not decode and fla_kernels() is not None:
+            o, state = gated_delta_fla(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)   # Triton kernels
+        else:
+            rule = gated_delta_recurrent if decode else gated_delta_chunked
+            o, state = rule(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)
         return o.transpose(1, 2), conv, state
 
     def _steps(self, m, a, b, cache: dict[str, torch.Tensor], batch: ForwardBatch, members: list[int], T: int,

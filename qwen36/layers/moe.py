@@ -11,7 +11,7 @@ from torch import nn
 from ..config import TextConfig
 from .. import kernels
 from ..kernels import PREFILL_ROWS
-from ..ops.moe import float_linear, moe
+from ..ops.moe import float_linear, grouped_ok, moe, moe_grouped
 from .linear import Linear
 
 
@@ -86,12 +86,25 @@ class SparseMoE(nn.Module):
         e = self.experts
         if getattr(e, "on_use", None) is not None:
             e.on_use(ids)
+        if getattr(e, "offloaded", False):     # experts in CPU memory (--cpu-experts): the activations cross
+            routed = self.routed(x.to("cpu", torch.float32), ids.cpu(), w.to("cpu", torch.float32))
+            routed = routed.to(x.device, x.dtype)
+        else:
+            routed = self.routed(x, ids, w)
+        return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum for x [N, H] routed to ids / w [N, k], by the fastest path the
+        weights and the device allow."""
+        e = self.experts
         routed = None
-        if x.shape[0] * self.top_k <= GROUPED_ROWS and hasattr(e, "grouped"):
+        if x.device.type != "cpu" and isinstance(e, Experts) and grouped_ok(x, e.gate_up_proj):
+            routed = moe_grouped(x, ids, w, e.gate_up_proj, e.down_proj)     # GPU: no host read, graph-safe
+        elif x.shape[0] * self.top_k <= GROUPED_ROWS and hasattr(e, "grouped"):
             routed = e.grouped(x, ids, w)
         elif hasattr(e, "sorted_prefill"):
             routed = e.sorted_prefill(x, ids, w)
         if routed is None:  # a large step: each expert's rows are few, but the step counts as prefill
             linear = getattr(e, "prefill_linear", e.linear) if x.shape[0] > PREFILL_ROWS else e.linear
             routed = moe(x, ids, w, e.gate_up_proj, e.down_proj, linear)
-        return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed

@@ -9,9 +9,13 @@ Every function returns (o [B, H, T, V], new_state [B, H, K, V]) and never writes
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..kernels import native
+
+_fla = None         # fla-core's Triton kernels (chunk, fused recurrent), False when not installed
 
 
 def gated_delta_reference(q, k, v, g, beta, state):
@@ -115,3 +119,30 @@ def gated_delta_steps(state, slots, q, k, v, g, beta, keep=None, nkeep=None):
         nkeep = torch.zeros(len(slots), dtype=torch.long)
     return ext.delta_steps(state, slots, *(t.float().contiguous() for t in (q, k, v, g, beta)), keep,
                            torch.as_tensor(nkeep, dtype=torch.long))
+
+
+def fla_kernels():
+    """(chunk_gated_delta_rule, fused_recurrent_gated_delta_rule) from fla-core (`pip install 'qwen36[cuda]'`)
+    where it is installed and QWEN36_FLA is not 0; else None."""
+    global _fla
+    if _fla is None:
+        _fla = False
+        if os.environ.get("QWEN36_FLA") != "0":
+            try:
+                from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+                _fla = (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule)
+            except Exception:  # noqa: BLE001 - not installed, or no Triton for this platform
+                _fla = False
+    return _fla or None
+
+
+def gated_delta_fla(q, k, v, g, beta, state, recurrent: bool = False):
+    """The same rule through fla-core's Triton kernels (GPU prefill): its chunked form, or its fused
+    recurrence (one pass over the tokens). fla takes [B, T, H, D] and scales q itself: ours is already scaled
+    (scale 1) and normalised (no in-kernel norm); its state layout [B, H, K, V] is ours."""
+    chunk, fused = fla_kernels()
+    rule = fused if recurrent else chunk
+    o, new = rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g=g.transpose(1, 2),
+                  beta=beta.transpose(1, 2), scale=1.0, initial_state=state.float(), output_final_state=True,
+                  use_qk_l2norm_in_kernel=False)
+    return o.transpose(1, 2).to(v.dtype), new
