@@ -75,6 +75,21 @@ class ForwardBatch:
         tcu = torch.tensor([0, *itertools.accumulate(self.lens[i] for i in members)], dtype=torch.long)
         return (torch.cat(rows) if len(rows) > 1 else rows[0]), rcu, tcu
 
+    @cached_property
+    def kv_table(self) -> torch.Tensor:
+        """[B, max(starts + lens)] int64: each sequence's KV rows (kv_rows) padded with row 0, for attention of
+        every sequence in one call (ops.attention.decode_attention; kv_lens says how many are real)."""
+        table = torch.zeros(len(self.kv_rows), max(len(r) for r in self.kv_rows), dtype=torch.long,
+                            device=self.positions.device)
+        for i, r in enumerate(self.kv_rows):
+            table[i, :len(r)] = r
+        return table
+
+    @cached_property
+    def kv_lens(self) -> torch.Tensor:
+        """[B] int64: how many KV rows each sequence has (starts + lens) on the batch's device."""
+        return torch.tensor([len(r) for r in self.kv_rows], dtype=torch.long, device=self.positions.device)
+
     @property
     def is_decode(self) -> bool:
         """Every sequence adds exactly one token: recurrent layers can run all sequences at once."""

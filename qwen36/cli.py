@@ -249,6 +249,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-experts", default=None, metavar="all|N",
                    help="with a GPU: keep the routed experts of all or the last N layers in CPU memory (int4, "
                         "run by the CPU kernels), the rest on the GPU (llama.cpp's --n-cpu-moe)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with a GPU: replay decode steps as CUDA graphs (batch sizes up to 64)")
     p.add_argument("--quantization", default=None, choices=["int8", "int4"])
     p.add_argument("--max-ram", default=None, help="keep resident memory under SIZE (e.g. 8G) by letting "
                                                  "least recently used experts leave memory (quantized checkpoints)")
@@ -268,7 +270,8 @@ def _llm(args, **kw):
                max_ram=parse_size(args.max_ram) if args.max_ram else None,
                enable_prefix_caching=args.enable_prefix_caching,
                prefix_cache_memory=parse_size(args.prefix_cache_memory),
-               speculative_config=args.speculative_config, cpu_experts=_cpu_experts(args.cpu_experts), **kw)
+               speculative_config=args.speculative_config, cpu_experts=_cpu_experts(args.cpu_experts),
+               cuda_graphs=args.cuda_graphs, **kw)
 
 
 def _cpu_experts(value: str | None) -> int | str | None:

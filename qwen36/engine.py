@@ -30,6 +30,7 @@ import torch
 from . import hugepages
 from .batch import ForwardBatch, text_positions
 from .cache import HybridCache, SnapshotStore
+from .cuda_graphs import DecodeGraphs
 from .kernels import flush_denormals
 from .model import TextModel
 from .mtp import DraftHead
@@ -93,7 +94,7 @@ class Engine:
                  max_model_len: int | None = None, kv_cache_bytes: int = 1 << 30, block_size: int = 64,
                  token_budget: int = 512, enable_prefix_caching: bool = True, prefix_cache_bytes: int = 1 << 30,
                  snapshot_every: int = 4096, grammar: GrammarBackend | None = None,
-                 num_speculative_tokens: int = 0, draft_vocab_size: int | None = None):
+                 num_speculative_tokens: int = 0, draft_vocab_size: int | None = None, cuda_graphs: bool = False):
         self.model, self.tokenizer, self.eos = model, tokenizer, set(eos_token_ids)
         self.device = model.embed_tokens.weight.device
         cfg = model.cfg
@@ -110,7 +111,13 @@ class Engine:
         layout = model.cache_layout(mtp=self.spec_k > 0)
         per_block = HybridCache(layout, 0, 1, block_size, model.compute_dtype, "meta").bytes_per_block()
         num_blocks = max(1, min(kv_cache_bytes // max(per_block, 1), num_slots * -(-max_model_len // block_size)))
-        self.cache = HybridCache(layout, num_slots, num_blocks, block_size, model.compute_dtype, self.device)
+        # cuda_graphs: plain decode steps replay CUDA graphs (cuda_graphs.py), whose padding rows use one slot and
+        # one block past the scheduler's (no graphs with speculation: its steps verify drafts)
+        graphs = cuda_graphs and not num_speculative_tokens
+        self.cache = HybridCache(layout, num_slots + graphs, num_blocks + graphs, block_size, model.compute_dtype,
+                                 self.device)
+        self.graphs = DecodeGraphs(model, self.cache, num_slots, num_blocks, capture=self.device.type == "cuda") \
+            if graphs else None
         if self.spec_k:     # per slot: the DeltaNet states after each draft (empty: pages touched when used)
             for tensors in self.cache.layers.values():
                 for name in ("conv", "state"):
@@ -325,6 +332,8 @@ class Engine:
                 r.mm.scatter_into(x, w.seq.num_computed, w.num_new, offset)
         if self.spec_k:
             logits, hidden = self.model(x, batch, self.cache, hidden=True)
+        elif self.graphs is not None and self.graphs.applies(batch):
+            logits, hidden = self.graphs(x, batch), None
         else:
             logits, hidden = self.model(x, batch, self.cache), None
         pending, k = [], 0

@@ -167,7 +167,7 @@ def qlinear(x: torch.Tensor, packed, prefill: bool | None = None) -> torch.Tenso
     ext = native()
     q = packed["q"]
     K = q.shape[-1] * (1 if q.dtype == torch.int8 else 2)
-    if ext is None or x.dtype != torch.float32 or not _native_ok(packed, K):
+    if ext is None or x.dtype != torch.float32 or x.device.type != "cpu" or not _native_ok(packed, K):
         return qlinear_reference(x, packed)
     x2 = x.reshape(-1, K).contiguous()
     large = x2.shape[0] > PREFILL_ROWS if prefill is None else prefill
@@ -191,7 +191,8 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     w = w.to(x.dtype)
     ext = native()
     x2 = x.reshape(-1, x.shape[-1])
-    if ext is None or x.dtype != torch.float32 or x2.shape[0] > PREFILL_ROWS or x2.shape[0] == 0:
+    if ext is None or x.dtype != torch.float32 or x.device.type != "cpu" or x2.shape[0] > PREFILL_ROWS \
+            or x2.shape[0] == 0:
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     y = ext.f32_linear(x2, w)
     if bias is not None:

@@ -51,13 +51,16 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_bytes: int = 1 << 30,
                  max_ram: int | None = None, enable_prefix_caching: bool = True,
                  prefix_cache_memory: int = 1 << 30, speculative_config: dict | str | None = None,
-                 cpu_experts: int | str | None = None):
+                 cpu_experts: int | str | None = None, cuda_graphs: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)}")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={quantization!r} is not supported; choose one of {list(QUANTIZATIONS)}")
         self.path = Path(path)
         self.device = torch.device(device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, not device={device!r}")
+        self.cuda_graphs = cuda_graphs          # plain decode steps replay CUDA graphs (cuda_graphs.py)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError(f"device={device!r}: CUDA is not available on this machine")
@@ -164,7 +167,7 @@ class LLM:
                                   enable_prefix_caching=self.enable_prefix_caching,
                                   prefix_cache_bytes=self.prefix_cache_memory, grammar=grammar,
                                   num_speculative_tokens=self.num_speculative_tokens,
-                                  draft_vocab_size=self.draft_vocab_size)
+                                  draft_vocab_size=self.draft_vocab_size, cuda_graphs=self.cuda_graphs)
         return self._engine
 
     @property

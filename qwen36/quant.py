@@ -159,7 +159,8 @@ class QuantExperts(nn.Module):
     def grouped(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         """Decode: every (token, chosen expert) pair in two kernel calls, no loop over experts.
         x [N, H], ids / w [N, k]; None where the grouped kernel is unavailable."""
-        if x.dtype != torch.float32 or not (kernels.grouped_ok(self.gate_up_proj.tensors)
+        if x.dtype != torch.float32 or x.device.type != "cpu" \
+                or not (kernels.grouped_ok(self.gate_up_proj.tensors)
                                             and kernels.grouped_ok(self.down_proj.tensors)):
             return None
         N, k = ids.shape
@@ -174,7 +175,8 @@ class QuantExperts(nn.Module):
         """Prefill: the (token, chosen expert) pairs sorted by expert, each used expert's weights read once
         for all its rows, in two kernel calls (no loop over experts); None where the kernel is unavailable.
         Sums in the same order as ops.moe.moe (pairs by expert, stably)."""
-        if x.dtype != torch.float32 or not (kernels.sorted_experts_ok(self.gate_up_proj.tensors)
+        if x.dtype != torch.float32 or x.device.type != "cpu" \
+                or not (kernels.sorted_experts_ok(self.gate_up_proj.tensors)
                                             and kernels.sorted_experts_ok(self.down_proj.tensors)):
             return None
         N, k = ids.shape

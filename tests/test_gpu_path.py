@@ -4,6 +4,8 @@
   meta device      a whole prefill and decode step on the meta device: it has no data, so any read of a
                    value on the host (.item(), .tolist(), bincount's size), any CPU tensor mixed into the
                    arithmetic and any CPU-only kernel fails there; a CUDA graph could capture such a step
+  decode_attention one query per sequence over padded KV tables              vs each sequence alone
+  graph runner     the static-buffer decode step CUDA graphs record, without capture  vs plain decode steps
   --cpu-experts    routed experts in CPU memory as int4, the rest on the model's device (the CPU stands in
                    for the GPU)                                           vs the same int4 weights kept on the device
 """
@@ -13,9 +15,11 @@ import pytest
 import torch
 
 import qwen36.layers.moe as moe_layer
-from qwen36 import LLM
+from qwen36 import LLM, SamplingParams, kernels
+from qwen36.engine import Engine
 from qwen36.layers.rotary import MRotary
 from qwen36.model import load_model
+from qwen36.ops.attention import attention, decode_attention
 from qwen36.ops.moe import grouped_ok, moe_grouped, moe_reference
 from qwen36.quant import QuantExperts, QuantLinear, dequantize
 from qwen36.layers.moe import Experts
@@ -98,3 +102,62 @@ def test_cpu_experts_equal_the_same_weights_on_the_device(checkpoint, monkeypatc
 def test_cpu_experts_rejects_a_bad_value(checkpoint, bad):
     with pytest.raises(ValueError, match="cpu_experts"):
         LLM(checkpoint("ratio2"), cpu_experts=bad)
+
+
+def test_decode_attention_equals_each_sequence_alone():
+    g = torch.Generator().manual_seed(1)
+    Hq, Hkv, D, rows = 4, 2, 16, 200
+    kc, vc = torch.randn(rows, Hkv, D, generator=g), torch.randn(rows, Hkv, D, generator=g)
+    lens = [1, 7, 40]
+    seqs = [torch.randperm(rows, generator=g)[:n] for n in lens]         # scattered rows, as blocks give them
+    q = torch.randn(len(lens), Hq, D, generator=g)
+    table = torch.zeros(len(lens), 64, dtype=torch.long)                 # padded past the longest
+    for i, r in enumerate(seqs):
+        table[i, :len(r)] = r
+    got = decode_attention(q, kc, vc, table, torch.tensor(lens), 0.25)
+    for i, r in enumerate(seqs):
+        want = attention(q[i][:, None], kc[r].transpose(0, 1), vc[r].transpose(0, 1), 0.25)[:, 0]
+        assert rel_err(got[i], want) < 1e-6
+
+
+@pytest.fixture
+def torch_ops_only(monkeypatch):
+    """No native CPU kernels: every layer takes the tensor-op path a GPU takes."""
+    monkeypatch.setattr(kernels, "_ext", False)
+    monkeypatch.setattr(kernels, "_ext512", False)
+
+
+def _decode_all(engine, prompts, n):
+    p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=3)
+    rids = [engine.add_request(ids, p) for ids in prompts]
+    got = {r: [] for r in rids}
+    while engine.has_work():
+        for out in engine.step():
+            got[out.request_id].extend(zip(out.token_ids, out.logprobs))
+    return [got[r] for r in rids]
+
+
+def test_the_graph_runner_equals_plain_decode_steps(checkpoint, torch_ops_only):
+    """The static-buffer decode step that CUDA graphs record (cuda_graphs.py), run without capture here:
+    padded to a batch size of SIZES and a KV bucket, it gives the plain steps' tokens and logprobs."""
+    llm = LLM(checkpoint("ratio2"), enable_prefix_caching=False)
+    prompts = [list(range(5, 40)), list(range(60, 71)), list(range(3, 250))]   # the last crosses 256 rows
+    plain = _decode_all(Engine(llm.model, None, num_slots=3, max_model_len=512, enable_prefix_caching=False),
+                        prompts, 12)
+    engine = Engine(llm.model, None, num_slots=3, max_model_len=512, enable_prefix_caching=False, cuda_graphs=True)
+    graphed = _decode_all(engine, prompts, 12)
+    assert engine.graphs.replays >= 11 and not engine.graphs.capture
+    assert {(4, 256), (4, 512)} <= set(engine.graphs.graphs)            # 3 padded to 4; both KV buckets
+    for a, b in zip(plain, graphed):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        for (_, la), (_, lb) in zip(a, b):
+            assert abs(la["logprob"] - lb["logprob"]) < 1e-4
+            assert [i for i, _ in la["top"]] == [i for i, _ in lb["top"]]
+            assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(la["top"], lb["top"]))
+    # the scheduler never handed out the scratch slot and block the padding rows use
+    assert engine.cache.num_slots == 4 and engine.graphs.scratch_slot == 3
+
+
+def test_cuda_graphs_need_a_cuda_device(checkpoint):
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        LLM(checkpoint("ratio2"), cuda_graphs=True)

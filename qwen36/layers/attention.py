@@ -8,7 +8,7 @@ from torch import nn
 from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
 from ..kernels import native
-from ..ops.attention import attention
+from ..ops.attention import attention, decode_attention
 from .linear import Linear, project
 from .norm import RMSNorm
 from .rotary import apply_rotary
@@ -35,6 +35,8 @@ class GatedAttention(nn.Module):
         short = [i for i, n in enumerate(batch.lens) if n <= SHORT] if ext is not None else []
         if len(short) == len(batch.lens):      # decode or verification only: every query in the native call
             return self.o_proj(self._short(ext, q, k, v, rope, batch, cache, short, None))
+        if ext is None and batch.is_decode:    # (no native kernels: GPU) every sequence in one call
+            return self.o_proj(self._decode(q, k, v, rope, batch, cache))
         out = torch.empty(N, self.n_q * self.d, dtype=x.dtype, device=x.device)
         if short:
             idx = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1]) for i in short])
@@ -70,6 +72,20 @@ class GatedAttention(nn.Module):
         else:
             out[idx] = gated
         return self.o_proj(out)
+
+    def _decode(self, q, k, v, rope, batch: ForwardBatch, cache) -> torch.Tensor:
+        """A decode step (one token per sequence) without per-sequence work: norms, rotary, the cache writes
+        (each sequence's last row of batch.kv_table) and attention over the padded tables. Returns [B, Hq * D]."""
+        B = q.shape[0]
+        ql, gate = q.view(B, self.n_q, 2 * self.d).chunk(2, dim=-1)
+        ql = apply_rotary(self.q_norm(ql), *rope)
+        kl = apply_rotary(self.k_norm(k.view(B, self.n_kv, self.d)), *rope)
+        table, lens = batch.kv_table, batch.kv_lens
+        last = table.gather(1, (lens - 1)[:, None])[:, 0]
+        cache["k"][last] = kl.to(cache["k"].dtype)
+        cache["v"][last] = v.view(B, self.n_kv, self.d).to(cache["v"].dtype)
+        o = decode_attention(ql, cache["k"], cache["v"], table, lens, self.scale)
+        return o.reshape(B, -1) * torch.sigmoid(gate.reshape(B, -1))
 
     def _short(self, ext, q, k, v, rope, batch: ForwardBatch, cache, members: list[int], idx) -> torch.Tensor:
         """Sequences `members` (chunks of at most SHORT tokens: decode, speculative verification) through

@@ -86,8 +86,9 @@ class GatedDeltaNet(nn.Module):
         batch.keep, the states after each of a sequence's first keep[i] tokens go to its "spec_*" rows.
         Native: conv, SiLU, norms and gates in one call (delta_prep), then the recurrence (delta_steps)."""
         dev = m.device
-        slots = torch.tensor([batch.slots[i] for i in members], device=dev)
         B = len(members)
+        slots = batch.slot_tensor if B == len(batch.slots) else torch.tensor([batch.slots[i] for i in members],
+                                                                             device=dev)
         if B == len(batch.slots) and T == 1:
             rows = None                                       # a decode step: every row, in order
             mi, ai, bi = m.view(B, 1, -1), a.view(B, 1, -1), b.view(B, 1, -1)

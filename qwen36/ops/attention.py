@@ -2,6 +2,7 @@
 
   q [Hq, T, D]; k, v [Hkv, S, D] with S = offset + T (the cache up to and including the new tokens).
 Query t (absolute position offset + t) sees keys 0..offset+t. Returns [Hq, T, D].
+`decode_attention`: one query for each of B sequences against their cached rows, all in one call.
 """
 from __future__ import annotations
 
@@ -29,3 +30,13 @@ def attention(q, k, v, scale: float):
         mask, causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T), False
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=causal,
                                           scale=scale, enable_gqa=True)[0]
+
+
+def decode_attention(q, k_cache, v_cache, table, lens, scale: float):
+    """q [B, Hq, D], one new token per sequence (its K/V already written); k_cache, v_cache [rows, Hkv, D];
+    table [B, L] int64: sequence b's cache rows of positions 0..L-1, entries at or past lens[b] [B] ignored
+    (any valid row). Returns [B, Hq, D]. Fixed shapes for a fixed (B, L), no host read: CUDA graphs capture it."""
+    k, v = k_cache[table].transpose(1, 2), v_cache[table].transpose(1, 2)             # [B, Hkv, L, D]
+    seen = torch.arange(table.shape[1], device=table.device)[None, :] < lens[:, None]  # [B, L]
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=seen[:, None, None, :], scale=scale,
+                                          enable_gqa=True)[:, :, 0]
