@@ -243,6 +243,20 @@ def _bench_agent(args) -> int:
     return 0
 
 
+def cmd_device_bench(args) -> int:
+    import json
+
+    from .device_bench import run
+
+    res = run(args.device, args.dtype, args.dry_run, tuple(p for p in args.parts.split(",") if p),
+              graphs=not args.no_graphs)
+    text = json.dumps(res, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -403,6 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vs-transformers", action="store_true",
                    help="also time HF transformers and our fp32 path on the same (unquantized) checkpoint")
     b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("device-bench", help="GPU benchmarks at the real geometry, random weights made on the "
+                                            "device (decode, throughput, 8K prefill, expert offload)")
+    v.add_argument("--device", default="cuda")
+    v.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    v.add_argument("--dry-run", action="store_true", help="the same code on a tiny geometry (e.g. on the CPU)")
+    v.add_argument("--parts", default="", help="comma-separated subset of decode_b1,throughput,prefill_8k,offload_b1")
+    v.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    v.add_argument("--out", default=None, help="also write the results as JSON here")
+    v.set_defaults(func=cmd_device_bench)
 
     f = sub.add_parser("fuzz", help="send mutated requests to a running server; fails on any 5xx")
     f.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")

@@ -49,6 +49,10 @@ class _Graph:
 
 class DecodeGraphs:
     def __init__(self, model, cache: HybridCache, scratch_slot: int, scratch_block: int, capture: bool):
+        from . import kernels
+        if model.embed_tokens.weight.device.type == "cpu" and kernels.native() is not None:
+            # the CPU kernels read per-sequence host metadata that a static batch does not carry
+            raise ValueError("DecodeGraphs runs the tensor-op path (GPU); the CPU kernels are on here")
         self.model, self.cache, self.capture = model, cache, capture
         self.scratch_slot, self.scratch_row = scratch_slot, scratch_block * cache.block_size
         self.device = model.embed_tokens.weight.device

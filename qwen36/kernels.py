@@ -164,10 +164,10 @@ def _act8_ok(t: dict[str, torch.Tensor]) -> bool:
 def qlinear(x: torch.Tensor, packed, prefill: bool | None = None) -> torch.Tensor:
     """x [..., K] @ W^T for a quantized W [N, K] (as stored: see quant.py). prefill: whether this belongs
     to a large step (the panel kernel for int8 activations); None decides by the row count."""
-    ext = native()
+    ext = native() if x.device.type == "cpu" else None
     q = packed["q"]
     K = q.shape[-1] * (1 if q.dtype == torch.int8 else 2)
-    if ext is None or x.dtype != torch.float32 or x.device.type != "cpu" or not _native_ok(packed, K):
+    if ext is None or x.dtype != torch.float32 or not _native_ok(packed, K):
         return qlinear_reference(x, packed)
     x2 = x.reshape(-1, K).contiguous()
     large = x2.shape[0] > PREFILL_ROWS if prefill is None else prefill
@@ -189,10 +189,9 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     gemv and gemm round differently), so verifying 1 + k tokens gives the logits decoding would, bit for
     bit; larger steps through F.linear."""
     w = w.to(x.dtype)
-    ext = native()
+    ext = native() if x.device.type == "cpu" else None      # (not built at all for a model on a GPU)
     x2 = x.reshape(-1, x.shape[-1])
-    if ext is None or x.dtype != torch.float32 or x.device.type != "cpu" or x2.shape[0] > PREFILL_ROWS \
-            or x2.shape[0] == 0:
+    if ext is None or x.dtype != torch.float32 or x2.shape[0] > PREFILL_ROWS or x2.shape[0] == 0:
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     y = ext.f32_linear(x2, w)
     if bias is not None:

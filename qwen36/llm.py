@@ -58,8 +58,13 @@ class LLM:
             raise ValueError(f"quantization={quantization!r} is not supported; choose one of {list(QUANTIZATIONS)}")
         self.path = Path(path)
         self.device = torch.device(device)
-        if cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a CUDA device, not device={device!r}")
+        if cuda_graphs and (self.device.type != "cuda" or dtype != "bfloat16"):
+            # a graph cannot hold the per-expert loop, which reads expert counts on the host: the grouped GEMM
+            # that replaces it takes bf16 (ops.moe.grouped_ok)
+            raise ValueError(f"cuda_graphs=True needs a CUDA device and dtype='bfloat16', not device={device!r}, "
+                             f"dtype={dtype!r}")
+        if cuda_graphs and cpu_experts:
+            raise ValueError("cuda_graphs=True and cpu_experts: the offloaded experts run on the CPU, outside a graph")
         self.cuda_graphs = cuda_graphs          # plain decode steps replay CUDA graphs (cuda_graphs.py)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():

@@ -45,7 +45,8 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(cfg)
 
     def forward(self, x, rope, batch: ForwardBatch, cache: dict[str, torch.Tensor]):
-        plan = plan_for(self)      # a decode step as native calls only, the same values (layers/fastpath.py)
+        # a CPU decode step as native calls only, the same values (layers/fastpath.py)
+        plan = plan_for(self) if x.device.type == "cpu" else None
         if plan is not None and plan.applies(x, batch):
             return plan(x, rope, batch, cache)
         h = self.input_layernorm(x)
@@ -146,20 +147,25 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
     elif cfg.text.tie_word_embeddings:
         targets["lm_head.weight"][0].load("weight", quantize(tensors["embed_tokens.weight"], qcfg))
     model.load_state_dict(tensors, strict=True, assign=True)
-    model.requires_grad_(False)
-    model.rotary = MRotary(cfg.text, device)
-    if compute_dtype is None:  # CPU: fp32 activations whatever the storage (bf16 matmul is ~500x slower)
-        compute_dtype = torch.float32 if device.type == "cpu" else dtype
-    model.compute_dtype = compute_dtype
+    prepare(model, device, dtype, compute_dtype)
     model.quantization = qcfg
     model.checkpoint = ckpt             # other parts (the vision tower) are read from the same memory maps
-    if device.type == "cpu":
-        from .kernels import flush_denormals
-        flush_denormals()               # DeltaNet's decays underflow: denormals are ~100x slower (kernels.py)
     if mtp:
         from .mtp import load_mtp
         model.mtp = load_mtp(cfg, ckpt, dtype, device, qcfg)
     return cfg, model
+
+
+def prepare(model: TextModel, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype | None) -> None:
+    """What a model needs once its weights are in place (loaded, or made on the device by device_bench)."""
+    model.requires_grad_(False)
+    model.rotary = MRotary(model.cfg, device)
+    if compute_dtype is None:  # CPU: fp32 activations whatever the storage (bf16 matmul is ~500x slower)
+        compute_dtype = torch.float32 if device.type == "cpu" else dtype
+    model.compute_dtype = compute_dtype
+    if device.type == "cpu":
+        from .kernels import flush_denormals
+        flush_denormals()               # DeltaNet's decays underflow: denormals are ~100x slower (kernels.py)
 
 
 def _read_weights(module: nn.Module, ckpt: Checkpoint, cfg: ModelConfig, qcfg: QuantConfig | None, dtype, device,

@@ -9,10 +9,22 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# transformers runs the gated delta rule through fla-core's Triton kernels whenever fla imports, and without a
-# GPU Triton has no driver: the reference takes its torch path there. (test_fla.py runs fla in a subprocess.)
+# transformers runs the gated delta rule through fla-core's Triton kernels whenever fla imports (decided when
+# its model module is imported). The reference takes its torch path: without a GPU, Triton has no driver (fla
+# stays hidden; test_fla.py runs it in a subprocess); with one, fla is hidden while transformers' module is
+# imported, so the reference stays exact fp32 (fla's fp32 dots may round through tf32) and ours can use fla.
 if not torch.cuda.is_available():
     sys.modules.setdefault("fla", None)
+else:
+    _fla = sys.modules.get("fla")
+    sys.modules["fla"] = None
+    try:
+        import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe  # noqa: E402,F401
+    finally:
+        if _fla is None:
+            del sys.modules["fla"]
+        else:
+            sys.modules["fla"] = _fla
 
 from qwen36.synth import DEMO, write_checkpoint  # noqa: E402
 

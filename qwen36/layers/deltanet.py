@@ -72,7 +72,9 @@ class GatedDeltaNet(nn.Module):
         rep = self.n_v // self.n_k
         q, k = (t.repeat_interleave(rep, dim=2) for t in (q, k))
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))           # [B, Hv, T, D]
-        if q.device.type == "cuda" and not decode and fla_kernels() is not None:
+        # fla's Triton kernels for a GPU's prefill in bf16/fp16 (their fp32 dots may round through tf32: an
+        # fp32 model keeps the exact tensor ops)
+        if q.device.type == "cuda" and m.dtype != torch.float32 and not decode and fla_kernels() is not None:
             o, state = gated_delta_fla(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)   # Triton kernels
         else:
             rule = gated_delta_recurrent if decode else gated_delta_chunked
@@ -141,11 +143,10 @@ class GatedDeltaNet(nn.Module):
         """A decode step (one token per sequence) from the projections to the output norm in one native call
         (delta_decode: delta_prep, delta_steps, gated_rms_norm; what `_steps` and `norm` compute). Returns
         [B, value_dim], or None where the call does not apply (then the general path runs)."""
-        ext = native()
+        ext = native() if m.device.type == "cpu" else None
         conv_c, state_c = cache["conv"], cache["state"]
         B = m.shape[0]
-        if ext is None or m.dtype != torch.float32 or conv_c.dtype != torch.float32 or m.device.type != "cpu" \
-                or B > PREFILL_ROWS:
+        if ext is None or m.dtype != torch.float32 or conv_c.dtype != torch.float32 or B > PREFILL_ROWS:
             return None
         conv_w, A_log, dt_bias, norm_w = self.small_weights()
         nk = batch.keep_tensor

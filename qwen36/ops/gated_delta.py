@@ -110,8 +110,8 @@ def gated_delta_steps_reference(state, slots, q, k, v, g, beta, keep=None, nkeep
 def gated_delta_steps(state, slots, q, k, v, g, beta, keep=None, nkeep=None):
     """gated_delta_steps_reference, fused (csrc/qkernels.cpp `delta_steps`): each head's state stays in
     cache across the T tokens."""
-    ext = native()
-    if ext is None or state.dtype != torch.float32 or state.device.type != "cpu" or (
+    ext = native() if state.device.type == "cpu" else None
+    if ext is None or state.dtype != torch.float32 or (
             keep is not None and (keep.dtype != torch.float32 or not keep.is_contiguous())):
         return gated_delta_steps_reference(state, slots, q, k, v, g, beta, keep, nkeep)
     if keep is None:

@@ -1,0 +1,213 @@
+"""Benchmarks on a GPU at the real geometry with random weights made on the device: the 70 GB checkpoint is
+neither needed nor written (what scripts/gpu_check.sh runs). `qwen36 device-bench --dry-run` runs the same code
+on the CPU at a tiny geometry, to check the logic before spending GPU time.
+
+  decode_b1       one request, 128-token prompt, 128 new tokens: decode tok/s, and the HBM roofline
+                  (measured copy bandwidth / weight bytes a token reads) it reaches
+  throughput_cN   N concurrent requests, 128 in / 128 out (vLLM's `bench serve` shape): output tok/s
+  prefill_8k      one 8,192-token prompt in one step: prompt tok/s
+  offload_b1      routed experts of every layer int4 in CPU memory (--cpu-experts all): decode tok/s
+Each part records its own error and the others still run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+
+import torch
+
+from . import kernels
+from .config import parse_text_config
+from .engine import Engine
+from .layers.moe import Experts
+from .model import TextModel, prepare
+from .quant import QuantConfig, offload_experts
+from .sampling import SamplingParams
+from .synth import DEMO, REAL, _Rand, random_quantized, text_config
+
+DRY = {**DEMO, "vocab_size": 4096}          # --dry-run: the real structure, tiny widths
+
+
+def _std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
+    """How synth.py draws each weight (the same spreads: routers spread, norms near their identity)."""
+    if name.endswith("A_log"):
+        return "uniform", 2.5
+    if name.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) or name == "norm.weight":
+        return "normal", 0.1
+    if name.endswith("linear_attn.norm.weight"):
+        return "one_plus", 0.1
+    if name.endswith(("conv1d.weight", "dt_bias")):
+        return "normal", 0.5
+    if name == "embed_tokens.weight":
+        return "normal", 1.0
+    if name == "lm_head.weight":
+        return "normal", 2.0 / math.sqrt(shape[-1])
+    if name.endswith("mlp.gate.weight"):
+        return "normal", 4.0 / math.sqrt(shape[-1])
+    return "normal", 1.0 / math.sqrt(shape[-1])
+
+
+def random_model(geometry: dict, dtype: torch.dtype, device, cpu_experts: int = 0, seed: int = 0) -> TextModel:
+    """The text model with random weights made where they live: on `device`, and for cpu_experts=N the last
+    N layers' routed experts as random int4 in CPU memory (as --cpu-experts keeps them)."""
+    device = torch.device(device)
+    cfg = parse_text_config(text_config(geometry))
+    with torch.device("meta"):
+        model = TextModel(cfg)
+    n = cfg.num_hidden_layers
+    qcfg = QuantConfig("int4", 128)
+    targets = offload_experts(model, range(n - cpu_experts, n), qcfg) if cpu_experts else {}
+    r = _Rand(seed)
+    for name, (module, part) in targets.items():
+        shape = (cfg.num_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size) if part == "gate_up_proj" \
+            else (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        module.load(part, {k[1:]: v for k, v in random_quantized(shape, qcfg, r).items()})
+    g = torch.Generator(device=device).manual_seed(seed)
+    tensors = {}
+    for name, p in model.state_dict().items():
+        kind, s = _std(name, tuple(p.shape))
+        t_dtype = torch.float32 if name.endswith(("A_log", "linear_attn.norm.weight")) else dtype
+        if kind == "uniform":
+            t = torch.rand(p.shape, generator=g, device=device, dtype=torch.float32).mul_(s).to(t_dtype)
+        else:
+            t = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(s)
+            t = (t.add_(1.0) if kind == "one_plus" else t).to(t_dtype)
+        tensors[name] = t
+    model.load_state_dict(tensors, strict=True, assign=True)
+    prepare(model, device, dtype, None)
+    return model
+
+
+def copy_bandwidth_gbs(device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes read plus written per second by a device-to-device copy (the GPU's usable memory bandwidth)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    _sync(device)
+    return 2 * nbytes * reps / (time.perf_counter() - t) / 1e9
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def serve(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Run the requests to completion; wall time, and when each step that produced tokens ended."""
+    p = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for ids in prompts:
+        engine.add_request(ids, p)
+    stamps, tokens = [], 0
+    t0 = time.perf_counter()
+    while engine.has_work():
+        out = engine.step()
+        n = sum(len(o.token_ids) for o in out)
+        if n:
+            _sync(engine.device)
+            stamps.append(time.perf_counter())
+            tokens += n
+    return {"wall_s": time.perf_counter() - t0, "stamps": stamps, "tokens": tokens, "t0": t0}
+
+
+def _engine(model, slots: int, max_len: int, graphs: bool, budget: int = 8192) -> Engine:
+    return Engine(model, None, num_slots=slots, max_model_len=max_len, token_budget=budget,
+                  kv_cache_bytes=4 << 30, enable_prefix_caching=False, cuda_graphs=graphs)
+
+
+def decode_b1(model, graphs: bool, n: int = 128) -> dict:
+    engine = _engine(model, 1, 512, graphs)
+    ids = _prompts(1, 128, model.cfg.vocab_size, 1)
+    serve(engine, ids, 8)                                                      # warm-up (graphs recorded)
+    r = serve(engine, ids, n)
+    s = r["stamps"]
+    return {"decode_tok_s": round((len(s) - 1) / (s[-1] - s[0]), 2), "graphs": graphs,
+            "graph_steps": engine.graphs.replays if engine.graphs is not None else 0}
+
+
+def throughput(model, concurrency: int, graphs: bool, n: int = 128) -> dict:
+    engine = _engine(model, concurrency, 512, graphs)
+    serve(engine, _prompts(concurrency, 128, model.cfg.vocab_size, 2), 4)      # warm-up
+    r = serve(engine, _prompts(concurrency, 128, model.cfg.vocab_size, 3), n)
+    return {"concurrency": concurrency, "output_tok_s": round(r["tokens"] / r["wall_s"], 1),
+            "total_tok_s": round((r["tokens"] + 128 * concurrency) / r["wall_s"], 1), "wall_s": round(r["wall_s"], 2)}
+
+
+def prefill(model, length: int) -> dict:
+    engine = _engine(model, 1, length + 16, False, budget=length)
+    serve(engine, _prompts(1, min(512, length), model.cfg.vocab_size, 4), 1)    # warm-up
+    r = serve(engine, _prompts(1, length, model.cfg.vocab_size, 5), 1)
+    ttft = r["stamps"][0] - r["t0"]
+    return {"prompt_tokens": length, "ttft_s": round(ttft, 3), "prompt_tok_s": round(length / ttft, 1)}
+
+
+def weight_bytes_per_token(model) -> int:
+    """Weight bytes one batch-1 decode step reads: all but unused experts and the embedding (one row)."""
+    cfg, total = model.cfg, 0
+    for name, t in model.state_dict().items():
+        b = t.numel() * t.element_size()
+        if name == "embed_tokens.weight":
+            b = t[0].numel() * t.element_size()
+        elif ".mlp.experts." in name:
+            b = b * cfg.num_experts_per_tok // cfg.num_experts
+        total += b
+    return total
+
+
+def run(device: str = "cuda", dtype: str = "bfloat16", dry_run: bool = False, parts: tuple[str, ...] = (),
+        graphs: bool = True) -> dict:
+    geometry = DRY if dry_run else REAL
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    res: dict = {"device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
+                 "dtype": dtype, "geometry": "dry-run (tiny)" if dry_run else "Qwen3.6-35B-A3B",
+                 "torch": torch.__version__}
+    wanted = set(parts) or {"decode_b1", "throughput", "prefill_8k", "offload_b1"}
+
+    def part(name, fn):
+        if name.split("_c")[0] not in wanted and name not in wanted:
+            return
+        t = time.perf_counter()
+        try:
+            res[name] = fn()
+        except Exception as e:  # noqa: BLE001 - record it; the other parts still run
+            res[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        res[name]["seconds"] = round(time.perf_counter() - t, 1)
+        print(json.dumps({name: res[name]}), flush=True)
+
+    if wanted - {"offload_b1"}:
+        t = time.perf_counter()
+        model = random_model(geometry, dt, device)
+        res["build_s"] = round(time.perf_counter() - t, 1)
+        bpt = weight_bytes_per_token(model)
+        bw = copy_bandwidth_gbs(device, 1 << (30 if not dry_run else 24))
+        res["weights_gb_per_token"], res["copy_gbs"] = round(bpt / 1e9, 3), round(bw, 1)
+        res["roofline_tok_s"] = round(bw * 1e9 / bpt, 1)
+        # without a GPU (dry run) the graph runner's static-buffer step runs uncaptured where the CPU kernels
+        # are off (QWEN36_NO_NATIVE=1): the tensor-op path a GPU takes
+        graphs_ok = graphs and (torch.device(device).type == "cuda" or kernels.native() is None)
+        part("decode_b1", lambda: {**decode_b1(model, graphs_ok), "eager": decode_b1(model, False)["decode_tok_s"]})
+        if "decode_b1" in res and "decode_tok_s" in res["decode_b1"]:
+            res["decode_b1"]["of_roofline"] = round(res["decode_b1"]["decode_tok_s"] / res["roofline_tok_s"], 3)
+        for c in (16, 64) if not dry_run else (2, 4):
+            part(f"throughput_c{c}", lambda c=c: throughput(model, c, graphs_ok))
+        part("prefill_8k", lambda: prefill(model, 8192 if not dry_run else 256))
+        del model
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    if "offload_b1" in wanted:
+        def offload():
+            m = random_model(geometry, dt, device, cpu_experts=geometry["num_hidden_layers"])
+            assert not any(isinstance(x, Experts) for x in m.modules())
+            return decode_b1(m, False, n=32)
+        part("offload_b1", offload)
+    return res
