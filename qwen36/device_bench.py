@@ -76,7 +76,7 @@ def random_model(geometry: dict, dtype: torch.dtype, device, cpu_experts: int = 
             t = (t.add_(1.0) if kind == "one_plus" else t).to(t_dtype)
         tensors[name] = t
     model.load_state_dict(tensors, strict=True, assign=True)
-    prepare(model, device, dtype, None)
+    prepare(model, device, dtype, dtype)        # computes in `dtype` on the CPU too (a dry run mimics the GPU)
     return model
 
 

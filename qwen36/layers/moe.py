@@ -86,12 +86,11 @@ class SparseMoE(nn.Module):
         e = self.experts
         if getattr(e, "on_use", None) is not None:
             e.on_use(ids)
-        if getattr(e, "offloaded", False):     # experts in CPU memory (--cpu-experts): the activations cross
-            routed = self.routed(x.to("cpu", torch.float32), ids.cpu(), w.to("cpu", torch.float32))
-            routed = routed.to(x.device, x.dtype)
-        else:
-            routed = self.routed(x, ids, w)
-        return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if getattr(e, "offloaded", False):     # experts in CPU memory (--cpu-experts): the activations cross,
+            xc, idc, wc = x.to("cpu", torch.float32), ids.cpu(), w.to("cpu", torch.float32)
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)   # queued: the GPU runs
+            return self.routed(xc, idc, wc).to(x.device, x.dtype) + shared               # it while the CPU works
+        return self.routed(x, ids, w) + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
     def routed(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum for x [N, H] routed to ids / w [N, k], by the fastest path the
