@@ -79,3 +79,16 @@ def test_make_demo_real_geometry_quantized(tmp_path):
     assert cfg["quantization_config"] == {"quant_method": "qwen36", "bits": 4, "group_size": 128}
     r = qwen36("generate", str(out), "Hello", "--max-tokens", "2", "--temperature", "0")
     assert r.returncode == 0, r.stderr
+
+
+def test_gpu_options_on_the_command_line(checkpoint):
+    """--cpu-experts (the CPU standing in for the GPU here) and --cuda-graphs, as a user types them."""
+    path = str(checkpoint("demo"))
+    r = qwen36("generate", path, "Once", "--max-tokens", "3", "--temperature", "0", "--cpu-experts", "2")
+    assert r.returncode == 0 and r.stdout.strip() != "", r.stderr
+    r = qwen36("generate", path, "Once", "--cpu-experts", "many")
+    assert r.returncode != 0 and "--cpu-experts 'many'" in r.stderr
+    r = qwen36("generate", path, "Once", "--cpu-experts", "99")
+    assert r.returncode == 2 and r.stderr.startswith("qwen36: error: cpu_experts=99")
+    r = qwen36("generate", path, "Once", "--cuda-graphs")
+    assert r.returncode == 2 and "cuda_graphs=True needs a CUDA device" in r.stderr
