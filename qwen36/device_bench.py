@@ -25,7 +25,7 @@ from .layers.moe import Experts
 from .model import TextModel, prepare
 from .quant import QuantConfig, offload_experts
 from .sampling import SamplingParams
-from .synth import DEMO, REAL, _Rand, random_quantized, text_config
+from .synth import DEMO, REAL, random_quantized, text_config
 
 DRY = {**DEMO, "vocab_size": 4096}          # --dry-run: the real structure, tiny widths
 
@@ -59,11 +59,11 @@ def random_model(geometry: dict, dtype: torch.dtype, device, cpu_experts: int = 
     n = cfg.num_hidden_layers
     qcfg = QuantConfig("int4", 128)
     targets = offload_experts(model, range(n - cpu_experts, n), qcfg) if cpu_experts else {}
-    r = _Rand(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     for name, (module, part) in targets.items():
         shape = (cfg.num_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size) if part == "gate_up_proj" \
             else (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        module.load(part, {k[1:]: v for k, v in random_quantized(shape, qcfg, r).items()})
+        module.load(part, {k[1:]: v for k, v in random_quantized(shape, qcfg, g).items()})
     g = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
     for name, p in model.state_dict().items():

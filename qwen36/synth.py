@@ -257,13 +257,14 @@ def write_preprocessor_configs(out: Path, vc: dict) -> None:
     (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
 
 
-def random_quantized(shape: tuple[int, ...], qcfg, r: _Rand) -> dict[str, torch.Tensor]:
-    """Random codes and scales whose dequantized weights have std ~ 1/sqrt(fan_in), made directly."""
+def random_quantized(shape: tuple[int, ...], qcfg, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random codes and scales whose dequantized weights have std ~ 1/sqrt(fan_in), made directly, in CPU
+    memory. The codes are drawn on g's device (a GPU draws gigabytes at once; the CPU's generator is serial)."""
     from .quant import quantized_shapes
 
     parts = quantized_shapes(shape, qcfg)
     K = shape[-1]
-    q = torch.randint(0, 256, parts[".q"], generator=r.g, dtype=torch.uint8)
+    q = torch.randint(0, 256, parts[".q"], generator=g, device=g.device, dtype=torch.uint8).cpu()
     if qcfg.method == "int8":
         return {".q": q.view(torch.int8), ".scale": torch.full(parts[".scale"], 1 / (73 * math.sqrt(K)))}
     scale = torch.full(parts[".scale"], 1 / (4.6 * math.sqrt(K)))
@@ -284,7 +285,7 @@ def write_streamed_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shard
     def put(name: str, t: torch.Tensor) -> None:
         ours = name[len(prefix):] if name.startswith(prefix) else name
         if qcfg is not None and (is_quantized(ours) or name == "mtp.fc.weight"):
-            for part, v in random_quantized(tuple(t.shape), qcfg, r).items():
+            for part, v in random_quantized(tuple(t.shape), qcfg, r.g).items():
                 writer.add(name + part, v)
         else:
             keep = t.dtype == torch.float32 and name.endswith(("A_log", "linear_attn.norm.weight"))

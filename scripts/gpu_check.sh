@@ -5,35 +5,35 @@
 #      and the device-agnostic ones (tests/test_gpu_path.py);
 #   2. `qwen36 device-bench` at the real geometry with random weights made on the GPU: batch-1 decode against
 #      the HBM roofline, 16 and 64 concurrent, an 8K prefill, and the experts on the CPU (--cpu-experts all).
-# Writes $OUT/gpu_check.json (the bench's JSON plus the test counts) and the logs beside it.
+# Writes $OUT/gpu_check.json (the bench's JSON plus the test counts) and beside it pytest.log, junit.xml,
+# bench.log, bench.json (5 files: the device tool returns at most 8); the rest goes to stdout.
 # Before the run, here: bash scripts/gpu_wheels.sh (packages the machine lacks, carried as .whl/).
 # GPU_CHECK_DRY=1 runs the same steps on this CPU (CUDA tests skip, the bench at a tiny geometry).
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-check-out}
+OUT=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 QWEN36_CACHE=${QWEN36_CACHE:-/tmp/qwen36-cache} HF_HUB_OFFLINE=1
 if [ -z "${GPU_CHECK_DRY:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl >"$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; }
+        .whl/*.whl >/tmp/gpu-check-pip.log 2>&1 || { echo "wheel install failed"; tail /tmp/gpu-check-pip.log; }
     export PYTHONPATH=/tmp/site:$PWD
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 start=$(date +%s)
-{ nvidia-smi -L; python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())"; } \
-    >"$OUT/env.log" 2>&1
-cat "$OUT/env.log"
+nvidia-smi -L 2>&1
+python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())" 2>&1
 
 # the CPU kernels (for the offload part) compile in the background while the GPU works
 python3 -c "from qwen36 import kernels; print(kernels.native() is not None, kernels.native512() is not None)" \
-    >"$OUT/kernels.log" 2>&1 &
+    >/tmp/gpu-check-kernels.log 2>&1 &
 kernels_pid=$!
 
 timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_gpu_path.py \
     --junitxml "$OUT/junit.xml" >"$OUT/pytest.log" 2>&1
 echo "pytest rc $? after $(( $(date +%s) - start )) s"; tail -25 "$OUT/pytest.log"
-wait $kernels_pid; cat "$OUT/kernels.log"
+wait $kernels_pid; cat /tmp/gpu-check-kernels.log
 
 if [ -n "${GPU_CHECK_DRY:-}" ]; then
     bench=(--device cpu --dtype float32 --dry-run)
