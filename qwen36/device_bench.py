@@ -4,6 +4,7 @@ on the CPU at a tiny geometry, to check the logic before spending GPU time.
 
   decode_b1       one request, 128-token prompt, 128 new tokens: decode tok/s, and the HBM roofline
                   (measured copy bandwidth / weight bytes a token reads) it reaches
+  profile         an eager decode step under torch.profiler: the top operators, kernels per step
   throughput_cN   N concurrent requests, 128 in / 128 out (vLLM's `bench serve` shape): output tok/s
   prefill_8k      one 8,192-token prompt in one step: prompt tok/s
   offload_b1      routed experts of every layer int4 in CPU memory (--cpu-experts all): decode tok/s
@@ -135,6 +136,33 @@ def decode_b1(model, graphs: bool, n: int = 128) -> dict:
             "graph_steps": engine.graphs.replays if engine.graphs is not None else 0}
 
 
+def profile_decode(model, steps: int = 4) -> dict:
+    """Where an eager batch-1 decode step's time goes: torch.profiler's top operators by device time (by
+    CPU time without a GPU), and how many kernels a step launches (what CUDA graphs save)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = _engine(model, 1, 512, False)
+    ids = _prompts(1, 128, model.cfg.vocab_size, 6)
+    serve(engine, ids, 4)                                                      # warm-up
+    cuda = engine.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    p = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    engine.add_request(ids[0], p)
+    engine.step()                                                              # the prefill, not profiled
+    with profile(activities=acts) as prof:
+        while engine.has_work():
+            engine.step()
+        _sync(engine.device)
+    events = prof.key_averages()
+    key = "device_time_total" if cuda else "cpu_time_total"
+    rows = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
+    kernels = sum(e.count for e in events if cuda and getattr(e, "device_type", None) is not None
+                  and str(e.device_type).endswith("CUDA"))
+    return {"steps": steps, "kernels_per_step": round(kernels / steps) if cuda else None,
+            "top": [[e.key, e.count, round(getattr(e, key, 0) / 1e3 / steps, 3)] for e in rows],
+            "top_unit": "ms per step"}
+
+
 def throughput(model, concurrency: int, graphs: bool, n: int = 128) -> dict:
     engine = _engine(model, concurrency, 512, graphs)
     serve(engine, _prompts(concurrency, 128, model.cfg.vocab_size, 2), 4)      # warm-up
@@ -171,7 +199,7 @@ def run(device: str = "cuda", dtype: str = "bfloat16", dry_run: bool = False, pa
     res: dict = {"device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
                  "dtype": dtype, "geometry": "dry-run (tiny)" if dry_run else "Qwen3.6-35B-A3B",
                  "torch": torch.__version__}
-    wanted = set(parts) or {"decode_b1", "throughput", "prefill_8k", "offload_b1"}
+    wanted = set(parts) or {"decode_b1", "profile", "throughput", "prefill_8k", "offload_b1"}
 
     def part(name, fn):
         if name.split("_c")[0] not in wanted and name not in wanted:
@@ -198,6 +226,7 @@ def run(device: str = "cuda", dtype: str = "bfloat16", dry_run: bool = False, pa
         part("decode_b1", lambda: {**decode_b1(model, graphs_ok), "eager": decode_b1(model, False)["decode_tok_s"]})
         if "decode_b1" in res and "decode_tok_s" in res["decode_b1"]:
             res["decode_b1"]["of_roofline"] = round(res["decode_b1"]["decode_tok_s"] / res["roofline_tok_s"], 3)
+        part("profile", lambda: profile_decode(model))
         for c in (16, 64) if not dry_run else (2, 4):
             part(f"throughput_c{c}", lambda c=c: throughput(model, c, graphs_ok))
         part("prefill_8k", lambda: prefill(model, 8192 if not dry_run else 256))
