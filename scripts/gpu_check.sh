@@ -8,7 +8,7 @@
 # Writes $OUT/gpu_check.json (the bench's JSON plus the test counts) and beside it pytest.log, junit.xml,
 # bench.log, bench.json (5 files: the device tool returns at most 8); the rest goes to stdout.
 # Before the run, here: bash scripts/gpu_wheels.sh (packages the machine lacks, carried as .whl/).
-# GPU_CHECK_DRY=1 runs the same steps on this CPU (CUDA tests skip, the bench at a tiny geometry).
+# GPU_CHECK_DRY=1 runs the same steps on this CPU (test_cuda's logic on the CPU, the bench at a tiny geometry).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check-out}
@@ -21,6 +21,7 @@ if [ -z "${GPU_CHECK_DRY:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+[ -n "${GPU_CHECK_DRY:-}" ] && export QWEN36_TEST_DEVICE=cpu      # test_cuda's logic on the CPU
 start=$(date +%s)
 nvidia-smi -L 2>&1
 python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())" 2>&1
