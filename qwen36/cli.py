@@ -249,11 +249,8 @@ def cmd_device_bench(args) -> int:
     from .device_bench import run
 
     res = run(args.device, args.dtype, args.dry_run, tuple(p for p in args.parts.split(",") if p),
-              graphs=not args.no_graphs)
-    text = json.dumps(res, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+              graphs=not args.no_graphs, out=args.out)
+    print(json.dumps(res, indent=1))
     return 0
 
 

@@ -53,6 +53,8 @@ class DecodeGraphs:
         if model.embed_tokens.weight.device.type == "cpu" and kernels.native() is not None:
             # the CPU kernels read per-sequence host metadata that a static batch does not carry
             raise ValueError("DecodeGraphs runs the tensor-op path (GPU); the CPU kernels are on here")
+        if any(getattr(layer.mlp.experts, "offloaded", False) for layer in model.layers):
+            raise ValueError("DecodeGraphs: offloaded experts (cpu_experts) run on the CPU, outside a graph")
         self.model, self.cache, self.capture = model, cache, capture
         self.scratch_slot, self.scratch_row = scratch_slot, scratch_block * cache.block_size
         self.device = model.embed_tokens.weight.device
@@ -114,5 +116,7 @@ class DecodeGraphs:
                 self.model(g.x, g.batch, self.cache)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self.pool):
+        # thread_local: work another thread puts on the GPU meanwhile (the server's media preprocessing) does not
+        # invalidate the capture
+        with torch.cuda.graph(g.graph, pool=self.pool, capture_error_mode="thread_local"):
             g.out = self.model(g.x, g.batch, self.cache)

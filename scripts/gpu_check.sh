@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 16's GPU checks in one run, under 8 minutes on one H200 (what a lent device machine runs):
+# Issue 16's GPU checks in one run, under 10 minutes on one H200 (what a lent device machine runs: give the
+# call timeout_s=600; the limits below add up to 9.5 minutes at worst, ~5 expected):
 #   1. the CUDA tests (tests/test_cuda.py: parity with transformers in fp32, bf16 drift against transformers'
 #      own, grouped experts, fla kernels, CUDA graphs == uncaptured == eager, --cpu-experts == all on the GPU)
-#      and the device-agnostic ones (tests/test_gpu_path.py);
+#      (the device-agnostic ones, tests/test_gpu_path.py, run in the CPU suite);
 #   2. `qwen36 device-bench` at the real geometry with random weights made on the GPU: batch-1 decode against
 #      the HBM roofline, 16 and 64 concurrent, an 8K prefill, and the experts on the CPU (--cpu-experts all).
 # Writes $OUT/gpu_check.json (the bench's JSON plus the test counts) and beside it pytest.log, junit.xml,
@@ -31,17 +32,19 @@ python3 -c "from qwen36 import kernels; print(kernels.native() is not None, kern
     >/tmp/gpu-check-kernels.log 2>&1 &
 kernels_pid=$!
 
-timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_gpu_path.py \
+# (test_gpu_path.py is the CPU suite's; here only the CUDA tests.) SIGINT at the limit: pytest still writes
+# its junit file. The first fla calls compile and autotune Triton kernels (tens of seconds per shape).
+timeout -s INT -k 15 230 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py \
     --junitxml "$OUT/junit.xml" >"$OUT/pytest.log" 2>&1
 echo "pytest rc $? after $(( $(date +%s) - start )) s"; tail -25 "$OUT/pytest.log"
-wait $kernels_pid; cat /tmp/gpu-check-kernels.log
+timeout 60 tail --pid=$kernels_pid -f /dev/null; cat /tmp/gpu-check-kernels.log
 
 if [ -n "${GPU_CHECK_DRY:-}" ]; then
     bench=(--device cpu --dtype float32 --dry-run)
 else
     bench=(--device cuda --dtype bfloat16)
 fi
-timeout 290 python3 -m qwen36.cli device-bench "${bench[@]}" --out "$OUT/bench.json" >"$OUT/bench.log" 2>&1
+timeout -k 10 240 python3 -m qwen36.cli device-bench "${bench[@]}" --out "$OUT/bench.json" >"$OUT/bench.log" 2>&1
 echo "bench rc $? after $(( $(date +%s) - start )) s"; grep '^{"' "$OUT/bench.log"
 
 python3 - "$OUT" <<'PY'

@@ -161,3 +161,4 @@ def test_the_graph_runner_equals_plain_decode_steps(checkpoint, torch_ops_only):
 def test_cuda_graphs_need_a_cuda_device(checkpoint):
     with pytest.raises(ValueError, match="cuda_graphs"):
         LLM(checkpoint("ratio2"), cuda_graphs=True)
+

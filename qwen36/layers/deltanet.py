@@ -67,7 +67,9 @@ class GatedDeltaNet(nn.Module):
         """m [B, T, C] pre-conv; g, beta [B, T, Hv]; conv [B, W-1, C]; state [B, Hv, Dk, Dv].
         Returns o [B, T, Hv, Dv], new conv, new state."""
         B, T, _ = m.shape
-        y, conv = causal_conv1d(m, self.conv1d.weight[:, 0].to(m.dtype), conv)
+        # the conv sums in fp32 (in bf16 each of its W multiply-adds would round; the reference's F.conv1d
+        # accumulates in fp32); its state keeps the inputs as they were (exact in the compute dtype)
+        y, conv = causal_conv1d(m.float(), self.conv1d.weight[:, 0].float(), conv)
         q, k, v = self._qkv(F.silu(y))
         rep = self.n_v // self.n_k
         q, k = (t.repeat_interleave(rep, dim=2) for t in (q, k))
@@ -109,7 +111,7 @@ class GatedDeltaNet(nn.Module):
         else:
             g, beta = self._gates(ai, bi)
             prev = conv_c[slots]
-            y, conv = causal_conv1d(mi, weight, prev, per_token=True)
+            y, conv = causal_conv1d(mi.float(), weight.float(), prev, per_token=True)      # fp32 sums, as above
             if any(nkeep):      # conv state after token t: the last W-1 inputs up to it
                 xs, W1 = torch.cat([prev.to(mi.dtype), mi], dim=1), prev.shape[1]
                 for j, i in enumerate(members):

@@ -36,7 +36,12 @@ def decode_attention(q, k_cache, v_cache, table, lens, scale: float):
     """q [B, Hq, D], one new token per sequence (its K/V already written); k_cache, v_cache [rows, Hkv, D];
     table [B, L] int64: sequence b's cache rows of positions 0..L-1, entries at or past lens[b] [B] ignored
     (any valid row). Returns [B, Hq, D]. Fixed shapes for a fixed (B, L), no host read: CUDA graphs capture it."""
-    k, v = k_cache[table].transpose(1, 2), v_cache[table].transpose(1, 2)             # [B, Hkv, L, D]
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    # plain matmuls, each KV head serving its Hq/Hkv query heads (no repeated K/V; SDPA would take its math
+    # path for a mask with GQA, which materialises them)
+    k, v = k_cache[table].permute(0, 2, 3, 1), v_cache[table].transpose(1, 2)       # [B, Hkv, D, L], [B, Hkv, L, D]
+    scores = (q.view(B, Hkv, Hq // Hkv, D) @ k).float() * scale                    # [B, Hkv, rep, L]
     seen = torch.arange(table.shape[1], device=table.device)[None, :] < lens[:, None]  # [B, L]
-    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=seen[:, None, None, :], scale=scale,
-                                          enable_gqa=True)[:, :, 0]
+    scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).view(B, Hq, D)
