@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .batch import ForwardBatch
 from .cache import HybridCache
 
@@ -49,7 +50,6 @@ class _Graph:
 
 class DecodeGraphs:
     def __init__(self, model, cache: HybridCache, scratch_slot: int, scratch_block: int, capture: bool):
-        from . import kernels
         if model.embed_tokens.weight.device.type == "cpu" and kernels.native() is not None:
             # the CPU kernels read per-sequence host metadata that a static batch does not carry
             raise ValueError("DecodeGraphs runs the tensor-op path (GPU); the CPU kernels are on here")
