@@ -350,9 +350,9 @@ class _Stamps:
 
 
 def _vs_transformers(path: Path, prompt: list[int], n: int) -> dict:
-    from transformers import Qwen3_5MoeForConditionalGeneration
+    from .reference import reference_classes
 
-    hf = Qwen3_5MoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    hf = reference_classes()[1].from_pretrained(path, dtype=torch.float32).eval()
     x = torch.tensor([prompt])
     kw = dict(attention_mask=torch.ones_like(x), do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():

@@ -47,10 +47,11 @@ def main():
             report(name, "bf16 storage, fp32 compute", run(path, torch.bfloat16, torch.float32, ids), ref)
             report(name, "bf16 compute", run(path, torch.bfloat16, torch.bfloat16, ids), ref)
             try:
-                from transformers import Qwen3_5MoeForConditionalGeneration
+                from qwen36.reference import reference_classes
+                hf_class = reference_classes()[1]
             except ImportError:
                 continue
-            hf = Qwen3_5MoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+            hf = hf_class.from_pretrained(path, dtype=torch.bfloat16).eval()
             with torch.no_grad():
                 report(name, "transformers bf16", hf(input_ids=ids[None]).logits[0].float(), ref)
 

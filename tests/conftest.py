@@ -9,22 +9,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# transformers runs the gated delta rule through fla-core's Triton kernels whenever fla imports (decided when
-# its model module is imported). The reference takes its torch path: without a GPU, Triton has no driver (fla
-# stays hidden; test_fla.py runs it in a subprocess); with one, fla is hidden while transformers' module is
-# imported, so the reference stays exact fp32 (fla's fp32 dots may round through tf32) and ours can use fla.
+# the reference's torch path (qwen36/reference.py); without a GPU fla stays hidden for the whole session, as
+# Triton has no driver here (test_fla.py runs fla in a subprocess, under Triton's interpreter)
 if not torch.cuda.is_available():
     sys.modules.setdefault("fla", None)
-else:
-    _fla = sys.modules.get("fla")
-    sys.modules["fla"] = None
-    try:
-        import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe  # noqa: E402,F401
-    finally:
-        if _fla is None:
-            del sys.modules["fla"]
-        else:
-            sys.modules["fla"] = _fla
 
 from qwen36.synth import DEMO, write_checkpoint  # noqa: E402
 
@@ -89,8 +77,9 @@ def checkpoint(tmp_path_factory):
 
 def load_reference(path, text_only: bool = False):
     """The same checkpoint in transformers' Qwen3_5Moe classes, fp32, eval mode."""
-    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+    from qwen36.reference import reference_classes
 
+    Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration = reference_classes()
     cls = Qwen3_5MoeForCausalLM if text_only else Qwen3_5MoeForConditionalGeneration
     return cls.from_pretrained(path, dtype=torch.float32).eval()
 
