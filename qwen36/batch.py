@@ -79,11 +79,7 @@ class ForwardBatch:
     def kv_table(self) -> torch.Tensor:
         """[B, max(starts + lens)] int64: each sequence's KV rows (kv_rows) padded with row 0, for attention of
         every sequence in one call (ops.attention.decode_attention; kv_lens says how many are real)."""
-        table = torch.zeros(len(self.kv_rows), max(len(r) for r in self.kv_rows), dtype=torch.long,
-                            device=self.positions.device)
-        for i, r in enumerate(self.kv_rows):
-            table[i, :len(r)] = r
-        return table
+        return torch.nn.utils.rnn.pad_sequence(list(self.kv_rows), batch_first=True)
 
     @cached_property
     def kv_lens(self) -> torch.Tensor:

@@ -60,8 +60,7 @@ def weight_bytes_per_token(model, batch: int = 1) -> int:
             used = min(cfg.num_experts, cfg.num_experts_per_tok * batch)   # upper bound for batch > 1
             total += per_expert * used
             continue
-        if not list(module.children()):
-            total += _module_bytes(module)
+        total += _module_bytes(module)          # its own parameters (a layer's A_log, dt_bias too)
     return total // batch
 
 

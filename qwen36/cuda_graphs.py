@@ -48,13 +48,23 @@ class _Graph:
         self.graph = None
 
 
+def obstacle(model) -> str | None:
+    """Why the model's decode step cannot be recorded as a graph (None: it can)."""
+    if model.embed_tokens.weight.device.type == "cpu" and kernels.native() is not None:
+        return "the CPU kernels read per-sequence host metadata that a static batch does not carry"
+    if any(getattr(layer.mlp.experts, "offloaded", False) for layer in model.layers):
+        return "the offloaded experts (cpu_experts) run on the CPU, outside a graph"
+    if model.embed_tokens.weight.device.type == "cuda" and model.compute_dtype != torch.bfloat16:
+        return ("the routed experts' grouped GEMM takes bf16 (in other dtypes they loop over the used experts, "
+                "reading their counts on the host)")
+    return None
+
+
 class DecodeGraphs:
     def __init__(self, model, cache: HybridCache, scratch_slot: int, scratch_block: int, capture: bool):
-        if model.embed_tokens.weight.device.type == "cpu" and kernels.native() is not None:
-            # the CPU kernels read per-sequence host metadata that a static batch does not carry
-            raise ValueError("DecodeGraphs runs the tensor-op path (GPU); the CPU kernels are on here")
-        if any(getattr(layer.mlp.experts, "offloaded", False) for layer in model.layers):
-            raise ValueError("DecodeGraphs: offloaded experts (cpu_experts) run on the CPU, outside a graph")
+        why = obstacle(model)
+        if why is not None:
+            raise ValueError(f"cuda_graphs: {why}")
         self.model, self.cache, self.capture = model, cache, capture
         self.scratch_slot, self.scratch_row = scratch_slot, scratch_block * cache.block_size
         self.device = model.embed_tokens.weight.device

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import kernels
+from .bench import _decode_rate, weight_bytes_per_token
 from .config import parse_text_config
 from .engine import Engine
 from .layers.moe import Experts
@@ -131,9 +132,8 @@ def decode_b1(model, graphs: bool, n: int = 128) -> dict:
     engine = _engine(model, 1, 512, graphs)
     ids = _prompts(1, 128, model.cfg.vocab_size, 1)
     serve(engine, ids, 8)                                                      # warm-up (graphs recorded)
-    r = serve(engine, ids, n)
-    s = r["stamps"]
-    return {"decode_tok_s": round((len(s) - 1) / (s[-1] - s[0]), 2), "graphs": graphs,
+    s = serve(engine, ids, n)["stamps"]
+    return {"decode_tok_s": _decode_rate(s), "graphs": graphs,
             "graph_steps": engine.graphs.replays if engine.graphs is not None else 0}
 
 
@@ -157,9 +157,9 @@ def profile_decode(model, steps: int = 4) -> dict:
     events = prof.key_averages()
     key = "device_time_total" if cuda else "cpu_time_total"
     rows = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
-    kernels = sum(e.count for e in events if cuda and getattr(e, "device_type", None) is not None
-                  and str(e.device_type).endswith("CUDA"))
-    return {"steps": steps, "kernels_per_step": round(kernels / steps) if cuda else None,
+    launches = sum(e.count for e in events if cuda and getattr(e, "device_type", None) is not None
+                   and str(e.device_type).endswith("CUDA"))
+    return {"steps": steps, "kernels_per_step": round(launches / steps) if cuda else None,
             "top": [[e.key, e.count, round(getattr(e, key, 0) / 1e3 / steps, 3)] for e in rows],
             "top_unit": "ms per step"}
 
@@ -178,19 +178,6 @@ def prefill(model, length: int) -> dict:
     r = serve(engine, _prompts(1, length, model.cfg.vocab_size, 5), 1)
     ttft = r["stamps"][0] - r["t0"]
     return {"prompt_tokens": length, "ttft_s": round(ttft, 3), "prompt_tok_s": round(length / ttft, 1)}
-
-
-def weight_bytes_per_token(model) -> int:
-    """Weight bytes one batch-1 decode step reads: all but unused experts and the embedding (one row)."""
-    cfg, total = model.cfg, 0
-    for name, t in model.state_dict().items():
-        b = t.numel() * t.element_size()
-        if name == "embed_tokens.weight":
-            b = t[0].numel() * t.element_size()
-        elif ".mlp.experts." in name:
-            b = b * cfg.num_experts_per_tok // cfg.num_experts
-        total += b
-    return total
 
 
 def run(device: str = "cuda", dtype: str = "bfloat16", dry_run: bool = False, parts: tuple[str, ...] = (),

@@ -9,6 +9,7 @@ import torch
 
 from .chat import ChatTemplate
 from . import hugepages
+from .cuda_graphs import obstacle as graph_obstacle
 from .engine import Engine, StepOutput
 from .image import VisionPreprocess
 from .inputs import MediaInputs, MediaPolicy, PromptInputs
@@ -58,13 +59,8 @@ class LLM:
             raise ValueError(f"quantization={quantization!r} is not supported; choose one of {list(QUANTIZATIONS)}")
         self.path = Path(path)
         self.device = torch.device(device)
-        if cuda_graphs and (self.device.type != "cuda" or dtype != "bfloat16"):
-            # a graph cannot hold the per-expert loop, which reads expert counts on the host: the grouped GEMM
-            # that replaces it takes bf16 (ops.moe.grouped_ok)
-            raise ValueError(f"cuda_graphs=True needs a CUDA device and dtype='bfloat16', not device={device!r}, "
-                             f"dtype={dtype!r}")
-        if cuda_graphs and cpu_experts:
-            raise ValueError("cuda_graphs=True and cpu_experts: the offloaded experts run on the CPU, outside a graph")
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, not device={device!r}")
         self.cuda_graphs = cuda_graphs          # plain decode steps replay CUDA graphs (cuda_graphs.py)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
@@ -76,6 +72,8 @@ class LLM:
         self.num_speculative_tokens, self.draft_vocab_size = parse_speculative_config(speculative_config)
         self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization,
                                              mtp=self.num_speculative_tokens > 0, cpu_experts=cpu_experts or 0)
+        if cuda_graphs and (why := graph_obstacle(self.model)) is not None:     # said now, not at the first step
+            raise ValueError(f"cuda_graphs=True: {why}")
         if self.device.type == "cpu":   # decode reads weights ~1.4x faster from huge pages (hugepages.py)
             hugepages.place_weights(self.model, experts=max_ram is None)
         # on the CPU the vision tower stays as stored (bf16: the memory map itself, no copy at start-up) and
