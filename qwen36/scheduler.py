@@ -4,9 +4,16 @@ Policy (continuous batching):
   * every running sequence that has finished its prompt decodes one token (plus its speculative drafts, which
     the same step verifies);
   * sequences still prefilling get prompt chunks from what is left of the step's token budget, oldest first;
-  * waiting sequences are admitted in arrival order while a state slot is free and the KV blocks for
-    their whole prompt + max_tokens can be reserved. Reserving up front means a running sequence never
-    runs out of blocks, so nothing is ever preempted; a request that does not fit waits in the queue.
+  * waiting sequences are admitted in arrival order while a state slot is free and the KV blocks for their
+    prompt and the next step can be had (plus one block of headroom per running sequence);
+  * KV blocks are reserved as a sequence grows, a block at a time, not for prompt + max_tokens up front: a
+    request without max_tokens (which may run to the end of the context) holds only what it has written,
+    so it does not keep short requests waiting behind it;
+  * when a running sequence needs a block and none is free (prefix-cache blocks are evicted first), the
+    newest running sequence is preempted: its slot and blocks are freed and it goes back to the head of the
+    queue with everything it has generated as its prompt, to be recomputed when it is admitted again
+    (vLLM's recompute preemption; the sampled tokens stay, so the output does not change).
+A request whose prompt + max_tokens is more than the whole cache can hold is refused when it is added.
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ class SeqState:
     restore: Snapshot | None = None      # copy this snapshot into the slot before the first step
     drafts: list[int] = field(default_factory=list)   # speculative tokens to verify after the next one
     mtp_rows: int = 1                    # the MTP head's KV rows 1 .. mtp_rows - 1 are written (mtp.py)
+    preemptions: int = 0                 # times this sequence was preempted (and recomputed)
 
     def __post_init__(self):
         self.num_tokens = self.prompt_len
@@ -83,9 +91,11 @@ class Scheduled:
 
 class Scheduler:
     def __init__(self, num_slots: int, num_blocks: int, block_size: int, token_budget: int, max_model_len: int,
-                 snapshot_slots: int = 0, background_chunk: int = 128):
+                 snapshot_slots: int = 0, background_chunk: int = 128, lookahead: int = 1):
         self.block_size, self.token_budget, self.max_model_len = block_size, token_budget, max_model_len
         self.num_blocks, self.background_chunk = num_blocks, background_chunk
+        self.lookahead = lookahead            # KV rows a step may write past a sequence's known tokens
+        self.num_preemptions = 0
         self.blocks = BlockAllocator(num_blocks)
         self.prefix = PrefixCache(self.blocks, block_size, snapshot_slots) if snapshot_slots > 0 else None
         self.free_slots = list(range(num_slots - 1, -1, -1))
@@ -98,7 +108,9 @@ class Scheduler:
         return self.blocks.num_free + (self.prefix.cached_only_blocks if self.prefix is not None else 0)
 
     def blocks_needed(self, seq: SeqState) -> int:
-        return math.ceil((seq.prompt_len + seq.max_tokens) / self.block_size)
+        """Blocks seq must hold before its next step: its known tokens and the rows the step may write past
+        them, never more than prompt + max_tokens."""
+        return math.ceil(min(seq.prompt_len + seq.max_tokens, seq.num_tokens + self.lookahead) / self.block_size)
 
     def check(self, prompt_len: int, max_tokens: int) -> str | None:
         """Why a request can never run (too long for the model or for the whole cache), or None."""
@@ -148,8 +160,7 @@ class Scheduler:
             hit = self.prefix.lookup(seq.key) if self.prefix is not None and seq.key is not None else None
             shared = hit.blocks if hit else []
             need = self.blocks_needed(seq) - len(shared)
-            if self.blocks.num_free < need and not (
-                    self.prefix is not None and self.prefix.make_room(need, [hit.snapshot] if hit else [])):
+            if not self._room(need + len(self.running), hit):   # headroom: each running one's next block
                 break                                        # keep arrival order: no overtaking
             self.waiting.remove(seq)
             self.blocks.ref(shared)
@@ -164,8 +175,36 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
+    def _room(self, n: int, hit=None) -> bool:
+        """Whether n blocks are free, evicting prefix-cache blocks if needed."""
+        return self.blocks.num_free >= n or (
+            self.prefix is not None and self.prefix.make_room(n, [hit.snapshot] if hit else []))
+
+    def _grow(self) -> None:
+        """Give every running sequence the blocks its next step needs, oldest first; where none are left,
+        preempt the newest running sequence (possibly the one growing) and try again."""
+        for seq in list(self.running):
+            while seq in self.running and len(seq.blocks) < (need := self.blocks_needed(seq)):
+                if self._room(need - len(seq.blocks)):
+                    seq.blocks += self.blocks.allocate(need - len(seq.blocks))
+                else:
+                    self.preempt(self.running[-1])
+
+    def preempt(self, seq: SeqState) -> None:
+        """Free seq's slot and blocks and put it back at the head of the queue; what it has generated
+        becomes part of its prompt, recomputed when it is admitted again (max_tokens shrinks to match)."""
+        self.finish(seq)
+        seq.max_tokens -= seq.num_tokens - seq.prompt_len
+        seq.prompt_len = seq.num_tokens
+        seq.num_computed = seq.cached = 0
+        seq.drafts, seq.mtp_rows = [], 1
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
     def schedule(self) -> tuple[list[Scheduled], list[SeqState]]:
         """The next step's work, and the sequences newly given a slot (their state must be reset)."""
+        self._grow()
         admitted = self._admit()
         budget = self.token_budget
         work = []

@@ -50,16 +50,23 @@ def test_decodes_first_and_share_budget():
     assert [(w.seq.seq_id, w.num_new, w.samples) for w in work] == [(0, 1, True), (1, 7, False)]
 
 
+def run(work):
+    """What the engine does with a step's work: the tokens run are computed, a sampling step adds a token."""
+    for w in work:
+        w.seq.num_computed += w.num_new
+        w.seq.num_tokens += w.samples
+
+
 def test_admission_waits_for_blocks_and_slots_in_order():
     s = Scheduler(num_slots=2, num_blocks=6, block_size=4, token_budget=64, max_model_len=64)
-    a, b, c = seq(0, 10, 6), seq(1, 4, 4), seq(2, 1, 1)      # a needs 4 blocks, b 2, c 1
+    a, b, c = seq(0, 10, 6), seq(1, 4, 4), seq(2, 1, 1)      # a holds 3 blocks (11 rows), b 2 (5 rows), c 1
     for x in (a, b, c):
         s.add(x)
     _, admitted = s.schedule()
     assert admitted == [a, b]                                  # slots full: c waits
-    assert s.blocks.num_free == 0
+    assert [len(a.blocks), len(b.blocks)] == [3, 2] and s.blocks.num_free == 1
     s.finish(b)
-    assert s.blocks.num_free == 2 and b.slot == -1
+    assert s.blocks.num_free == 3 and b.slot == -1
     _, admitted = s.schedule()
     assert admitted == [c]
 
@@ -71,10 +78,57 @@ def test_no_overtaking_when_head_does_not_fit():
     s.add(small1)
     s.add(small2)
     _, admitted = s.schedule()
-    assert admitted == [big]                                   # small1 needs 4 blocks, 0 left: small2 waits too
+    assert admitted == [big]                                   # small1 needs 4 blocks, 1 left: small2 waits too
     s.finish(big)
     _, admitted = s.schedule()
     assert admitted == [small1]
+
+
+def test_blocks_are_reserved_as_the_sequence_grows():
+    s = Scheduler(num_slots=1, num_blocks=8, block_size=4, token_budget=64, max_model_len=32)
+    a = seq(0, 4, 10)
+    s.add(a)
+    held = []
+    for _ in range(12):
+        work, _ = s.schedule()
+        held.append(len(a.blocks))
+        assert len(a.blocks) * 4 >= a.num_computed + sum(w.num_new for w in work)   # the step's rows fit
+        run(work)
+        if a.num_tokens == a.prompt_len + a.max_tokens:
+            break
+    assert held == [2, 2, 2, 2, 3, 3, 3, 3, 4, 4] and s.blocks.num_free == 4   # never past 14 tokens' blocks
+
+
+def test_long_request_without_max_tokens_does_not_hold_short_ones():
+    """A request that may run to the end of the context holds only what it has written: a short request
+    arriving after it is admitted at once, not after the long one finishes."""
+    s = Scheduler(num_slots=4, num_blocks=8, block_size=4, token_budget=64, max_model_len=32)
+    long, short = seq(0, 4, 28), seq(1, 4, 4)
+    s.add(long)
+    run(s.schedule()[0])
+    s.add(short)
+    _, admitted = s.schedule()
+    assert admitted == [short] and long in s.running
+
+
+def test_preemption_recomputes_the_newest():
+    s = Scheduler(num_slots=2, num_blocks=4, block_size=4, token_budget=64, max_model_len=16)
+    a, b = seq(0, 4, 12), seq(1, 3, 9)
+    s.add(a)
+    s.add(b)
+    _, admitted = s.schedule()
+    assert admitted == [a, b]
+    while not s.waiting:                                       # both decode until a needs b's blocks
+        run(s.schedule()[0])
+    assert s.num_preemptions == 1 and b.preemptions == 1 and s.waiting[0] is b and b.slot == -1
+    generated = b.num_tokens - 3
+    assert generated > 0 and (b.prompt_len, b.max_tokens) == (3 + generated, 9 - generated)  # same total
+    assert b.num_computed == 0 and b.prefilling
+    while a.num_tokens < 16:
+        run(s.schedule()[0])
+    s.finish(a)
+    work, admitted = s.schedule()
+    assert admitted == [b] and [(w.num_new, w.samples) for w in work] == [(3 + generated, True)]
 
 
 def test_requests_that_can_never_fit_are_rejected():
