@@ -107,9 +107,11 @@ class Engine:
             if self.spec_k else None
         # bench only: (request, drafts) -> drafts to verify instead (oracle acceptance; qwen36 bench)
         self.draft_override = None
-        max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         layout = model.cache_layout(mtp=self.spec_k > 0)
         per_block = HybridCache(layout, 0, 1, block_size, model.compute_dtype, "meta").bytes_per_block()
+        # no max_model_len: what the KV budget holds, up to the model's native context
+        capacity = max(1, kv_cache_bytes // max(per_block, 1)) * block_size
+        max_model_len = min(max_model_len or capacity, cfg.max_position_embeddings)
         num_blocks = max(1, min(kv_cache_bytes // max(per_block, 1), num_slots * -(-max_model_len // block_size)))
         # cuda_graphs: plain decode steps replay CUDA graphs (cuda_graphs.py), whose padding rows use one slot and
         # one block past the scheduler's (no graphs with speculation: its steps verify drafts)
@@ -128,8 +130,9 @@ class Engine:
         self.snapshot_bytes = SnapshotStore.bytes_per_slot(self.cache)
         num_snapshots = prefix_cache_bytes // self.snapshot_bytes if enable_prefix_caching else 0
         self.snapshots = SnapshotStore(self.cache, num_snapshots) if num_snapshots else None
+        # a step writes KV rows up to 2k past the known tokens with k drafts (verification, then the MTP chain)
         self.scheduler = Scheduler(num_slots, num_blocks, block_size, max(token_budget, num_slots), max_model_len,
-                                   snapshot_slots=num_snapshots)
+                                   snapshot_slots=num_snapshots, lookahead=1 + 2 * self.spec_k)
         self.prefix = self.scheduler.prefix                    # None when prefix caching is off
         self.snapshot_every = snapshot_every
         self.boundary_id = tokenizer.token_id("<|im_start|>") if tokenizer is not None else None
@@ -357,7 +360,7 @@ class Engine:
                 if hidden is not None:
                     self.snapshots.layers[self.mtp_layer]["hidden"][snap] = hidden[off + upto - 1]
                 self.prefix.add(snap, w.seq.key, pos, w.seq.blocks[:pos // self.cache.block_size],
-                                pos < w.seq.prompt_len and r.prompt_ids[pos] == self.boundary_id)
+                                pos < len(r.prompt_ids) and r.prompt_ids[pos] == self.boundary_id)
         outputs = []
         for w, r, out in zip(work, reqs, pending):
             if out is not None:
@@ -528,7 +531,7 @@ class Engine:
                 r.text, reason = r.text[:cut], "stop"
         delta = r.text[r.released:]
         r.released, r.finish_reason = len(r.text), reason
-        if self.prefix is not None and r.seq.num_computed > r.seq.prompt_len:
+        if self.prefix is not None and r.seq.num_computed > len(r.prompt_ids):
             self._snapshot(r, r.seq.num_computed)           # the next turn extends prompt + answer
         self.scheduler.finish(r.seq)
         del self.requests[r.request_id]

@@ -11,7 +11,7 @@ from qwen36.tokenizer import StreamDecoder
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint("ratio4-irregular", seed=13))
+    return LLM(checkpoint("ratio4-irregular", seed=13), quantization=None)
 
 
 def greedy(n):
@@ -58,6 +58,25 @@ def test_queue_when_cache_is_short(llm):
     assert [got[r] for r in rids] == alone
 
 
+def test_preempted_requests_are_recomputed_to_the_same_output(llm):
+    """KV blocks are taken as sequences grow: with room for about one whole request, three long ones
+    admitted together run out, the newest is preempted and recomputed later; outputs equal each alone."""
+    ps = prompts(3, seed=2)
+    alone = [llm.generate(p, greedy(40)).token_ids for p in ps]
+    engine = Engine(llm.model, None, num_slots=3, block_size=8, kv_cache_bytes=0)
+    per_block = engine.cache.bytes_per_block()
+    blocks = -(-(max(map(len, ps)) + 40) // 8) + 1
+    engine = Engine(llm.model, None, num_slots=3, block_size=8, kv_cache_bytes=per_block * blocks)
+    rids = [engine.add_request(p, greedy(40)) for p in ps]
+    got = {r: [] for r in rids}
+    while engine.has_work():
+        for out in engine.step():
+            got[out.request_id].extend(out.token_ids)
+    assert engine.scheduler.num_preemptions > 0
+    assert [got[r] for r in rids] == alone
+    assert engine.scheduler.num_available == engine.scheduler.num_blocks
+
+
 def test_abort_frees_slot_and_blocks(llm):
     engine = Engine(llm.model, None, num_slots=2, kv_cache_bytes=1 << 24)
     a = engine.add_request(list(range(1, 50)), greedy(30))
@@ -99,7 +118,7 @@ def test_logprobs(llm):
 
 
 def test_stream_decoder_never_breaks_utf8(checkpoint):
-    tok = LLM(checkpoint("demo")).tokenizer
+    tok = LLM(checkpoint("demo"), quantization=None).tokenizer
     text = "naïve 👨‍👩‍👧 日本語 ∑ 🇫🇷 end"
     ids = tok.encode(text)
     bytes_per_token = [tok.decode_bytes([i]) for i in ids]
@@ -110,7 +129,7 @@ def test_stream_decoder_never_breaks_utf8(checkpoint):
 
 
 def test_streaming_text_and_stop_strings(checkpoint):
-    demo = LLM(checkpoint("demo"))
+    demo = LLM(checkpoint("demo"), quantization=None)
     full = demo.generate("Hi", greedy(12))
     stop = full.text[5:9]
     pieces = list(demo.generate_stream("Hi", SamplingParams(temperature=0, max_tokens=12, stop=[stop])))

@@ -71,7 +71,7 @@ def test_speculative_config_is_vllms_and_checked():
 
 def test_a_checkpoint_without_mtp_weights_is_refused_by_name(checkpoint):
     with pytest.raises(Exception, match="mtp"):
-        LLM(checkpoint("ratio2", seed=3, mtp=False), speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+        LLM(checkpoint("ratio2", seed=3, mtp=False), speculative_config={"method": "mtp", "num_speculative_tokens": 1}, quantization=None)
 
 
 # ---------------------------------------------------------------- the head against the math
@@ -150,6 +150,22 @@ def test_greedy_tokens_identical_alone_and_batched(model, k):
             assert e.stats.accepted_tokens == e.stats.draft_tokens       # every oracle draft accepted
         if right == 0:
             assert e.stats.accepted_tokens == 0
+
+
+def test_preemption_with_speculation_keeps_the_output(model):
+    """KV blocks run out mid-decode (reserved as sequences grow): the newest is preempted and recomputed;
+    with accepted oracle drafts, greedy tokens still equal a run without speculation or preemption."""
+    prompts = [rand(30, 6), rand(22, 7), rand(26, 8)]
+    want, _ = run(engine(model, block_size=8), prompts, n=30)
+    e = engine(model, 2, block_size=8)
+    blocks = -(-(30 + 30 + 5) // 8) + 1
+    e = Engine(model, None, num_slots=3, block_size=8, num_speculative_tokens=2,
+               kv_cache_bytes=e.cache.bytes_per_block() * blocks)
+    e.boundary_id = BOUNDARY
+    e.draft_override = oracle({tuple(p): w for p, w in zip(prompts, want)}, 1)
+    got, _ = run(e, prompts, n=30)
+    assert e.scheduler.num_preemptions > 0 and e.stats.accepted_tokens > 0
+    assert got == want
 
 
 def test_a_draft_vocabulary_limits_the_drafts_not_the_output(model):
@@ -304,8 +320,8 @@ def test_structured_output_and_images_compose_with_speculation(checkpoint):
     from PIL import Image
 
     path = checkpoint("vision", seed=5)
-    llm = LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
-    plain = LLM(path)
+    llm = LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 2}, quantization=None)
+    plain = LLM(path, quantization=None)
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     p = SamplingParams(temperature=0, max_tokens=12, json_schema=schema)
     msgs = [{"role": "user", "content": "Give n."}]
@@ -337,7 +353,7 @@ def test_server_with_speculation_answers_as_without(checkpoint, tmp_path):
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
         msgs = [{"role": "user", "content": "Count to five."}]
-        want = LLM(path).chat(msgs, SamplingParams(temperature=0, max_tokens=16))
+        want = LLM(path, quantization=None).chat(msgs, SamplingParams(temperature=0, max_tokens=16))
         r = client.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0)
         assert r.choices[0].message.content == want.content
         assert getattr(r.choices[0].message, "reasoning_content", None) == want.reasoning_content
