@@ -3,6 +3,11 @@
 Two on-disk forms are accepted:
   * the VL wrapper (`model_type: qwen3_5_moe`, `text_config` + `vision_config`), as shipped by Qwen;
   * text-only (`model_type: qwen3_5_moe_text`), the text config at the top level.
+A `quantization_config` is either ours (`quant_method: qwen36`, a checkpoint stored int8/int4 by
+`qwen36 quantize`: `ModelConfig.quantization`) or Qwen's block FP8 (`quant_method: fp8`, e.g.
+Qwen/Qwen3.6-35B-A3B-FP8: `ModelConfig.fp8`), a source format that is dequantized as it is read.
+
+`load_config` refuses a GGUF file (or a directory of them) by its magic bytes, before reading anything else.
 """
 from __future__ import annotations
 
@@ -16,6 +21,75 @@ LAYER_TYPES = ("linear_attention", "full_attention")
 
 class ConfigError(ValueError):
     """config.json is missing, malformed, or describes a model we do not run."""
+
+
+class GGUFError(ConfigError):
+    """The model given is llama.cpp's GGUF format, which qwen36 does not read."""
+
+
+GGUF_MAGIC = b"GGUF"
+MAX_CONFIG_BYTES = 16 << 20
+OFFICIAL_REPOS = ("Qwen/Qwen3.6-35B-A3B", "Qwen/Qwen3.6-35B-A3B-FP8")
+
+
+def gguf_advice(what: str) -> str:
+    """The message for a GGUF model: what qwen36 reads instead, and how to get it."""
+    return f"{what} is a GGUF file (llama.cpp's format), which qwen36 does not read. {READ_INSTEAD}"
+
+
+READ_INSTEAD = (f"qwen36 reads the official safetensors checkpoint as Qwen publishes it: {OFFICIAL_REPOS[0]} (bf16) or "
+                f"the FP8 one {OFFICIAL_REPOS[1]}. Get it with `hf download {OFFICIAL_REPOS[0]} --local-dir DIR` (or "
+                f"give the repo id instead of a path and qwen36 downloads it into the Hugging Face cache); qwen36 "
+                f"quantizes at load time: --quantization int4 (or int8) on the command line, "
+                f"LLM(path, quantization='int4') in Python.")
+
+
+def check_not_gguf(path: str | Path) -> None:
+    """Raise GGUFError if `path` is a GGUF file (its first 4 bytes; nothing more is read) or a directory
+    holding .gguf files and no config.json."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(len(GGUF_MAGIC))
+        except OSError:
+            return
+        if magic == GGUF_MAGIC:
+            raise GGUFError(gguf_advice(str(path)))
+    elif path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if ggufs:
+            raise GGUFError(gguf_advice(f"{path} has no config.json; {ggufs[0]}"
+                                        + (f" (and {len(ggufs) - 1} more .gguf)" if len(ggufs) > 1 else "")))
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """Qwen's block FP8 source format: each converted weight W is stored float8_e4m3fn with `W_scale_inv`
+    [ceil(N / block[0]), ceil(K / block[1])]; w = fp8 * scale_inv of its block (checkpoint.dequantize_fp8).
+    Activations are not ours to quantize (activation_scheme is for FP8 kernels); weights are dequantized as
+    they are read, into the dtype (or int8/int4 form) the load asks for."""
+    block: tuple[int, int] = (128, 128)
+    fmt: str = "e4m3"
+    activation_scheme: str = "dynamic"
+    modules_to_not_convert: tuple[str, ...] = ()
+
+
+def parse_fp8_config(q: dict) -> FP8Config:
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"config.json: quantization_config fmt {fmt!r} is not supported; FP8 checkpoints "
+                          "must be 'e4m3' (float8_e4m3fn), as Qwen's are")
+    block = q.get("weight_block_size")
+    if block is None:
+        raise ConfigError("config.json: quantization_config (fp8) has no weight_block_size; qwen36 reads block FP8 "
+                          f"checkpoints ({OFFICIAL_REPOS[1]}: [128, 128]), not per-tensor FP8")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ConfigError(f"config.json: quantization_config weight_block_size must be two positive integers, "
+                          f"got {block!r}")
+    return FP8Config(block=(block[0], block[1]), fmt=fmt,
+                     activation_scheme=str(q.get("activation_scheme", "dynamic")),
+                     modules_to_not_convert=tuple(q.get("modules_to_not_convert") or ()))
 
 
 @dataclass(frozen=True)
@@ -93,6 +167,7 @@ class ModelConfig:
     vision_start_token_id: int
     vision_end_token_id: int
     quantization: dict | None = None    # config.json quantization_config (qwen36-quantized checkpoints)
+    fp8: FP8Config | None = None        # block-FP8 weights on disk (Qwen's -FP8 checkpoints), dequantized as read
 
 
 def _get(d: dict, key: str, default, where: str):
@@ -218,6 +293,10 @@ def parse_config(raw: dict) -> ModelConfig:
     else:
         text = parse_text_config(raw)
         vision = None
+    q = raw.get("quantization_config")
+    fp8 = None
+    if isinstance(q, dict) and q.get("quant_method") == "fp8":
+        fp8, q = parse_fp8_config(q), None
     return ModelConfig(
         model_type=model_type,
         text=text,
@@ -226,16 +305,22 @@ def parse_config(raw: dict) -> ModelConfig:
         video_token_id=int(raw.get("video_token_id", 248057)),
         vision_start_token_id=int(raw.get("vision_start_token_id", 248053)),
         vision_end_token_id=int(raw.get("vision_end_token_id", 248054)),
-        quantization=raw.get("quantization_config"),
+        quantization=q,
+        fp8=fp8,
     )
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """Parse `path/config.json` (or `path` itself if it is the file)."""
+    """Parse `path/config.json` (or `path` itself if it is the file). A GGUF file, or a directory of them
+    without config.json, raises GGUFError at once (its first 4 bytes are all that is read)."""
     path = Path(path)
+    check_not_gguf(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise ConfigError(f"{file}: no config.json (is {path} a Hugging Face checkpoint directory?)")
+    size = file.stat().st_size
+    if size > MAX_CONFIG_BYTES:     # a weights file given as the model: say so without reading it
+        raise ConfigError(f"{file}: not a config.json ({size:,} bytes); give the checkpoint directory")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from qwen36.config import ConfigError, load_config, parse_config
+from qwen36.config import ConfigError, FP8Config, GGUFError, load_config, parse_config
+from qwen36.model import _quant_config
+from qwen36.quant import QuantConfig
 from qwen36.synth import DEMO, REAL, model_config
 
 
@@ -73,3 +76,73 @@ def test_missing_and_bad_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps([1]))
     with pytest.raises(ConfigError, match="JSON object"):
         load_config(tmp_path)
+
+
+def _peak_rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:     # "5": the peak (VmHWM) restarts from the RSS now
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def test_gguf_file_is_refused_by_its_magic_without_reading_it(tmp_path):
+    """A 2 GB (sparse) GGUF file: refused in well under a second, and the process's peak memory does not grow
+    by anything like its size (all that is read is its first 4 bytes)."""
+    from qwen36 import LLM
+
+    big = tmp_path / "Qwen3.6-35B-A3B-Q4_K_M.gguf"
+    with open(big, "wb") as f:
+        f.write(b"GGUF" + (3).to_bytes(4, "little"))
+        f.truncate(2 << 30)
+    copy = tmp_path / "model"                          # no .gguf name: the magic is what tells
+    copy.symlink_to(big)
+    for path in (big, copy):
+        _peak_rss_reset()
+        before, start = _peak_rss(), time.perf_counter()
+        with pytest.raises(GGUFError) as e:
+            load_config(path)
+        assert time.perf_counter() - start < 1.0
+        assert _peak_rss() - before < 64 << 20
+    msg = str(e.value)
+    for needle in ("GGUF", "Qwen/Qwen3.6-35B-A3B ", "Qwen/Qwen3.6-35B-A3B-FP8", "hf download", "quantizes at load"):
+        assert needle in msg, needle
+    start = time.perf_counter()
+    with pytest.raises(GGUFError):                     # every entry point: LLM(path) loads through load_config
+        LLM(big, quantization=None)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_directory_of_gguf_files_is_refused(tmp_path):
+    (tmp_path / "Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf").write_bytes(b"GGUF" + bytes(28))
+    with pytest.raises(GGUFError, match="has no config.json; Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(model_config(DEMO)))   # a checkpoint with a GGUF beside it
+    assert load_config(tmp_path).text.hidden_size == DEMO["hidden_size"]
+
+
+def test_weights_file_given_as_config_is_not_read(tmp_path):
+    f = tmp_path / "model.safetensors"
+    with open(f, "wb") as out:
+        out.truncate(1 << 30)
+    with pytest.raises(ConfigError, match="not a config.json"):
+        load_config(f)
+
+
+def test_fp8_quantization_config_is_a_source_format():
+    raw = model_config(DEMO)
+    raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128],
+                                  "modules_to_not_convert": ["lm_head", "model.visual"]}
+    cfg = parse_config(raw)
+    assert cfg.quantization is None                    # not a stored int8/int4 form
+    assert cfg.fp8 == FP8Config(block=(128, 128), modules_to_not_convert=("lm_head", "model.visual"))
+    assert _quant_config(cfg, None, 128) is None
+    assert _quant_config(cfg, "int4", 128) == QuantConfig("int4", 128)
+    for bad, needle in ((dict(fmt="e5m2"), "e5m2"), (dict(weight_block_size=None), "weight_block_size"),
+                        (dict(weight_block_size=[128]), "two positive integers")):
+        raw["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128], **bad}
+        with pytest.raises(ConfigError, match=needle):
+            parse_config(raw)
