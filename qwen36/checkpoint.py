@@ -2,7 +2,9 @@
 
 * `SafetensorsFile`: one .safetensors file, memory-mapped; tensors are zero-copy views of the page cache,
   so loading a weight costs one copy (into its final dtype and device), never two.
-* `Checkpoint`: a directory; walks `model.safetensors.index.json` or a single `model.safetensors`.
+* `Checkpoint`: a directory; walks `model.safetensors.index.json` or a single `model.safetensors`. Block-FP8
+  weights (Qwen's official `-FP8` checkpoints: `W` float8_e4m3fn + `W_scale_inv`) read as the float weights they
+  stand for, dequantized one tensor at a time (`dequantize_fp8`); their scales are not listed as tensors.
 * `NAME_MAP` and `map_name`: the ONE table from on-disk names to our parameter names. Every exception
   to "keep the checkpoint's name" lives there.
 * `iter_text_weights`: every expected tensor present with its shape, nothing unexpected; errors name
@@ -27,9 +29,11 @@ SINGLE_FILE = "model.safetensors"
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+SCALE_INV = "_scale_inv"            # an FP8 weight `X.weight`'s block scales are `X.weight_scale_inv`
 
 
 MAPPINGS: list[mmap.mmap] = []      # every file mapping opened (residency.py drops pages of these)
@@ -113,7 +117,10 @@ class SafetensorsFile:
 class Checkpoint:
     """A checkpoint directory: which file holds each tensor, opened lazily."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, fp8_block: tuple[int, int] | None = None):
+        """fp8_block: the [rows, cols] block of FP8 weights' scales (config.json's
+        quantization_config.weight_block_size); None: read it from config.json when the checkpoint has FP8
+        weights."""
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory")
@@ -144,6 +151,39 @@ class Checkpoint:
                 self.where[name] = SINGLE_FILE
         else:
             raise CheckpointError(f"{self.path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+        self.stored = dict(self.where)            # every tensor on disk, scales included
+        self.fp8: dict[str, str] = {}             # FP8 weight -> its scale tensor (not in `where`)
+        self.fp8_block = fp8_block
+        self._pair_fp8()
+
+    def _pair_fp8(self) -> None:
+        """Find the FP8 weights and their `_scale_inv` scales (headers only: nothing is read) and check
+        each scale grid against its weight: [..., ceil(N / block_rows), ceil(K / block_cols)]."""
+        for name, file in self.stored.items():
+            scale = name + SCALE_INV
+            if scale not in self.stored or self._open(file).dtype_str(name) not in FP8_DTYPES:
+                continue
+            sd = self._open(self.stored[scale]).dtype_str(scale)
+            if sd not in FLOAT_DTYPES:
+                raise CheckpointError(f"{self.path / self.stored[scale]}: tensor {scale!r} has dtype {sd}; "
+                                      f"FP8 block scales must be one of {list(FLOAT_DTYPES)}")
+            self.fp8[name] = scale
+        if not self.fp8:
+            return
+        if self.fp8_block is None:
+            self.fp8_block = _block_from_config(self.path)
+        for name, scale in self.fp8.items():
+            w, s = self.shape(name), self._open(self.stored[scale]).shape(scale)
+            want = fp8_scale_shape(w, self.fp8_block) if self.fp8_block and len(w) >= 2 else None
+            if want is None and len(w) >= 2 and len(s) == len(w) and all(
+                    a % b == 0 for a, b in zip(w[-2:], s[-2:])) and s[-1] and s[-2]:
+                want = tuple(s)                    # no block size given: the blocks tile the weight exactly
+            if tuple(s) != want:
+                raise CheckpointError(
+                    f"{self.path / self.stored[scale]}: FP8 scale {scale!r} has shape {list(s)}, but weight "
+                    f"{name!r} of shape {list(w)} in blocks of {list(self.fp8_block or ['?', '?'])} needs "
+                    f"{list(want) if want else 'a [..., rows/block, cols/block] grid'}")
+            del self.where[scale]
 
     def _open(self, file: str) -> SafetensorsFile:
         if file not in self._files:
@@ -160,10 +200,61 @@ class Checkpoint:
         return self._open(self.where[name]).shape(name)
 
     def dtype_str(self, name: str) -> str:
-        return self._open(self.where[name]).dtype_str(name)
+        """The dtype as stored (an FP8 weight's is F8_E4M3: `tensor` and `read` give it dequantized)."""
+        return self._open(self.stored[name]).dtype_str(name)
 
     def tensor(self, name: str) -> torch.Tensor:
+        """The tensor as a zero-copy view of its file, or, for an FP8 weight, its dequantized fp32 values."""
+        if name in self.fp8:
+            return self.read(name, torch.float32, "cpu")
         return self._open(self.where[name]).tensor(name)
+
+    def read(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tensor in `dtype` on `device`: on the CPU a tensor already in `dtype` is the memory-mapped view
+        itself; on a GPU it crosses as stored and is converted there. An FP8 weight is dequantized (on that
+        device) straight into `dtype`, a block row at a time: w = fp8 * scale_inv of its block."""
+        device = torch.device(device)
+        if name in self.fp8:
+            w, s = self._open(self.where[name]).tensor(name), self._open(self.stored[self.fp8[name]]).tensor(self.fp8[name])
+            if device.type != "cpu":
+                w, s = w.to(device), s.to(device)
+            return dequantize_fp8(w, s, self.fp8_block, dtype)
+        t = self._open(self.where[name]).tensor(name)
+        return t.to(device=device, dtype=dtype) if device.type == "cpu" else t.to(device).to(dtype)
+
+
+def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """The scale grid of a block-FP8 weight of `shape` [..., N, K]: [..., ceil(N / bn), ceil(K / bk)]."""
+    *lead, N, K = shape
+    return (*lead, -(-N // block[0]), -(-K // block[1]))
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Block-FP8 -> float: element (n, k) is w[n, k] * scale_inv[n // bn, k // bk], the product taken in fp32
+    (as transformers' Fp8Dequantize and vLLM compute it) and rounded once into `dtype`. Edge blocks may be
+    partial (the scale grid is ceil-sized). Leading axes (stacked experts) broadcast. Only one block row is
+    ever held in fp32 besides the result."""
+    *lead, N, K = w.shape
+    if block is None:                                  # the blocks tile the weight exactly
+        block = (N // scale_inv.shape[-2], K // scale_inv.shape[-1])
+    bn, bk = block
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    cols = scale_inv.float().repeat_interleave(bk, dim=-1)[..., :K]            # [..., N/bn, K]: one row per block row
+    for i in range(scale_inv.shape[-2]):
+        rows = slice(i * bn, min(N, (i + 1) * bn))
+        out[..., rows, :] = w[..., rows, :].float() * cols[..., i:i + 1, :]
+    return out
+
+
+def _block_from_config(path: Path) -> tuple[int, int] | None:
+    """quantization_config.weight_block_size of the checkpoint's config.json, if it says one."""
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        block = raw["quantization_config"]["weight_block_size"]
+        return int(block[0]), int(block[1])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,11 +332,17 @@ def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
     def check_dtype(disk: str, ours: str) -> None:
         ds = ckpt.dtype_str(disk)
         ok = ("U8", "I8") if ours.endswith(".q") else FLOAT_DTYPES
-        if ds not in ok:
+        if ds not in ok and disk not in ckpt.fp8:         # an FP8 weight with its scales reads as float
+            hint = ""
+            if ds in FP8_DTYPES:
+                hint = (f" (an FP8 weight needs its block scales {disk + SCALE_INV!r}, as Qwen's -FP8 checkpoints "
+                        "ship them; qwen36 reads bf16 and block-FP8 checkpoints and quantizes them itself with "
+                        "quantization='int8'|'int4')")
+            elif not ours.endswith(".q"):
+                hint = (" (qwen36 reads bf16 and block-FP8 checkpoints and quantizes them itself with "
+                        "quantization='int8'|'int4')")
             raise CheckpointError(
-                f"{ckpt.file_of(disk)}: tensor {disk!r} has unsupported dtype {ds}; expected one of {list(ok)}"
-                + ("" if ours.endswith(".q") else " (FP8 and other quantized checkpoints are not supported; "
-                   "qwen36 quantizes bf16 checkpoints itself with quantization='int8'|'int4')"))
+                f"{ckpt.file_of(disk)}: tensor {disk!r} has unsupported dtype {ds}; expected one of {list(ok)}{hint}")
 
     assembled: dict[str, tuple[str, dict]] = {}     # fused name -> (which proj, {(e, proj): disk})
     for prefix, pieces in experts.items():
@@ -282,9 +379,9 @@ def iter_text_weights(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], nu
         return cpu if ours in on_cpu or ours.rpartition(".")[0] in on_cpu else device
 
     def convert(disk: str, t_dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-        # already in the wanted dtype on the CPU: the memory-mapped view itself (no second copy in RAM)
-        t = ckpt.tensor(disk)
-        return t.to(device=dev, dtype=t_dtype) if dev.type == "cpu" else t.to(dev).to(t_dtype)
+        # already in the wanted dtype on the CPU: the memory-mapped view itself (no second copy in RAM);
+        # an FP8 weight: dequantized into t_dtype as it is read
+        return ckpt.read(disk, t_dtype, dev)
 
     device, cpu = torch.device(device), torch.device("cpu")
     for ours, shape in expected.items():

@@ -124,12 +124,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
 
     quantization="int8"|"int4" quantizes each weight as it is read (the model never exists in fp32 as a
     whole); a checkpoint written by `qwen36 quantize` is loaded as it is stored, without re-quantizing.
+    A block-FP8 checkpoint (Qwen's -FP8, config.fp8) is a source format: each weight is dequantized as it
+    is read, into `dtype` or then into int8/int4.
     mtp=True also loads the MTP head (`model.mtp`, for speculative decoding). cpu_experts=N keeps the routed
     experts of the last N layers ("all": every layer) in CPU memory, int4, run by the CPU kernels
     (quant.offload_experts).
     """
     cfg = load_config(path)
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(path, fp8_block=cfg.fp8.block if cfg.fp8 else None)
     device = torch.device(device)
     qcfg = _quant_config(cfg, quantization, group_size)
     with torch.device("meta"):
@@ -214,6 +216,8 @@ def _stored_as_parts(ckpt: Checkpoint, name: str, part: str) -> bool:
 
 
 def _quant_config(cfg: ModelConfig, quantization: str | None, group_size: int) -> QuantConfig | None:
+    """The quantized form the model takes: the stored one of a `qwen36 quantize` checkpoint, else the one
+    asked for (None: float). Block FP8 on disk (cfg.fp8) is not a stored form: it is read as float."""
     stored = QuantConfig.from_json(cfg.quantization) if cfg.quantization is not None else None
     if quantization is not None and quantization not in METHODS:
         raise ValueError(f"quantization={quantization!r} is not supported; choose one of {list(METHODS)} or None")

@@ -35,7 +35,9 @@ class QuantConfig:
     @staticmethod
     def from_json(d: dict) -> "QuantConfig":
         if d.get("quant_method") != "qwen36" or d.get("bits") not in (4, 8):
-            raise ValueError(f"config.json quantization_config {d} is not a qwen36 int8/int4 checkpoint")
+            raise ValueError(f"config.json quantization_config {d} is not a qwen36 int8/int4 checkpoint; qwen36 reads "
+                             "bf16 and block-FP8 (quant_method 'fp8', as Qwen/Qwen3.6-35B-A3B-FP8) checkpoints and "
+                             "its own int8/int4 ones, and quantizes at load with quantization='int8'|'int4'")
         return QuantConfig("int8" if d["bits"] == 8 else "int4", int(d.get("group_size", DEFAULT_GROUP)))
 
 

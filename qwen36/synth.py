@@ -5,11 +5,16 @@ our model's module tree, so loading it is a real test of the loader: VL-wrapper 
 `model.language_model.*` text weights in bf16 (A_log and the gated-norm weight in fp32), fused experts
 `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] (or per-expert tensors), `lm_head.weight`,
 optional `model.visual.*` tower and per-expert `mtp.*` block, sharded safetensors + index.
+
+`to_fp8_checkpoint` turns such a checkpoint into Qwen's block-FP8 layout (Qwen/Qwen3.6-35B-A3B-FP8), and
+`write_dequantized` writes the float checkpoint an FP8 one stands for (what the reference is fed in tests).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -359,3 +364,95 @@ class _ShardWriter:
             weight_map.update({t: name for t in names})
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- block FP8
+# The weights Qwen's -FP8 checkpoints store as float8_e4m3fn + `_scale_inv` (everything else stays as in the bf16
+# checkpoint: embeddings, lm_head, the router `mlp.gate`, `shared_expert_gate`, DeltaNet's in_proj_a/b, conv1d,
+# A_log, dt_bias, norms, `mtp.fc` and the whole vision tower). Routed experts are stored per expert.
+FP8_CONVERTED = re.compile(r"^(model\.language_model\.|model\.|mtp\.)layers\.\d+\.("
+                           r"self_attn\.[qkvo]_proj|linear_attn\.(in_proj_qkv|in_proj_z|out_proj)|"
+                           r"mlp\.shared_expert\.(gate|up|down)_proj|mlp\.experts\.\d+\.(gate|up|down)_proj)\.weight$")
+FP8_MAX = 448.0                      # the largest float8_e4m3fn
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.bfloat16):
+    """w [..., N, K] -> (float8_e4m3fn [..., N, K], scale_inv [..., ceil(N/bn), ceil(K/bk)] in scale_dtype):
+    each block's largest |w| maps to 448, and w ~= fp8 * scale_inv. The codes are computed from the scale as
+    stored (rounded to scale_dtype), so dequantizing gives the nearest FP8 grid point of each weight."""
+    w = w.float()
+    *lead, N, K = w.shape
+    bn, bk = block
+    n, k = -(-N // bn), -(-K // bk)
+    padded = torch.zeros(*lead, n * bn, k * bk)
+    padded[..., :N, :K] = w
+    blocks = padded.reshape(*lead, n, bn, k, bk)
+    scale = (blocks.abs().amax(dim=(-3, -1)) / FP8_MAX).clamp_min(1e-12).to(scale_dtype)      # [..., n, k]
+    q = (blocks / scale.float()[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    q = q.reshape(*lead, n * bn, k * bk)[..., :N, :K].to(torch.float8_e4m3fn)
+    return q.contiguous(), scale
+
+
+def to_fp8_checkpoint(src: str | Path, out: str | Path, block: tuple[int, int] = (128, 128),
+                      scale_dtype: torch.dtype = torch.bfloat16, per_expert: bool = True, shards: int = 2) -> Path:
+    """Convert a float checkpoint in the official layout (e.g. one `write_checkpoint` made) into Qwen's block-FP8
+    layout: the FP8_CONVERTED weights become float8_e4m3fn `W` + `W_scale_inv` (block scales, scale_dtype;
+    Qwen's are bf16), fused experts are split per expert first (per_expert=False keeps them fused, with a
+    [E, ceil(2I/bn), ceil(H/bk)] scale), and config.json gets the `quant_method: fp8` quantization_config.
+    The other files (tokenizer, generation config, ...) are copied."""
+    from .checkpoint import INDEX_FILE, Checkpoint
+
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoint(src)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in ckpt.names():
+        t = ckpt.tensor(name)
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$", name)
+        if m and per_expert:
+            for e in range(t.shape[0]):
+                if m.group(2) == "gate_up_proj":
+                    I = t.shape[1] // 2
+                    tensors[f"{m.group(1)}.{e}.gate_proj.weight"] = t[e, :I]
+                    tensors[f"{m.group(1)}.{e}.up_proj.weight"] = t[e, I:]
+                else:
+                    tensors[f"{m.group(1)}.{e}.down_proj.weight"] = t[e]
+        else:
+            tensors[name] = t
+    written, not_converted = {}, []
+    for name, t in tensors.items():
+        if FP8_CONVERTED.match(name) or (not per_expert and re.search(r"\.mlp\.experts\.(gate_up|down)_proj$", name)):
+            written[name], written[name + "_scale_inv"] = quantize_fp8(t, block, scale_dtype)
+        else:
+            written[name] = t
+            if name.endswith(".weight") and t.dim() >= 2:
+                not_converted.append(name.removesuffix(".weight"))
+    write_safetensors(written, out, shards)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                      weight_block_size=list(block), modules_to_not_convert=not_converted)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    _copy_side_files(src, out, skip=("config.json", INDEX_FILE))
+    return out
+
+
+def write_dequantized(src: str | Path, out: str | Path, dtype: torch.dtype = torch.float32, shards: int = 2) -> Path:
+    """The float checkpoint an FP8 one stands for: every FP8 weight dequantized (fp32 products, then `dtype`),
+    the rest as stored, config.json without the quantization_config."""
+    from .checkpoint import INDEX_FILE, Checkpoint
+
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoint(src)
+    write_safetensors({n: ckpt.read(n, dtype) if n in ckpt.fp8 else ckpt.tensor(n) for n in ckpt.names()}, out, shards)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    _copy_side_files(src, out, skip=("config.json", INDEX_FILE))
+    return out
+
+
+def _copy_side_files(src: Path, out: Path, skip: tuple[str, ...]) -> None:
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in skip:
+            shutil.copy(f, out / f.name)

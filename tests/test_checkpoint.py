@@ -53,7 +53,7 @@ def test_recognises_vision_and_mtp_and_loads(ckpt):
     names = Checkpoint(ckpt).names()
     assert any(n.startswith("model.visual.") for n in names)
     assert any(n.startswith("mtp.layers.0.mlp.experts.7.") for n in names)
-    assert LLM(ckpt).logits(IDS).shape == (len(IDS), 512)
+    assert LLM(ckpt, quantization=None).logits(IDS).shape == (len(IDS), 512)
 
 
 def test_single_file_checkpoint(ckpt, tmp_path):
@@ -65,12 +65,12 @@ def test_single_file_checkpoint(ckpt, tmp_path):
     save_file(tensors, str(single / "model.safetensors"))
     for f in ("config.json", "generation_config.json"):
         shutil.copy(ckpt / f, single / f)
-    assert rel_err(LLM(single).logits(IDS), LLM(ckpt).logits(IDS)) == 0
+    assert rel_err(LLM(single, quantization=None).logits(IDS), LLM(ckpt, quantization=None).logits(IDS)) == 0
 
 
 def test_per_expert_equals_fused(checkpoint):
-    fused = LLM(checkpoint("ratio2", seed=4, fused_experts=True)).logits(IDS)
-    per = LLM(checkpoint("ratio2", seed=4, fused_experts=False)).logits(IDS)
+    fused = LLM(checkpoint("ratio2", seed=4, fused_experts=True), quantization=None).logits(IDS)
+    per = LLM(checkpoint("ratio2", seed=4, fused_experts=False), quantization=None).logits(IDS)
     assert rel_err(per, fused) == 0
 
 
@@ -85,7 +85,7 @@ def test_name_map():
 
 def error_of(path) -> str:
     with pytest.raises(CheckpointError) as e:
-        LLM(path)
+        LLM(path, quantization=None)
     return str(e.value)
 
 
@@ -129,11 +129,35 @@ def test_unsupported_dtype(ckpt):
     assert victim in msg and "I32" in msg and "dtype" in msg
 
 
-def test_fp8_dtype_named(ckpt):
+def test_fp8_without_its_scales_named(ckpt):
+    """An FP8 weight reads only with its block scales (`_scale_inv`, as Qwen's -FP8 checkpoints ship them)."""
     victim = "model.language_model.layers.0.mlp.shared_expert.up_proj.weight"
     rewrite(ckpt, victim, torch.zeros(48, 64, dtype=torch.float8_e4m3fn))
     msg = error_of(ckpt)
-    assert victim in msg and "F8_E4M3" in msg
+    assert victim in msg and "F8_E4M3" in msg and victim + "_scale_inv" in msg
+
+
+def test_fp8_weight_with_scales_reads_as_float(ckpt, tmp_path):
+    """The reader takes F8_E4M3 with its `_scale_inv`: here a weight of FP8 codes times power-of-two block scales,
+    whose float value (exact in bf16) is known without our dequantizer; the model equals one given that value."""
+    victim = "model.language_model.layers.0.mlp.shared_expert.up_proj.weight"
+    plain = tmp_path / "plain"
+    shutil.copytree(ckpt, plain)
+    w = Checkpoint(ckpt).tensor(victim).float()
+    scale = torch.tensor([[2.0 ** -6, 2.0 ** -5]])                       # one block of 128 rows, 2 of 32 columns
+    codes = (w / scale.repeat_interleave(32, 1)).to(torch.float8_e4m3fn)
+    value = codes.float() * scale.repeat_interleave(32, 1)
+    rewrite(plain, victim, value.bfloat16())
+    rewrite(ckpt, victim, codes)
+    rewrite(ckpt, victim, scale, new_name=victim + "_scale_inv")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 32]}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    c = Checkpoint(ckpt)                                                 # the block size read from config.json
+    assert c.dtype_str(victim) == "F8_E4M3" and victim + "_scale_inv" not in c.names()
+    assert torch.equal(c.tensor(victim), value)
+    assert torch.equal(LLM(ckpt, dtype="float32", quantization=None).logits(IDS),
+                       LLM(plain, dtype="float32", quantization=None).logits(IDS))
 
 
 def test_truncated_file(ckpt):
