@@ -59,6 +59,11 @@ class HybridCache:
                 if name in tensors:
                     tensors[name][slot].zero_()
 
+    def bytes_per_slot(self) -> int:
+        """The DeltaNet conv and recurrent states (and any other per-slot rows) of one sequence slot."""
+        return sum(t[0].numel() * t.element_size()
+                   for tensors in self.layers.values() for name, t in tensors.items() if name not in ("k", "v"))
+
     def bytes_per_block(self) -> int:
         return sum(t[: self.block_size].numel() * t.element_size()
                    for tensors in self.layers.values() for name, t in tensors.items() if name in ("k", "v"))

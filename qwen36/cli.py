@@ -10,6 +10,7 @@ from pathlib import Path
 
 DEMO_VERSION = 3  # bumped when the demo checkpoint's files change (v3: preprocessor configs)
 DEMO_MESSAGES = [{"role": "user", "content": "Name the three primary colours."}]
+DEMO_MARK = ".qwen36-demo"   # in every directory make-demo writes: the only kind it will replace
 
 
 def make_demo(out: Path, seed: int = 0, geometry: str = "demo", layers: int | None = None,
@@ -22,8 +23,15 @@ def make_demo(out: Path, seed: int = 0, geometry: str = "demo", layers: int | No
     from .synth import DEMO, REAL, write_checkpoint
 
     out = Path(out)
+    if out.exists() and not (out / DEMO_MARK).exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and was not made by make-demo: give a new or empty directory "
+                         "(make-demo replaces only a demo checkpoint it wrote itself)")
     tmp = out.with_name(out.name + ".partial")
+    if tmp.exists() and not (tmp / DEMO_MARK).exists():
+        raise ValueError(f"{tmp} exists and was not made by make-demo: move it away first")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / DEMO_MARK).write_text("written by qwen36 make-demo (random weights); make-demo may replace it\n")
     geo = dict(REAL if geometry == "real" else DEMO)
     if layers:
         geo["num_hidden_layers"] = layers
@@ -35,7 +43,7 @@ def make_demo(out: Path, seed: int = 0, geometry: str = "demo", layers: int | No
                      shards=2 if quantization is None else 1, streamed=dtype is not None,
                      dtype={"bfloat16": torch.bfloat16, "float32": torch.float32, None: torch.bfloat16}[dtype])
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out) if (out / DEMO_MARK).exists() else out.rmdir()    # ours, or empty
     tmp.rename(out)
     return out
 
@@ -108,11 +116,24 @@ def demo_image():
 
 
 def cmd_generate(args) -> int:
-    from . import LLM, SamplingParams
+    from .stats import StreamTimer
 
-    llm = _llm(args)
-    out = llm.generate(args.prompt, llm.default_sampling_params(**_sampling_overrides(args)))
-    print(out.text)
+    llm = _llm(args, max_num_seqs=1)
+    if args.verbose:
+        print(f"qwen36: {llm.describe()}", file=sys.stderr)
+    params = llm.default_sampling_params(**_sampling_overrides(args))
+    inputs = llm.encode_prompt(args.prompt)
+    timer = StreamTimer(prompt_tokens=len(inputs.ids))
+    finish = None
+    for out in timer.wrap(llm.generate_stream(inputs, params)):
+        sys.stdout.write(out.text)
+        sys.stdout.flush()
+        finish = out.finish_reason if out.finished else finish
+    print()
+    if finish == "length":
+        print(f"[stopped at --max-tokens {params.max_tokens}]", file=sys.stderr)
+    if args.verbose:
+        print(timer.line(), file=sys.stderr)
     return 0
 
 
@@ -122,23 +143,27 @@ def _sampling_overrides(args) -> dict:
 
 
 def cmd_chat(args) -> int:
-    from . import LLM
-    from .repl import run_repl
+    from .repl import ChatSession, run_repl
 
-    llm = _llm(args)
-    params = llm.default_sampling_params(**{"max_tokens": 2048, **_sampling_overrides(args)})
-    return run_repl(llm, params, thinking=not args.no_think)
+    llm = _llm(args, max_num_seqs=1)
+    params = llm.default_sampling_params(**{"max_tokens": 4096, **_sampling_overrides(args)})
+    if args.prompt is None or args.verbose:
+        print(f"qwen36: {llm.describe()}", file=sys.stderr)
+    if args.prompt is None:
+        return run_repl(llm, params, thinking=not args.no_think, verbose=args.verbose)
+    ChatSession(llm, params, thinking=not args.no_think, verbose=args.verbose).reply(args.prompt)   # one turn
+    return 0
 
 
 def cmd_serve(args) -> int:
+    """Bind the port, answer /health 503 while the model loads on a thread, then serve (200)."""
     import json
     import logging
-    import os
+    import threading
 
     import uvicorn
 
-    from . import LLM
-    from .server.app import ServerConfig, create_app
+    from .server.app import Booting, ServerConfig, create_app
 
     try:
         defaults = json.loads(args.default_chat_template_kwargs) if args.default_chat_template_kwargs else None
@@ -146,20 +171,71 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--default-chat-template-kwargs is not valid JSON: {e}") from None
     if defaults is not None and not isinstance(defaults, dict):
         raise ValueError("--default-chat-template-kwargs must be a JSON object")
-    llm = _llm(args, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               kv_cache_bytes=parse_size(args.kv_cache_memory))
-    name = args.served_model_name or Path(args.model).resolve().name
+    sizes = {k: parse_size(v) for k, v in (("kv_cache_memory", args.kv_cache_memory),
+                                            ("max_body_size", args.max_body_size),
+                                            ("prefix_cache_memory", args.prefix_cache_memory),
+                                            ("max_ram", args.max_ram)) if v not in (None, "auto")}
+    path = _resolve(args)
+    name = args.served_model_name or _served_name(args.model, path)
     config = ServerConfig(name, args.api_key or os.environ.get("QWEN36_API_KEY") or None,
-                          parse_size(args.max_body_size), defaults, args.allowed_local_media_path,
+                          sizes["max_body_size"], defaults, args.allowed_local_media_path,
                           args.max_image_pixels, args.max_video_pixels, args.background_prefill)
-    app = create_app(llm, config)
-    llm.warm_up()
+    sock = _bind(args.host, args.port)                 # a port in use is said now, not after loading
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    logging.getLogger("qwen36").setLevel(args.log_level.upper())     # debug: a line per request (cache hits)
-    print(f"qwen36: serving {name} on http://{args.host}:{args.port}/v1 "
-          f"(max context {llm.engine().max_model_len} tokens, {args.max_num_seqs} sequences)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    logging.getLogger("qwen36").setLevel(args.log_level.upper())   # info: a line per request
+    boot = Booting()
+    server = uvicorn.Server(uvicorn.Config(boot, log_level="info" if args.log_level in ("debug", "trace")
+                                           else "warning", access_log=args.log_level in ("debug", "trace"),
+                                           timeout_graceful_shutdown=5))
+    failed = []
+
+    def load():
+        try:
+            llm = _llm(args, path=path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                       kv_cache_bytes=sizes.get("kv_cache_memory"))
+            app = create_app(llm, config)
+            llm.warm_up()
+            boot.ready(app)
+            print(f"qwen36: serving {name} on http://{args.host}:{args.port}/v1 (ready)\n  {llm.describe()}",
+                  file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 - any failure to load ends the server with its message
+            failed.append(e)
+            server.should_exit = True
+
+    print(f"qwen36: loading {args.model} ({path}); http://{args.host}:{args.port}/health answers 503 until "
+          "the model is ready", file=sys.stderr, flush=True)
+    threading.Thread(target=load, name="qwen36-load", daemon=True).start()
+    server.run(sockets=[sock])
+    if failed:
+        raise failed[0]
     return 0
+
+
+def _bind(host: str, port: int):
+    """The listening socket uvicorn will serve on; a clear error if the address is taken or not ours."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port, or stop what "
+                         "holds it") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _resolve(args) -> Path:
+    from .hub import resolve_model
+    return resolve_model(args.model)
+
+
+def _served_name(model: str, path: Path) -> str:
+    from .hub import model_name
+    return model_name(model, path)
 
 
 def parse_size(text: str) -> int:
@@ -255,34 +331,41 @@ def cmd_device_bench(args) -> int:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight form: auto = int4 on a CPU for a bf16/fp32/FP8 checkpoint (converted once into the "
+                        "cache), as stored for an int8/int4 one, none (bf16) on a GPU; none = unquantized")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="float weights and compute: auto = float32 on a CPU, bfloat16 on a GPU")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--no-convert-cache", dest="convert_cache", action="store_false",
+                   help="quantize at load every start instead of keeping a converted copy in the cache")
+    p.add_argument("--max-ram", default=None, metavar="SIZE",
+                   help="keep resident memory under SIZE (e.g. 16G) by reading routed experts from disk as "
+                        "needed (quantized weights on disk; slower)")
     p.add_argument("--cpu-experts", default=None, metavar="all|N",
                    help="with a GPU: keep the routed experts of all or the last N layers in CPU memory (int4, "
                         "run by the CPU kernels), the rest on the GPU (llama.cpp's --n-cpu-moe)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="with a GPU: replay decode steps as CUDA graphs (batch sizes up to 64)")
-    p.add_argument("--quantization", default=None, choices=["int8", "int4"])
-    p.add_argument("--max-ram", default=None, help="keep resident memory under SIZE (e.g. 8G) by letting "
-                                                 "least recently used experts leave memory (quantized checkpoints)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the cached state of earlier prompts' prefixes (on by default)")
-    p.add_argument("--prefix-cache-memory", default="1G",
-                   help="memory for prefix-cache state snapshots, e.g. 512M, 4G (cached KV stays in the KV cache)")
+                   help="reuse the cached state of earlier prompts' prefixes")
+    p.add_argument("--prefix-cache-memory", default="auto", metavar="SIZE",
+                   help="memory for prefix-cache state snapshots, e.g. 512M, 4G (auto: 1G, less on a full machine)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding with the checkpoint\'s MTP head, vLLM\'s spelling: '
                         '\'{"method": "mtp", "num_speculative_tokens": 2}\' (same output, more tokens per step)')
 
 
-def _llm(args, **kw):
+def _llm(args, path: Path | None = None, **kw):
     from . import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-               max_ram=parse_size(args.max_ram) if args.max_ram else None,
-               enable_prefix_caching=args.enable_prefix_caching,
-               prefix_cache_memory=parse_size(args.prefix_cache_memory),
-               speculative_config=args.speculative_config, cpu_experts=_cpu_experts(args.cpu_experts),
-               cuda_graphs=args.cuda_graphs, **kw)
+    size = lambda v: None if v in (None, "auto") else parse_size(v)                # noqa: E731
+    return LLM(path or _resolve(args), dtype=args.dtype, device=args.device,
+               quantization=None if args.quantization == "none" else args.quantization,
+               max_ram=size(args.max_ram), enable_prefix_caching=args.enable_prefix_caching,
+               prefix_cache_memory=size(args.prefix_cache_memory), speculative_config=args.speculative_config,
+               cpu_experts=_cpu_experts(args.cpu_experts), cuda_graphs=args.cuda_graphs,
+               convert_cache=args.convert_cache, **{"progress": sys.stderr.isatty(), **kw})
 
 
 def _cpu_experts(value: str | None) -> int | str | None:
@@ -295,59 +378,70 @@ def _cpu_experts(value: str | None) -> int | str | None:
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (reasoning included)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the checkpoint's generation_config.json)")
+    p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's generation_config.json")
+    p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's generation_config.json")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print prompt and decode tokens/s and the time to the first token after each answer")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in its help, where it has one worth saying (not None or off)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+MODEL_HELP = ("a checkpoint directory in the Hugging Face layout, or a repo id such as Qwen/Qwen3.6-35B-A3B "
+              "(from the local Hugging Face cache, downloaded if the Hub is reachable)")
+# flags of other engines a user may type out of habit -> ours
+SIMILAR = {"--ctx-size": "--max-model-len", "-c": "--max-model-len", "--n-predict": "--max-tokens",
+           "-n": "--max-tokens", "--threads": "(none: PyTorch uses every core; set OMP_NUM_THREADS)",
+           "--n-gpu-layers": "--device cuda", "-ngl": "--device cuda", "--parallel": "--max-num-seqs",
+           "--model": "MODEL (a positional argument)", "-m": "MODEL (a positional argument)",
+           "--gpu-memory-utilization": "--kv-cache-memory", "--num-ctx": "--max-model-len"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen36", description="Inference engine for Qwen3.6-35B-A3B (qwen3_5_moe).")
-    sub = p.add_subparsers(dest="command", required=True)
+    from . import __version__
 
-    m = sub.add_parser("make-demo", help="synthesize a small checkpoint in the official layout (real vocabulary)")
-    m.add_argument("dir")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--geometry", default="demo", choices=["demo", "real"],
-                   help="real: Qwen3.6-35B-A3B's full geometry, written in quantized form")
-    m.add_argument("--layers", type=int, default=None)
-    m.add_argument("--quantization", default=None, choices=["int8", "int4"])
-    m.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                   help="plain weights in this dtype, written one layer at a time (for --geometry real: what "
-                        "llama.cpp's converter reads)")
-    m.add_argument("--no-mtp", action="store_true", help="leave out the MTP head (mtp.*)")
-    m.set_defaults(func=cmd_make_demo)
+    p = argparse.ArgumentParser(prog="qwen36", description="Inference engine and server for Qwen3.6-35B-A3B "
+                                "(qwen3_5_moe).", formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"qwen36 {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="make (once, cached) the demo checkpoint and generate from it")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-tokens", type=int, default=24)
-    d.set_defaults(func=cmd_demo)
-
-    g = sub.add_parser("generate", help="one completion of a prompt, to stdout")
-    g.add_argument("model")
-    g.add_argument("prompt")
-    _add_sampling_options(g)
-    _add_model_options(g)
-    g.set_defaults(func=cmd_generate)
-
-    c = sub.add_parser("chat", help="interactive chat: streaming, reasoning shown apart")
-    c.add_argument("model")
-    c.add_argument("--no-think", action="store_true", help="start with thinking off (/think on|off toggles)")
+    c = sub.add_parser("chat", help="chat with the model: interactive, or one turn with PROMPT",
+                       formatter_class=_Help)
+    c.add_argument("model", help=MODEL_HELP)
+    c.add_argument("prompt", nargs="?", default=None, help="one message: answer it and exit (else interactive)")
+    c.add_argument("--no-think", action="store_true", help="thinking off (in the REPL, /think toggles)")
     _add_sampling_options(c)
     _add_model_options(c)
     c.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    s.add_argument("model")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set QWEN36_API_KEY)")
-    s.add_argument("--served-model-name", default=None)
-    s.add_argument("--max-model-len", type=int, default=32768)
-    s.add_argument("--max-num-seqs", type=int, default=8)
-    s.add_argument("--kv-cache-memory", default="1G", help="memory for attention KV blocks, e.g. 512M, 4G")
-    s.add_argument("--max-body-size", default="32M", help="largest request body (images come as data: URLs)")
+    s = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server", formatter_class=_Help)
+    s.add_argument("model", help=MODEL_HELP)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; see the "
+                                                      "server docs before exposing it)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
+                                                   "(or set QWEN36_API_KEY)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients see (default: the "
+                                                             "checkpoint's name)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="longest context (prompt + output) in tokens (default: what the KV cache holds, up to "
+                        "the model's 262,144)")
+    s.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together")
+    s.add_argument("--kv-cache-memory", default="auto", metavar="SIZE",
+                   help="memory for attention KV, e.g. 4G (auto: what is left after the weights, the state "
+                        "slots, the prefix cache and a margin)")
+    s.add_argument("--max-body-size", default="32M", metavar="SIZE",
+                   help="largest request body (images come as data: URLs)")
     s.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="let requests name images/videos as file:// URLs inside DIR (off by default)")
     s.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
@@ -355,23 +449,56 @@ def build_parser() -> argparse.ArgumentParser:
                         "2-core CPU the full tower takes ~25 s for 1024x768 and grows faster than the pixel count)")
     s.add_argument("--max-video-pixels", type=int, default=None, metavar="N",
                    help="cap each video's pixel budget over all its frames")
-    s.add_argument("--default-chat-template-kwargs", default=None,
-                   help='JSON, e.g. \'{"enable_thinking": false}\'')
+    s.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
+                   help='e.g. \'{"enable_thinking": false}\'')
     s.add_argument("--background-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="when idle after a chat answer, prefill the history as the next turn will render it "
                         "(earlier reasoning dropped), so the next user message hits the prefix cache")
-    s.add_argument("--log-level", default="warning")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="info: one line per request (tokens, cached, time to first token, tok/s); debug: also "
+                        "HTTP access lines and cache decisions")
     _add_model_options(s)
     s.set_defaults(func=cmd_serve)
 
-    q = sub.add_parser("quantize", help="write a quantized checkpoint that loads without re-quantizing")
-    q.add_argument("model")
-    q.add_argument("out")
+    g = sub.add_parser("generate", help="raw completion of a text prompt (no chat template), to stdout",
+                       formatter_class=_Help)
+    g.add_argument("model", help=MODEL_HELP)
+    g.add_argument("prompt", help="the text to continue")
+    _add_sampling_options(g)
+    _add_model_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="make (once, cached) a small random-weight checkpoint and run one chat turn",
+                       formatter_class=_Help)
+    d.add_argument("--seed", type=int, default=0, help="the demo checkpoint's seed")
+    d.add_argument("--max-tokens", type=int, default=24, help="tokens to generate")
+    d.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("quantize", help="write a quantized checkpoint to OUT (serve and chat keep one in the "
+                                        "cache by themselves)", formatter_class=_Help)
+    q.add_argument("model", help=MODEL_HELP)
+    q.add_argument("out", help="the directory to write")
     q.add_argument("--quantization", default="int4", choices=["int8", "int4"])
     q.add_argument("--group-size", type=int, default=128, help="int4 group size along the input dim")
     q.set_defaults(func=cmd_quantize)
 
-    b = sub.add_parser("bench", help="benchmarks: the model (speed, memory) or a live server (--serve)")
+    m = sub.add_parser("make-demo", help="[dev] synthesize a random-weight checkpoint in the official layout "
+                                         "(real vocabulary)", formatter_class=_Help)
+    m.add_argument("dir", help="a new or empty directory (or one make-demo wrote before, which it replaces)")
+    m.add_argument("--seed", type=int, default=0, help="random weights' seed")
+    m.add_argument("--geometry", default="demo", choices=["demo", "real"],
+                   help="real: Qwen3.6-35B-A3B's full geometry, written in quantized form")
+    m.add_argument("--layers", type=int, default=None, help="decoder layers (default: the geometry's)")
+    m.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="write weights in qwen36's quantized form (--geometry real: int4 unless --dtype)")
+    m.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="plain weights in this dtype, written one layer at a time (for --geometry real: what "
+                        "llama.cpp's converter reads)")
+    m.add_argument("--no-mtp", action="store_true", help="leave out the MTP head (mtp.*)")
+    m.set_defaults(func=cmd_make_demo)
+
+    b = sub.add_parser("bench", help="[dev] benchmarks: the model (speed, memory) or a live server (--serve)",
+                       formatter_class=_Help)
     b.add_argument("model", nargs="?", default=None)
     b.add_argument("--serve", action="store_true", help="load-test a `qwen36 serve` of MODEL (default: the demo)")
     b.add_argument("--clients", type=int, default=8)
@@ -415,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time HF transformers and our fp32 path on the same (unquantized) checkpoint")
     b.set_defaults(func=cmd_bench)
 
-    v = sub.add_parser("device-bench", help="GPU benchmarks at the real geometry, random weights made on the "
+    v = sub.add_parser("device-bench", formatter_class=_Help, help="[dev] GPU benchmarks at the real geometry, random weights made on the "
                                             "device (decode, throughput, 8K prefill, expert offload)")
     v.add_argument("--device", default="cuda")
     v.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -425,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default=None, help="also write the results as JSON here")
     v.set_defaults(func=cmd_device_bench)
 
-    f = sub.add_parser("fuzz", help="send mutated requests to a running server; fails on any 5xx")
+    f = sub.add_parser("fuzz", help="[dev] send mutated requests to a running server; fails on any 5xx",
+                       formatter_class=_Help)
     f.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
     f.add_argument("--requests", type=int, default=500)
     f.add_argument("--seed", type=int, default=0)
@@ -439,7 +567,17 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .tokenizer import TokenizerError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = parser._subparsers._group_actions[0].choices[args.command]   # the subcommand's own usage line
+        hints = [f"{x} -> {SIMILAR[x]}" for x in extra if x.split("=")[0] in SIMILAR]
+        if not hints:
+            import difflib
+            flags = [o for a in sub._actions for o in a.option_strings]
+            hints = [f"{x} -> {m[0]}?" for x in extra if (m := difflib.get_close_matches(x.split("=")[0], flags, 1))]
+        sub.error(f"unrecognized arguments: {' '.join(extra)}"
+                  + (f" (did you mean: {'; '.join(hints)})" if hints else ""))
     try:
         return args.func(args)
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:

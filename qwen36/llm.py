@@ -7,8 +7,14 @@ from typing import Iterator
 
 import torch
 
+from .cache import HybridCache
 from .chat import ChatTemplate
+from .checkpoint import Checkpoint
+from .config import load_config
+from .export import cached_conversion
+from .hub import resolve_model
 from . import hugepages
+from .plan import CachePlan, check_fits, memory_available, plan_caches, plan_weights, size
 from .cuda_graphs import obstacle as graph_obstacle
 from .engine import Engine, StepOutput
 from .image import VisionPreprocess
@@ -23,7 +29,6 @@ from .tokenizer import Tokenizer, TokenizerError
 from .vision import load_vision_tower
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZATIONS = (None, "int8", "int4")
 
 
 class Completion:
@@ -48,16 +53,18 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", quantization: str | None = None,
-                 max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_bytes: int = 1 << 30,
+    def __init__(self, path: str | Path, dtype: str = "auto", device: str = "cpu", quantization: str | None = "auto",
+                 max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_bytes: int | None = None,
                  max_ram: int | None = None, enable_prefix_caching: bool = True,
-                 prefix_cache_memory: int = 1 << 30, speculative_config: dict | str | None = None,
-                 cpu_experts: int | str | None = None, cuda_graphs: bool = False):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)}")
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization={quantization!r} is not supported; choose one of {list(QUANTIZATIONS)}")
-        self.path = Path(path)
+                 prefix_cache_memory: int | None = None, speculative_config: dict | str | None = None,
+                 cpu_experts: int | str | None = None, cuda_graphs: bool = False, convert_cache: bool = True,
+                 progress: bool = False):
+        """dtype "auto": float32 on a CPU, bfloat16 on a GPU. quantization "auto": int4 for a float or FP8
+        checkpoint on a CPU, as stored for one stored int8/int4, none on a GPU (plan.py); None: unquantized.
+        The weights' size in that form is held against the machine's memory before anything is read
+        (plan.InsufficientMemory names the options). convert_cache: on a CPU, quantize once into the cache
+        (export.cached_conversion) and map that on later starts. kv_cache_bytes / max_model_len /
+        prefix_cache_memory None: sized from the memory left (plan.plan_caches). progress: bars on stderr."""
         self.device = torch.device(device)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, not device={device!r}")
@@ -70,7 +77,20 @@ class LLM:
         # speculative decoding: {"method": "mtp", "num_speculative_tokens": k} drafts k tokens per step with
         # the checkpoint's MTP head; the output is the same as without it (greedy tokens, sampled distribution)
         self.num_speculative_tokens, self.draft_vocab_size = parse_speculative_config(speculative_config)
-        self.config, self.model = load_model(self.path, DTYPES[dtype], self.device, quantization=quantization,
+        self.path = resolve_model(path, progress)       # a local directory, or a repo id from the HF cache
+        config, ckpt = load_config(self.path), Checkpoint(self.path)
+        self.plan = plan_weights(config, ckpt, str(self.device), dtype, quantization,
+                                 mtp=self.num_speculative_tokens > 0)
+        self.available = memory_available(str(self.device))       # before loading: the budget for everything
+        check_fits(self.plan, str(self.device), self.available, max_ram, cpu_experts)
+        source = self.path
+        if (convert_cache and self.device.type == "cpu" and self.plan.quantization
+                and self.plan.stored not in ("int8", "int4")):
+            source = cached_conversion(self.path, self.plan.quantization, self.plan.bytes, progress,
+                                       dtype=DTYPES[self.plan.dtype]) or self.path
+        self.weights_source = source            # what was loaded: the checkpoint, or its converted copy
+        self.config, self.model = load_model(source, DTYPES[self.plan.dtype], self.device,
+                                             quantization=self.plan.quantization,
                                              mtp=self.num_speculative_tokens > 0, cpu_experts=cpu_experts or 0)
         if cuda_graphs and (why := graph_obstacle(self.model)) is not None:     # said now, not at the first step
             raise ValueError(f"cuda_graphs=True: {why}")
@@ -78,7 +98,7 @@ class LLM:
             hugepages.place_weights(self.model, experts=max_ram is None)
         # on the CPU the vision tower stays as stored (bf16: the memory map itself, no copy at start-up) and
         # upcasts one layer at a time as it runs; elsewhere it takes the model's dtype
-        tower_dtype = None if self.device.type == "cpu" else DTYPES[dtype]
+        tower_dtype = None if self.device.type == "cpu" else DTYPES[self.plan.dtype]
         self.vision = load_vision_tower(self.model.checkpoint, self.config.vision, tower_dtype, self.device)
         self._media: MediaInputs | None = None
         self.generation_config = _read_optional_json(self.path / "generation_config.json")
@@ -86,12 +106,36 @@ class LLM:
             from .residency import ExpertResidency
             self.residency = ExpertResidency(self.model, max_ram)
         self._tokenizer: Tokenizer | None = None
-        self.max_model_len, self.max_num_seqs, self.kv_cache_bytes = max_model_len, max_num_seqs, kv_cache_bytes
+        self.max_num_seqs = max_num_seqs
+        self.caches = self._plan_caches(max_model_len, kv_cache_bytes, prefix_cache_memory,
+                                        max_ram if max_ram is not None else None)
         # prefix cache: state snapshots of earlier prompts (bounded by prefix_cache_memory) so a prompt that
         # extends or shares an earlier one prefills only what is new
-        self.enable_prefix_caching, self.prefix_cache_memory = enable_prefix_caching, prefix_cache_memory
+        self.enable_prefix_caching = enable_prefix_caching
         self._engine: Engine | None = None
         self._chat_template: ChatTemplate | None = None
+
+    def _plan_caches(self, max_model_len, kv_cache_bytes, prefix_cache_memory, max_ram) -> CachePlan:
+        """KV cache, context and prefix-cache sizes: as given, else from the memory left (plan.plan_caches)."""
+        layout = self.model.cache_layout(mtp=self.num_speculative_tokens > 0)
+        meta = HybridCache(layout, 1, 1, 64, self.model.compute_dtype, "meta")
+        states = meta.bytes_per_slot() * self.max_num_seqs * (1 + self.num_speculative_tokens)
+        # with max_ram, experts leave memory as needed: what is left is judged against that limit
+        available = self.available if max_ram is None else min(self.available or max_ram, max_ram)
+        return plan_caches(available, self.plan.bytes, str(self.device), meta.bytes_per_block() // 64, states,
+                           self.config.text.max_position_embeddings, self.max_num_seqs, kv_cache_bytes,
+                           max_model_len, prefix_cache_memory)
+
+    def describe(self) -> str:
+        """What was chosen for this machine (weights, KV cache, context), for the start-up banner."""
+        c = self.caches
+        return (f"{self.plan.describe()}\n  KV cache {size(c.kv_cache_bytes)} ({c.reason}): max context "
+                f"{c.max_model_len} tokens, {self.max_num_seqs} sequence(s) at once; prefix cache "
+                f"{size(c.prefix_cache_bytes)}")
+
+    @property
+    def max_model_len(self) -> int:
+        return self.caches.max_model_len
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -166,9 +210,9 @@ class LLM:
             grammar = (GrammarBackend(tokenizer_file, self.config.text.vocab_size, self.eos_token_ids)
                        if tokenizer is not None and tokenizer_file.is_file() else None)
             self._engine = Engine(self.model, tokenizer, self.eos_token_ids, num_slots=self.max_num_seqs,
-                                  max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes,
+                                  max_model_len=self.caches.max_model_len, kv_cache_bytes=self.caches.kv_cache_bytes,
                                   enable_prefix_caching=self.enable_prefix_caching,
-                                  prefix_cache_bytes=self.prefix_cache_memory, grammar=grammar,
+                                  prefix_cache_bytes=self.caches.prefix_cache_bytes, grammar=grammar,
                                   num_speculative_tokens=self.num_speculative_tokens,
                                   draft_vocab_size=self.draft_vocab_size, cuda_graphs=self.cuda_graphs)
         return self._engine

@@ -8,11 +8,13 @@ All RMSNorms here are zero-centred (1 + w). Shapes: N flattened tokens of the st
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .batch import ForwardBatch
 from .cache import HybridCache, Layout
@@ -119,7 +121,7 @@ class TextModel(nn.Module):
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
                compute_dtype: torch.dtype | None = None, quantization: str | None = None,
                group_size: int = DEFAULT_GROUP, mtp: bool = False,
-               cpu_experts: int | str = 0) -> tuple[ModelConfig, TextModel]:
+               cpu_experts: int | str = 0, progress: bool = False) -> tuple[ModelConfig, TextModel]:
     """Build the text model on the meta device and fill it from the checkpoint, one tensor at a time.
 
     quantization="int8"|"int4" quantizes each weight as it is read (the model never exists in fp32 as a
@@ -143,7 +145,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
         raise ValueError(f"cpu_experts={cpu_experts!r}: give 'all' or a number of layers from 0 to {n}")
     offload = (lambda m, q: offload_experts(m, range(n - cpu_experts, n), qcfg or QuantConfig("int4", group_size))) \
         if cpu_experts else None
-    tensors, targets = _read_weights(model, ckpt, cfg, qcfg, dtype, device, drop=drop, on_cpu=offload)
+    tensors, targets = _read_weights(model, ckpt, cfg, qcfg, dtype, device, drop=drop, on_cpu=offload,
+                                     progress=progress)
     if cfg.text.tie_word_embeddings and "lm_head.weight" not in targets:
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
     elif cfg.text.tie_word_embeddings:
@@ -172,7 +175,7 @@ def prepare(model: TextModel, device: torch.device, dtype: torch.dtype, compute_
 
 def _read_weights(module: nn.Module, ckpt: Checkpoint, cfg: ModelConfig, qcfg: QuantConfig | None, dtype, device,
                   drop: tuple[str, ...] = (), part: str = "text",
-                  extra_targets=None, on_cpu=None) -> tuple[dict[str, torch.Tensor], dict]:
+                  extra_targets=None, on_cpu=None, progress: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Fill `module` (built on the meta device) from the checkpoint, one tensor at a time: quantized weights
     go straight into their modules (quantized as read, or read as stored), the rest are returned by name.
     part: "text" (the decoder) or "mtp" (the `mtp.*` head). extra_targets(module, qcfg) may add weights to
@@ -189,8 +192,11 @@ def _read_weights(module: nn.Module, ckpt: Checkpoint, cfg: ModelConfig, qcfg: Q
         for suffix, shape in quantized_shapes(expected.pop(name), qcfg).items():
             expected[name + suffix] = shape
     tensors, parts = {}, {}
-    for name, t in iter_text_weights(ckpt, expected, cfg.text.num_experts, dtype, device, keep_fp32=KEEP_FP32,
-                                     part=part, on_cpu=frozenset(cpu_targets)):
+    weights = iter_text_weights(ckpt, expected, cfg.text.num_experts, dtype, device, keep_fp32=KEEP_FP32,
+                                part=part, on_cpu=frozenset(cpu_targets))
+    verb = "loading" if qcfg is None or stored else f"loading + quantizing to {qcfg.method}"
+    for name, t in tqdm(weights, total=len(expected), desc=verb, unit=" tensors", disable=not progress,
+                        file=sys.stderr, dynamic_ncols=True):
         base, dot, suffix = name.rpartition(".")
         if name in targets:                                    # a float weight to quantize now
             mod, attr = targets[name]

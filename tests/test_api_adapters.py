@@ -31,7 +31,7 @@ def server(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(server):
-    return LLM(server["path"])
+    return LLM(server["path"], quantization=None)
 
 
 @pytest.fixture(scope="module")
@@ -380,3 +380,246 @@ def test_strict_flag_of_adapter_tools_reaches_the_chat_request():
     m = am.parse_request(json.dumps({"max_tokens": 2, "messages": MSG, "tools": [
         {**WEATHER, "strict": True}, {**WEATHER, "name": "other"}]}).encode())
     assert [t.function.strict for t in am.to_chat(m).tools] == [True, None]
+
+
+# ---- the real clients' requests (tests/data/agent_requests, captured by tests/test_agent_clients.py) -------
+
+AGENT_REQUESTS = __import__("pathlib").Path(__file__).parent / "data" / "agent_requests"
+
+
+def agent_request(name: str) -> dict:
+    return json.loads((AGENT_REQUESTS / f"{name}.json").read_text())
+
+
+def rendered(chat, thinking: bool = True) -> str:
+    """The prompt the server renders for a translated request (late system/developer messages merged)."""
+    from qwen36.chat import merge_system_messages, render_chat
+
+    messages = merge_system_messages([m.model_dump(exclude_none=True) for m in chat.messages])
+    tools = [t.model_dump(exclude_none=True) for t in chat.tools or ()]
+    return render_chat(messages, tools=tools or None, enable_thinking=thinking)
+
+
+@pytest.mark.parametrize("name", ["claude_code_first", "claude_code_tool_result", "claude_code_second_turn"])
+def test_claude_code_requests_translate(name):
+    """What Claude Code sends -- a system message inside `messages`, adaptive thinking with display omitted,
+    output_config.effort, context_management, a defer_loading placeholder tool, cache_control marks -- is
+    accepted, and renders as one leading system message, its tools, and the thinking prompt."""
+    from qwen36.server import anthropic as am
+
+    fixture = agent_request(name)
+    assert fixture["path"].startswith("/v1/messages")
+    body = fixture["body"]
+    req = am.parse_request(json.dumps(body).encode())
+    chat = am.to_chat(req)
+    assert body["thinking"]["type"] == "adaptive" and chat.chat_template_kwargs == {"enable_thinking": True}
+    effort = body.get("output_config", {}).get("effort")
+    assert chat.thinking_token_budget == {"low": 1024, "medium": 8192}.get(effort)
+    assert chat.max_tokens == body["max_tokens"] and chat.stream is True
+    served = [t["name"] for t in body["tools"] if not t.get("defer_loading") and t.get("type") in (None, "custom")]
+    assert [t.function.name for t in chat.tools] == served and "DeferredToolPlaceholder" not in served
+    late = [m for m in body["messages"] if m["role"] == "system"]
+    assert late and [m.role for m in chat.messages].count("system") == 1 + len(late)
+    prompt = rendered(chat)
+    environment = am._text_of(late[0]["content"], "x")
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n<think>\n")
+    assert prompt.count("<|im_start|>system") == 1
+    assert prompt.index(environment.strip()) < prompt.index("<|im_start|>user")     # in the leading system message
+    if name != "claude_code_first":               # the Read call and its result (our scripted file)
+        [call] = [c for m in chat.messages if m.role == "assistant" for c in m.tool_calls or ()]
+        assert call.function.name == "Read" and json.loads(call.function.arguments)["file_path"].endswith("hello.txt")
+        [result] = [m for m in chat.messages if m.role == "tool"]
+        assert "qwen36-file-marker-5521" in result.content and result.tool_call_id == call.id
+    if name == "claude_code_second_turn":         # our answer, sent back: its reasoning and text
+        answer = [m for m in chat.messages if m.role == "assistant"][-1]
+        assert (answer.reasoning_content, answer.content) == ("Okay.", "Hi there!")
+
+
+@pytest.mark.parametrize("name", ["codex_first", "codex_tool_result", "codex_second_turn"])
+def test_codex_requests_translate(name):
+    """What Codex sends -- developer messages, function tools and a `namespace` of sub-agent tools, web_search,
+    store false, include, client_metadata, prompt_cache_key -- is accepted: function tools (the namespace's
+    flattened) reach the prompt, and reasoning / function_call / function_call_output items come back as
+    the assistant turn and tool message they were."""
+    from qwen36.server import responses as rm
+
+    fixture = agent_request(name)
+    assert fixture["path"] == "/v1/responses"
+    body = fixture["body"]
+    req = rm.parse_request(json.dumps(body).encode())
+    chat, conversation = rm.to_chat(req, [])
+    assert chat.stream is True and req.store is False and chat.max_tokens == body.get("max_output_tokens")
+    want = [t["name"] for t in body["tools"] if t["type"] == "function"]
+    want += [f["name"] for t in body["tools"] if t["type"] == "namespace" for f in t["tools"]]
+    assert sorted(t.function.name for t in chat.tools) == sorted(want)
+    spaces = rm.namespaces(req.tools)
+    assert {ns for ns, _ in spaces.values()} == {t["name"] for t in body["tools"] if t["type"] == "namespace"}
+    prompt = rendered(chat)
+    assert prompt.count("<|im_start|>system") == 1 and prompt.endswith("<|im_start|>assistant\n<think>\n")
+    assert "You are a coding agent running in the Codex CLI" in prompt.split("<|im_start|>user")[0]
+    if name != "codex_first":
+        [call] = [c for m in chat.messages if m.role == "assistant" for c in m.tool_calls or ()]
+        assert (call.id, call.function.name) == ("call_cat1", "exec_command")
+        [result] = [m for m in chat.messages if m.role == "tool"]
+        assert "qwen36-file-marker-5521" in json.dumps(result.content) and result.tool_call_id == "call_cat1"
+    if name == "codex_second_turn":
+        answer = [m for m in chat.messages if m.role == "assistant"][-1]
+        assert (answer.reasoning_content, answer.content) == ("Okay.", "Hi there!")
+
+
+def chat_job(body: dict, defaults: dict | None = None):
+    """A ChatJob of a parsed /v1/chat/completions body, without an engine (thinking and constraints only)."""
+    from types import SimpleNamespace
+
+    from qwen36.server.jobs import ChatJob, ServerConfig
+    from qwen36.server.protocol import ChatCompletionRequest, parse
+
+    req = parse(ChatCompletionRequest, json.dumps({"messages": MSG, **body}).encode())
+    runner = SimpleNamespace(engine=SimpleNamespace(grammar=None))
+    return ChatJob(req, ServerConfig("m", default_chat_template_kwargs=defaults), None, None, None, runner)
+
+
+@pytest.mark.parametrize("body, thinking, budget", [
+    ({"reasoning_effort": "none"}, False, None), ({"reasoning_effort": "minimal"}, False, None),
+    ({"reasoning_effort": "low"}, True, 1024), ({"reasoning_effort": "medium"}, True, 8192),
+    ({"reasoning_effort": "high"}, True, None), ({"reasoning_effort": "xhigh"}, True, None),
+    # what the request says explicitly wins over the effort
+    ({"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}}, False, None),
+    ({"reasoning_effort": "low", "thinking_token_budget": 7}, True, 7),
+    ({}, True, None),
+])
+def test_reasoning_effort_sets_thinking_and_budget(body, thinking, budget):
+    job = chat_job(body)
+    assert job.thinking is thinking
+    assert job._constraint(job.req).get("thinking_token_budget") == budget
+
+
+def test_reasoning_effort_overrides_server_default():
+    assert chat_job({"reasoning_effort": "low"}, {"enable_thinking": False}).thinking is True
+    assert chat_job({}, {"enable_thinking": False}).thinking is False
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"), ({"n_probs": 5}, "n_probs"),
+    ({"mirostat": 2}, "mirostat"), ({"typical_p": 0.5}, "typical_p"),
+])
+def test_output_changing_fields_of_other_dialects_are_400s(body, param):
+    from qwen36.server.protocol import APIError
+
+    with pytest.raises(APIError) as e:
+        chat_job(body)
+    assert e.value.param == param and e.value.status == 400
+
+
+def test_no_op_fields_of_other_dialects_are_accepted(caplog):
+    """llama.cpp's and vLLM's fields that cannot change the output are accepted, and logged at debug."""
+    body = {"cache_prompt": True, "slot_id": 1, "id_slot": 0, "timings_per_token": True, "return_progress": True,
+            "n_probs": 0, "priority": 3, "cache_salt": "s", "request_id": "r"}
+    with caplog.at_level("DEBUG", logger="qwen36.server"):
+        job = chat_job(body)
+    assert job.req.messages[0].content == MSG[0]["content"]
+    assert "cache_prompt" in caplog.text and "n_probs" in caplog.text
+
+
+def anthropic_chat(**body):
+    from qwen36.server import anthropic as am
+
+    return am.to_chat(am.parse_request(json.dumps({"max_tokens": 8, "messages": MSG, **body}).encode()))
+
+
+@pytest.mark.parametrize("body, thinking, budget", [
+    ({"output_config": {"effort": "low"}}, None, 1024),
+    ({"output_config": {"effort": "medium"}, "thinking": {"type": "adaptive"}}, True, 8192),
+    ({"output_config": {"effort": "high"}, "thinking": {"type": "adaptive", "display": "omitted"}}, True, None),
+    ({"output_config": {"effort": "max"}, "thinking": {"type": "enabled", "budget_tokens": 50}}, True, 50),
+    ({"output_config": {"effort": "low"}, "thinking": {"type": "enabled", "budget_tokens": 50}}, True, 50),
+    ({"output_config": {"effort": "low"}, "thinking": {"type": "disabled"}}, False, None),
+    ({"output_config": {"effort": "none"}}, False, None),
+    ({"context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}}, None, None),
+])
+def test_messages_effort_and_thinking(body, thinking, budget):
+    """output_config.effort is the thinking budget (as reasoning_effort's), under an explicit budget_tokens;
+    it does not turn thinking on by itself; context_management and thinking.display change nothing."""
+    chat = anthropic_chat(**body)
+    assert (chat.chat_template_kwargs or {}).get("enable_thinking") == thinking
+    assert chat.thinking_token_budget == budget
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
+    ({"mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}, "mcp_servers"),
+    ({"thinking": {"type": "sometimes"}}, "thinking"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
+])
+def test_messages_fields_that_would_change_the_answer_are_400s(body, param):
+    from qwen36.server.protocol import APIError
+
+    with pytest.raises(APIError) as e:
+        anthropic_chat(**body)
+    assert e.value.param == param
+
+
+def test_messages_system_messages_inside_messages_are_merged_in_order():
+    """Claude Code sends its environment as a `system` message after the first user turn: it joins the
+    leading system message, as late system messages do on /v1/chat/completions."""
+    chat = anthropic_chat(system="Be terse.", messages=[
+        {"role": "user", "content": "hi"}, {"role": "system", "content": [{"type": "text", "text": "Env: linux"}]},
+        {"role": "assistant", "content": "hello"}, {"role": "system", "content": "Reminder."},
+        {"role": "user", "content": "go"}])
+    prompt = rendered(chat)
+    assert prompt.startswith("<|im_start|>system\nBe terse.\n\nEnv: linux\n\nReminder.<|im_end|>\n<|im_start|>user\nhi")
+
+
+def test_messages_deferred_tools_load_by_tool_reference():
+    """A defer_loading tool stays out of the prompt until a tool_result's tool_reference block loads it."""
+    weather = {**WEATHER, "defer_loading": True}
+    search = {"name": "ToolSearch", "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}}}
+    assert [t.function.name for t in anthropic_chat(tools=[search, weather]).tools] == ["ToolSearch"]
+    messages = MSG + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "ToolSearch",
+                                           "input": {"query": "weather"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "tool_reference", "tool_name": "get_weather"}]}]}]
+    chat = anthropic_chat(tools=[search, weather], messages=messages)
+    assert [t.function.name for t in chat.tools] == ["ToolSearch", "get_weather"]
+    assert chat.messages[-1].role == "tool" and "get_weather" in json.dumps(chat.messages[-1].content)
+    from qwen36.server.protocol import APIError
+
+    with pytest.raises(APIError, match="tool_reference"):
+        anthropic_chat(tools=[search], messages=messages)
+
+
+def test_responses_namespace_tools_are_served_and_calls_name_their_namespace():
+    """Codex groups its sub-agent tools in a `namespace` tool: each function is a tool of the prompt (the
+    name qualified only where names clash), a call of one comes back with `namespace` set, and such a call
+    in the input is read back under the name the model saw."""
+    from qwen36.parsers import ChatResult
+    from qwen36.server import responses as rm
+    from qwen36.server.jobs import Choice
+
+    fn = {"type": "function", "parameters": {"type": "object", "properties": {}}}
+    tools = [{**fn, "name": "close"}, {"type": "namespace", "name": "agents", "description": "Sub-agents.",
+                                       "tools": [{**fn, "name": "spawn"}, {**fn, "name": "close"}]},
+             {"type": "web_search"}]
+    call = {"type": "function_call", "name": "spawn", "namespace": "agents", "call_id": "c1", "arguments": "{}"}
+    req = rm.parse_request(json.dumps({"input": [{"role": "user", "content": "x"}, call], "tools": tools}).encode())
+    chat, _ = rm.to_chat(req, [])
+    assert [t.function.name for t in chat.tools] == ["close", "spawn", "agents.close"]
+    assert chat.messages[-1].tool_calls[0].function.name == "spawn"
+    spaces = rm.namespaces(req.tools)
+    calls = [{"id": "c2", "type": "function", "function": {"name": n, "arguments": "{}"}}
+             for n in ("agents.close", "close", "spawn")]
+    items = rm._items(Choice(0, ChatResult(None, None, calls), "tool_calls"), spaces)
+    assert [(i["name"], i.get("namespace")) for i in items] == [("close", "agents"), ("close", None),
+                                                                ("spawn", "agents")]
+    w = rm._ItemWriter(spaces)
+    w.delta({"tool_calls": calls[:1]})
+    assert (w.done[0]["name"], w.done[0]["namespace"]) == ("close", "agents")
+
+
+def test_chat_reasoning_effort_none_is_thinking_off(oai, offline):
+    """reasoning_effort "none" on /v1/chat/completions answers as enable_thinking false does."""
+    r = oai.chat.completions.create(model="m", messages=MSG, max_tokens=8, temperature=0, reasoning_effort="none")
+    want = offline.chat(MSG, greedy(8), enable_thinking=False)
+    assert r.choices[0].message.content == want.content
+    assert r.usage.prompt_tokens == len(offline.encode_chat(MSG, enable_thinking=False).ids)

@@ -24,7 +24,7 @@ def run_in_pieces(llm: LLM, ids: list[int], piece: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["ratio2", "ratio4-irregular"])
 def test_prefill_chunked_decode_agree(checkpoint, name):
-    llm = LLM(checkpoint(name, seed=11))
+    llm = LLM(checkpoint(name, seed=11), quantization=None)
     ids = torch.randint(0, 512, (140,), generator=torch.Generator().manual_seed(0)).tolist()
     full = llm.logits(ids)
     for piece in (1, 5, 63, 64, 65, 100):
@@ -33,7 +33,7 @@ def test_prefill_chunked_decode_agree(checkpoint, name):
 
 def test_batch_equals_alone(checkpoint):
     """Mixed step: one sequence prefilling while two others decode, in one forward, in arbitrary slots."""
-    llm = LLM(checkpoint("ratio2", seed=11))
+    llm = LLM(checkpoint("ratio2", seed=11), quantization=None)
     m = llm.model
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (30, 7, 66)]
@@ -66,7 +66,7 @@ def test_batch_equals_alone(checkpoint):
 
 
 def test_reset_slot_starts_fresh(checkpoint):
-    llm = LLM(checkpoint("ratio2", seed=11))
+    llm = LLM(checkpoint("ratio2", seed=11), quantization=None)
     m = llm.model
     cache = m.new_cache(1, 32)
     a, b = [1, 2, 3, 4, 5], [9, 8, 7]

@@ -195,7 +195,7 @@ def test_media_placeholders_come_from_media_parts_only(checkpoint):
 
     from qwen36 import LLM
 
-    llm = LLM(checkpoint("vision"))
+    llm = LLM(checkpoint("vision"), quantization=None)
     image = Image.new("RGB", (64, 64), (200, 30, 30))
 
     def chat(text):

@@ -42,7 +42,7 @@ def prompt(n: int, seed: int) -> list[int]:
 
 
 def test_weights_live_on_the_gpu(checkpoint):
-    llm = LLM(checkpoint("ratio2"), device=DEV, dtype="bfloat16")
+    llm = LLM(checkpoint("ratio2"), device=DEV, dtype="bfloat16", quantization=None)
     assert llm.device.index is not None or DEV == "cpu"
     assert all(p.device == llm.device for p in llm.model.parameters())
     assert llm.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
@@ -51,7 +51,7 @@ def test_weights_live_on_the_gpu(checkpoint):
 @pytest.mark.parametrize("name", ["ratio2", "ratio4-irregular"])
 def test_fp32_logits_match_transformers(checkpoint, name):
     path = checkpoint(name, seed=3)
-    ours, ref = LLM(path, device=DEV), load_reference(path)
+    ours, ref = LLM(path, device=DEV, quantization=None), load_reference(path)
     for n in (1, 70, 135):
         ids = prompt(n, n)
         with torch.no_grad():
@@ -66,7 +66,7 @@ def test_bf16_drift_within_transformers_own(checkpoint):
 
     def ours(path, ids):
         if path not in llms:
-            llms[path] = LLM(path, device=DEV, dtype="bfloat16", enable_prefix_caching=False)
+            llms[path] = LLM(path, device=DEV, dtype="bfloat16", enable_prefix_caching=False, quantization=None)
         return llms[path].logits(ids)
 
     # (the dry run on the CPU: one checkpoint; transformers' bf16 matmuls are slow there)
@@ -113,7 +113,7 @@ def _decode(engine, prompts, n=10):
 
 
 def test_cuda_graphs_equal_the_uncaptured_step_and_eager(checkpoint):
-    llm = LLM(checkpoint("ratio2"), device=DEV, dtype="bfloat16", enable_prefix_caching=False)
+    llm = LLM(checkpoint("ratio2"), device=DEV, dtype="bfloat16", enable_prefix_caching=False, quantization=None)
     prompts = [prompt(35, 1), prompt(11, 2), prompt(250, 3)]
 
     def run(graphs: bool, capture: bool = True):
@@ -139,8 +139,8 @@ def test_cuda_graphs_equal_the_uncaptured_step_and_eager(checkpoint):
 def test_cpu_experts_equal_the_same_weights_on_the_gpu(checkpoint, monkeypatch):
     monkeypatch.setenv("QWEN36_ACT8", "0")
     path = checkpoint("wide")
-    off = LLM(path, device=DEV, cpu_experts="all", enable_prefix_caching=False)
-    ref = LLM(path, device=DEV, enable_prefix_caching=False)
+    off = LLM(path, device=DEV, cpu_experts="all", enable_prefix_caching=False, quantization=None)
+    ref = LLM(path, device=DEV, enable_prefix_caching=False, quantization=None)
     for a, b in zip(off.model.layers, ref.model.layers):
         e = a.mlp.experts
         assert e.offloaded and e.gate_up_proj.tensors["q"].device.type == "cpu"

@@ -77,8 +77,8 @@ def test_cpu_experts_equal_the_same_weights_on_the_device(checkpoint, monkeypatc
     # fp32 activations in the int4 kernels: with int8-rounded ones the values differ by that rounding
     monkeypatch.setenv("QWEN36_ACT8", "0")
     path = checkpoint("wide")
-    off = LLM(path, cpu_experts=n, enable_prefix_caching=False)
-    ref = LLM(path, enable_prefix_caching=False)
+    off = LLM(path, cpu_experts=n, enable_prefix_caching=False, quantization=None)
+    ref = LLM(path, enable_prefix_caching=False, quantization=None)
     L = off.config.text.num_hidden_layers
     chosen = list(range(L)) if n == "all" else list(range(L - n, L))
     for i, (a, b) in enumerate(zip(off.model.layers, ref.model.layers)):
@@ -94,14 +94,14 @@ def test_cpu_experts_equal_the_same_weights_on_the_device(checkpoint, monkeypatc
     ids = list(range(3, 40))
     assert rel_err(off.logits(ids), ref.logits(ids)) < 1e-5
     # the activations cross in fp32 and come back in the model's dtype
-    bf = LLM(path, dtype="bfloat16", cpu_experts=n, enable_prefix_caching=False)
+    bf = LLM(path, dtype="bfloat16", cpu_experts=n, enable_prefix_caching=False, quantization=None)
     assert bf.logits(ids).isfinite().all()
 
 
 @pytest.mark.parametrize("bad", [-1, 5, "some", 1.5, True])
 def test_cpu_experts_rejects_a_bad_value(checkpoint, bad):
     with pytest.raises(ValueError, match="cpu_experts"):
-        LLM(checkpoint("ratio2"), cpu_experts=bad)
+        LLM(checkpoint("ratio2"), cpu_experts=bad, quantization=None)
 
 
 def test_decode_attention_equals_each_sequence_alone():
@@ -140,7 +140,7 @@ def _decode_all(engine, prompts, n):
 def test_the_graph_runner_equals_plain_decode_steps(checkpoint, torch_ops_only):
     """The static-buffer decode step that CUDA graphs record (cuda_graphs.py), run without capture here:
     padded to a batch size of SIZES and a KV bucket, it gives the plain steps' tokens and logprobs."""
-    llm = LLM(checkpoint("ratio2"), enable_prefix_caching=False)
+    llm = LLM(checkpoint("ratio2"), enable_prefix_caching=False, quantization=None)
     prompts = [list(range(5, 40)), list(range(60, 71)), list(range(3, 250))]   # the last crosses 256 rows
     plain = _decode_all(Engine(llm.model, None, num_slots=3, max_model_len=512, enable_prefix_caching=False),
                         prompts, 12)
@@ -160,5 +160,5 @@ def test_the_graph_runner_equals_plain_decode_steps(checkpoint, torch_ops_only):
 
 def test_cuda_graphs_need_a_cuda_device(checkpoint):
     with pytest.raises(ValueError, match="cuda_graphs"):
-        LLM(checkpoint("ratio2"), cuda_graphs=True)
+        LLM(checkpoint("ratio2"), cuda_graphs=True, quantization=None)
 

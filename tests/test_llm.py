@@ -12,7 +12,7 @@ from qwen36.sampling import Sampler
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint("ratio2", seed=9))
+    return LLM(checkpoint("ratio2", seed=9), quantization=None)
 
 
 def test_greedy_is_argmax_of_full_forward(llm):
@@ -51,7 +51,7 @@ def test_stop_string_across_tokens(llm):
 
 
 def test_text_prompt(checkpoint):
-    demo = LLM(checkpoint("demo"))
+    demo = LLM(checkpoint("demo"), quantization=None)
     out = demo.generate("Hello there, 世界!", SamplingParams(temperature=0, max_tokens=6))
     assert out.prompt_token_ids == demo.tokenizer.encode("Hello there, 世界!")
     assert len(out.token_ids) == 6 and out.text == demo.tokenizer.decode(out.token_ids)
@@ -77,7 +77,7 @@ def test_bad_token_ids(llm, bad):
 def test_bad_constructor_arguments(checkpoint):
     path = checkpoint("ratio2", seed=9)
     with pytest.raises(ValueError, match="dtype='float64'"):
-        LLM(path, dtype="float64")
+        LLM(path, dtype="float64", quantization=None)
     with pytest.raises(ValueError, match="quantization='int3'"):
         LLM(path, quantization="int3")
 
@@ -113,7 +113,7 @@ def test_sampler_penalties():
 def test_chat_is_template_generate_parse(checkpoint):
     from qwen36 import parse_assistant, render_chat
 
-    demo = LLM(checkpoint("demo"))
+    demo = LLM(checkpoint("demo"), quantization=None)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     p = SamplingParams(temperature=0, max_tokens=8)
     for thinking in (True, False):
@@ -129,7 +129,7 @@ def test_chat_tool_calls_typed(checkpoint, monkeypatch):
     """The output side of LLM.chat: a tool call in Qwen's XML comes back in OpenAI shape, typed by schema."""
     from qwen36.llm import Completion
 
-    demo = LLM(checkpoint("demo"))
+    demo = LLM(checkpoint("demo"), quantization=None)
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
     raw = ("Need weather.\n</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"

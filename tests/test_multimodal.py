@@ -60,7 +60,7 @@ PROMPTS = {
 @pytest.fixture(scope="module")
 def setup(checkpoint):
     path = checkpoint("demo")
-    return path, load_reference(path), LLM(path)
+    return path, load_reference(path), LLM(path, quantization=None)
 
 
 def _reference_inputs(ref, ids, images, videos, seed=0):
@@ -161,7 +161,7 @@ def test_batched_with_text_and_chunked_prefill_equals_alone(checkpoint):
             got += [t for out in engine.step() if out.request_id == rid for t in out.token_ids]
         return got
 
-    alone = run(LLM(path), False)
-    chunked = LLM(path)
+    alone = run(LLM(path, quantization=None), False)
+    chunked = LLM(path, quantization=None)
     chunked.engine().scheduler.token_budget = 16        # the image's pads are split across steps
     assert run(chunked, True) == alone

@@ -148,7 +148,7 @@ def test_cache_needs_blocks_evicts_snapshots():
 # ---------------------------------------------------------------- through the model
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint("ratio4-irregular", seed=13))
+    return LLM(checkpoint("ratio4-irregular", seed=13), quantization=None)
 
 
 BOUNDARY = 7          # stands in for <|im_start|> in these small-vocabulary prompts
@@ -263,7 +263,7 @@ def test_background_warm_and_preemption(llm):
 def test_images_are_part_of_the_key(checkpoint):
     from PIL import Image
 
-    llm = LLM(checkpoint("vision"))
+    llm = LLM(checkpoint("vision"), quantization=None)
     red, blue = Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (30, 30, 200))
 
     def chat(img):
@@ -272,7 +272,7 @@ def test_images_are_part_of_the_key(checkpoint):
     p = SamplingParams(temperature=0, max_tokens=3)
     first_pad = llm.encode_chat(chat(red)).ids.index(llm.config.image_token_id)
     llm.generate(llm.encode_chat(chat(red)), p)
-    ref = LLM(checkpoint("vision"), enable_prefix_caching=False)
+    ref = LLM(checkpoint("vision"), enable_prefix_caching=False, quantization=None)
     for img in (blue, red):
         inputs = llm.encode_chat(chat(img))
         out = llm.engine()

@@ -57,7 +57,7 @@ def test_kernel_matches_dequantized_reference(method, M):
 def test_quantized_model_close_to_float(checkpoint, method, max_kl):
     path = checkpoint("ratio2", seed=3)
     ids = torch.randint(0, 512, (70,), generator=torch.Generator().manual_seed(0)).tolist()
-    ref = LLM(path).logits(ids).log_softmax(-1)
+    ref = LLM(path, quantization=None).logits(ids).log_softmax(-1)
     q = LLM(path, quantization=method)
     got = q.logits(ids).log_softmax(-1)
     kl = float((ref.exp() * (ref - got)).sum(-1).mean())
@@ -79,7 +79,7 @@ def test_stored_quantized_checkpoint_loads_identically(checkpoint, tmp_path, met
     assert (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
     ids = list(range(5, 60))
     a = LLM(src, quantization=method).logits(ids)
-    b = LLM(out).logits(ids)
+    b = LLM(out, quantization=None).logits(ids)
     assert rel_err(b, a) == 0
     size_q = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     size_src = sum(f.stat().st_size for f in src.glob("*.safetensors"))
@@ -186,14 +186,14 @@ def test_max_ram_drops_experts_and_keeps_results(checkpoint, tmp_path):
     src = checkpoint("ratio4-irregular", seed=2)
     out = quantize_checkpoint(src, tmp_path / "q", "int4", DEFAULT_GROUP)
     ids = list(range(5, 40))
-    want = LLM(out).generate(ids, SamplingParams(temperature=0, max_tokens=8)).token_ids
-    tight = LLM(out, max_ram=1)
+    want = LLM(out, quantization=None).generate(ids, SamplingParams(temperature=0, max_tokens=8)).token_ids
+    tight = LLM(out, max_ram=1, quantization=None)
     got = tight.generate(ids, SamplingParams(temperature=0, max_tokens=8)).token_ids
     assert got == want
     r = tight.residency
     assert r.step > 0 and len(r.resident) < len(r.ranges)          # some experts were dropped
     with pytest.raises(ValueError, match="max_ram needs experts stored quantized"):
-        LLM(src, max_ram=1 << 30)
+        LLM(src, max_ram=1 << 30, quantization=None)
 
 
 @pytest.mark.parametrize("M", [1, 3, 9])
@@ -244,7 +244,7 @@ def test_act8_adds_little_to_int4_error(checkpoint, monkeypatch):
     path = checkpoint("wide", seed=3)
     ids = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(1)).tolist()
     kl = lambda p, q: float((p.exp() * (p - q)).sum(-1).mean())
-    ref = LLM(path).logits(ids).log_softmax(-1)
+    ref = LLM(path, quantization=None).logits(ids).log_softmax(-1)
     q = LLM(path, quantization="int4")
     act8 = q.logits(ids).log_softmax(-1)
     monkeypatch.setenv("QWEN36_ACT8", "0")

@@ -18,7 +18,7 @@ def prompt(n: int, vocab: int, seed: int) -> list[int]:
 @pytest.mark.parametrize("name,experts", CASES)
 def test_logits_match_transformers(checkpoint, name, experts):
     path = checkpoint(name, seed=3, fused_experts=experts == "fused")
-    ours, ref = LLM(path), load_reference(path)
+    ours, ref = LLM(path, quantization=None), load_reference(path)
     for n in (1, 70, 135):
         ids = prompt(n, 512, seed=n)
         with torch.no_grad():
@@ -31,7 +31,7 @@ def test_logits_match_transformers(checkpoint, name, experts):
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_greedy_continuation_matches_transformers(checkpoint, name):
     path = checkpoint(name, seed=5)
-    ours, ref = LLM(path), load_reference(path)
+    ours, ref = LLM(path, quantization=None), load_reference(path)
     for n in (1, 9, 66):
         ids = prompt(n, 512, seed=100 + n)
         with torch.no_grad():
@@ -45,7 +45,7 @@ def test_greedy_continuation_matches_transformers(checkpoint, name):
 
 def test_text_only_checkpoint_matches_transformers(checkpoint):
     path = checkpoint("ratio2", seed=7, text_only=True, fused_experts=False)
-    ours, ref = LLM(path), load_reference(path, text_only=True)
+    ours, ref = LLM(path, quantization=None), load_reference(path, text_only=True)
     ids = prompt(80, 512, seed=1)
     with torch.no_grad():
         want = ref(input_ids=torch.tensor([ids])).logits[0]
@@ -57,8 +57,8 @@ def test_bf16_storage_close_to_fp32(checkpoint):
     bf16 on disk either way, so only the activations' precision could differ, and it is fp32 in both."""
     path = checkpoint("ratio2", seed=3)
     ids = prompt(70, 512, seed=2)
-    a = LLM(path, dtype="float32").logits(ids)
-    b = LLM(path, dtype="bfloat16").logits(ids)
+    a = LLM(path, dtype="float32", quantization=None).logits(ids)
+    b = LLM(path, dtype="bfloat16", quantization=None).logits(ids)
     assert rel_err(b, a) < 1e-5
 
 
@@ -82,7 +82,7 @@ def test_checkpoint_saved_by_transformers(tmp_path, tied):
         for p in ref.parameters():  # move every weight off its init value (zero norms, ones, ...)
             p.add_(torch.randn_like(p) * 0.1)
     ref.save_pretrained(tmp_path)
-    ours = LLM(tmp_path)
+    ours = LLM(tmp_path, quantization=None)
     ids = prompt(80, 300, seed=4)
     with torch.no_grad():
         want_logits = ref(input_ids=torch.tensor([ids])).logits[0]

@@ -27,8 +27,11 @@ def free_port() -> int:
 
 
 def launch(path, log, *args, env=None) -> tuple[subprocess.Popen, str]:
-    """`qwen36 serve path args` on a free port, once /health answers -> (process, base URL)."""
+    """`qwen36 serve path args` on a free port, once /health answers -> (process, base URL). Unquantized unless
+    args say otherwise: the tests compare with `LLM(path, quantization=None)`."""
     port = free_port()
+    if "--quantization" not in args:
+        args = ("--quantization", "none", *args)
     proc = subprocess.Popen([sys.executable, "-m", "qwen36.cli", "serve", str(path), "--port", str(port), *args],
                             stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
@@ -66,7 +69,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def offline(server):
-    return LLM(server["path"])
+    return LLM(server["path"], quantization=None)
 
 
 def post(server, route, body, key=KEY, raw=None):
@@ -371,7 +374,7 @@ def test_edge_values_are_answered(server, body):
     ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"logit_bias": {"1": 101}}, "logit_bias"), ({"logit_bias": {"9999999": 1}}, "logit_bias"),
     ({"response_format": {"type": "yaml"}}, "response_format"), ({"functions": []}, "functions"),
-    ({"reasoning_effort": "low"}, "reasoning_effort"), ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"), ({"modalities": ["text", "audio"]}, "modalities"),
     ({"frobnicate": 1}, "frobnicate"), ({"tool_choice": "required"}, "tool_choice"),
 ])
 def test_unsupported_or_invalid_fields_are_400_naming_them(server, body, param):
@@ -414,7 +417,7 @@ def test_prefix_cache_usage_metrics_and_background_prefill(server, client, check
     a --no-enable-prefix-caching server answers the same with nothing cached."""
     from qwen36.chat import render_chat
 
-    tok = LLM(server["path"]).tokenizer
+    tok = LLM(server["path"], quantization=None).tokenizer
     first = [{"role": "system", "content": "You are terse. " * 20}, {"role": "user", "content": "Name a colour."}]
     kw = {"model": "qwen36-demo", "max_tokens": 6, "temperature": 0}
     before = metrics(server)

@@ -57,7 +57,7 @@ def _post(server, messages, **extra):
 def test_data_url_image_matches_offline(server, client):
     url = _data_url(_png())
     got = client.chat.completions.create(model="m", messages=_messages(url), max_tokens=12, temperature=0)
-    want = LLM(server["path"]).chat(_messages(url), SamplingParams(temperature=0, max_tokens=12))
+    want = LLM(server["path"], quantization=None).chat(_messages(url), SamplingParams(temperature=0, max_tokens=12))
     msg = got.choices[0].message
     assert (msg.content, getattr(msg, "reasoning_content", None)) == (want.content, want.reasoning_content)
     assert got.usage.prompt_tokens > 30                         # the image's pad tokens count as prompt
@@ -139,7 +139,7 @@ def test_video_url_data_matches_offline(server, client, tmp_path):
     messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
                                              {"type": "text", "text": "What happens?"}]}]
     got = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
-    want = LLM(server["path"]).chat(messages, SamplingParams(temperature=0, max_tokens=8))
+    want = LLM(server["path"], quantization=None).chat(messages, SamplingParams(temperature=0, max_tokens=8))
     assert getattr(got.choices[0].message, "reasoning_content", None) == want.reasoning_content
     assert got.usage.prompt_tokens > 40
 
@@ -148,7 +148,7 @@ def test_max_image_pixels_caps_the_budget(server, client):
     """--max-image-pixels 8192: a 200x200 image (625 tokens offline with patch 4) costs at most 8192 / 64."""
     messages = _messages(_data_url(_png(200, 200, seed=3)))
     r = client.chat.completions.create(model="m", messages=messages, max_tokens=1, temperature=0)
-    offline = LLM(server["path"]).encode_chat(messages)
+    offline = LLM(server["path"], quantization=None).encode_chat(messages)
     assert len(offline.ids) - 600 > 0 and r.usage.prompt_tokens <= len(offline.ids) - 625 + 8192 // 64
     r = _post(server, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": messages[0]["content"][0]["image_url"]["url"]}, "max_pixels": 10 ** 9}]}])
     assert r.status_code == 200                                  # a larger per-part budget is capped, not refused

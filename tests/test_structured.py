@@ -36,7 +36,7 @@ MSG = [{"role": "user", "content": "Answer in JSON."}]
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint("demo"))
+    return LLM(checkpoint("demo"), quantization=None)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
@@ -191,7 +191,7 @@ def test_without_tokenizer_json_structured_output_is_refused_clearly(checkpoint,
     for f in src.iterdir():
         if f.name != "tokenizer.json":
             (tmp_path / f.name).symlink_to(f)
-    llm = LLM(tmp_path)
+    llm = LLM(tmp_path, quantization=None)
     assert llm.engine().grammar is None
     assert llm.chat(MSG, SamplingParams(temperature=0, max_tokens=2)).finish_reason == "length"
     with pytest.raises(ValueError, match="tokenizer.json"):

@@ -26,7 +26,7 @@ def _image(w, h, seed):
 @pytest.fixture(scope="module")
 def setup(checkpoint):
     path = checkpoint("vision")
-    return path, load_reference(path), LLM(path)
+    return path, load_reference(path), LLM(path, quantization=None)
 
 
 def _hf_image_inputs(path, images):
@@ -165,7 +165,7 @@ def test_media_errors_are_clear(setup):
 
 def test_text_only_checkpoint_refuses_images(checkpoint):
     path = checkpoint("vision", vision=None)
-    llm = LLM(path)
+    llm = LLM(path, quantization=None)
     assert llm.vision is None
     with pytest.raises(ValueError, match="no vision tower"):
         llm.chat([{"role": "user", "content": [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "?"}]}])
@@ -173,7 +173,7 @@ def test_text_only_checkpoint_refuses_images(checkpoint):
 
 def test_encoder_cache_skips_repeated_images(checkpoint):
     """A chat sends its past images every turn: they are encoded once, with identical embeddings."""
-    llm = LLM(checkpoint("vision"))
+    llm = LLM(checkpoint("vision"), quantization=None)
     calls = []
     encode = llm.vision.encode
     llm.vision.encode = lambda pixels, grids: calls.append(len(grids)) or encode(pixels, grids)
@@ -181,7 +181,7 @@ def test_encoder_cache_skips_repeated_images(checkpoint):
     both = _encode(llm, _messages("two images, two turns"))        # IMAGES[0] again, IMAGES[1] new
     assert calls == [1, 1]
     assert torch.equal(both.mm.embeds[:len(first.mm.embeds)], first.mm.embeds)
-    fresh = LLM(checkpoint("vision")).encode_chat(_messages("two images, two turns"))
+    fresh = LLM(checkpoint("vision"), quantization=None).encode_chat(_messages("two images, two turns"))
     assert torch.equal(both.mm.embeds, fresh.mm.embeds)
 
 

@@ -109,6 +109,40 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     return app
 
 
+class Booting:
+    """The ASGI app `qwen36 serve` listens with from its first second: while the model loads, /health answers
+    503 {"status": "loading"} and every other route 503 with Retry-After (llama.cpp's server does the same);
+    once `ready(app)` is called, everything goes to the real app. It owns the lifespan: on shutdown it stops
+    the real app's engine thread."""
+
+    def __init__(self):
+        self.app: FastAPI | None = None
+
+    def ready(self, app: FastAPI) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    if self.app is not None:
+                        self.app.state.runner.close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if self.app is not None:
+            return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return
+        health = scope["path"] == "/health"
+        body = ({"status": "loading"} if health else
+                {"error": {"message": "the model is loading; retry shortly (GET /health answers 200 when ready)",
+                           "type": "service_unavailable", "param": None, "code": "loading"}})
+        await JSONResponse(body, status_code=503, headers={"Retry-After": "5"})(scope, receive, send)
+
+
 def error_response(e: APIError, route: str = "") -> Response:
     body = anthropic.error_body(e) if route.startswith("/v1/messages") else e.body()
     return JSONResponse(body, status_code=e.status)

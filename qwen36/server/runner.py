@@ -10,6 +10,7 @@ An exception inside a step fails the requests of that step only; the loop keeps 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
 import time
@@ -30,6 +31,27 @@ class Stats:
     tpot: list[float] = field(default_factory=list)
 
 
+@dataclass
+class RequestTiming:
+    """What the per-request log line reports (logged at info when the request ends)."""
+    start: float
+    prompt: int
+    first: float | None = None
+    generated: int = 0
+    cached: int = 0
+
+    def log(self, rid: str, finish: str | None) -> None:
+        end = now()
+        ttft = f"{self.first - self.start:.2f} s" if self.first is not None else "-"
+        rate = f"{(self.generated - 1) / (end - self.first):.1f} tok/s" \
+            if self.first is not None and self.generated > 1 and end > self.first else "- tok/s"
+        log.info("%s: prompt %d tokens (%d cached), generated %d, first token %s, %s, %.2f s, finish %s", rid,
+                 self.prompt, self.cached, self.generated, ttft, rate, end - self.start, finish)
+
+
+log = logging.getLogger("qwen36.server")
+
+
 class EngineRunner:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -37,6 +59,7 @@ class EngineRunner:
         self.wake = threading.Event()
         self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.stats = Stats()
+        self.timing: dict[str, RequestTiming] = {}          # per request: what its log line reports
         self._stop = False
         self._waiting = 0                  # handlers waiting for the lock (the loop lets them go first)
         self._count = threading.Lock()     # guards _waiting
@@ -67,6 +90,7 @@ class EngineRunner:
             rid = self.engine.add_request(prompt_ids, params, force=force, mm=mm)
             self.queues[rid] = (loop, q)
         self.stats.prompt_tokens += len(prompt_ids)
+        self.timing[rid] = RequestTiming(now(), len(prompt_ids))
         self.wake.set()
         return rid, q
 
@@ -81,6 +105,8 @@ class EngineRunner:
         with self._handler_lock():
             self.engine.abort(rid)
             self.queues.pop(rid, None)
+        if (t := self.timing.pop(rid, None)) is not None:
+            t.log(rid, "abort (client gone)")
 
     def close(self) -> None:
         self._stop = True
@@ -132,9 +158,21 @@ class EngineRunner:
                         self.queues.pop(o.request_id, None)
             for target, out in deliveries:
                 self.stats.generation_tokens += len(out.token_ids)
+                self._time(out)
                 if target is not None:
                     loop, q = target
                     loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _time(self, out: StepOutput) -> None:
+        t = self.timing.get(out.request_id)
+        if t is None:
+            return
+        if out.token_ids and t.first is None:
+            t.first = now()
+        t.generated += len(out.token_ids)
+        t.cached = out.cached_tokens
+        if out.finished and self.timing.pop(out.request_id, None) is not None:
+            t.log(out.request_id, out.finish_reason)
 
     def _fail_running(self, error: Exception) -> list[StepOutput]:
         outs = [StepOutput(rid, [], "", True, "error") for rid in self.engine.abort_all()]
