@@ -207,7 +207,7 @@ def structured_decode_bench(llm, short: list[int], batch: list[list[int]], n: in
 
 
 # mean accepted length (tokens per verification step, the bonus token included) peers publish for this
-# model's MTP head at k = 2 (shared/reference/anchors.md §5)
+# model's MTP head at k = 2 (docs/speculative-decoding.md)
 PUBLISHED_ACCEPTED_LENGTH = 2.2
 
 
@@ -398,15 +398,16 @@ def per_layer_cost(depths: tuple[int, int], quantization: str | None = "int4", n
 
 def llamacpp_bench(gguf: str, prompt_len: int, decode_tokens: int, threads: int) -> dict:
     """llama.cpp's llama-bench on a GGUF of the same model, same prompt and decode lengths and threads (the
-    binary from $LLAMA_BENCH, else the one shared/tools/llamacpp-anchor.sh builds)."""
+    binary from $LLAMA_BENCH, else ~/.cache/llamacpp-anchor/build/bin/llama-bench; docs/performance.md says how
+    to build it)."""
     import os
     import subprocess
 
     exe = os.environ.get("LLAMA_BENCH") or str(Path(os.environ.get("ANCHOR", Path.home() / ".cache/llamacpp-anchor"))
                                                / "build/bin/llama-bench")
     if not Path(exe).exists():
-        raise FileNotFoundError(f"{exe}: no llama-bench; build it with shared/tools/llamacpp-anchor.sh build "
-                                "or set LLAMA_BENCH")
+        raise FileNotFoundError(f"{exe}: no llama-bench; build llama.cpp (docs/performance.md) and set "
+                                "LLAMA_BENCH to its build/bin/llama-bench")
     cmd = [exe, "-m", gguf, "-t", str(threads), "-p", str(prompt_len), "-n", str(decode_tokens), "-r", "2", "-o", "json"]
     runs = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     out = {"command": " ".join(cmd)}

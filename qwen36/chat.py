@@ -7,7 +7,7 @@ Three ways to turn a conversation into the prompt string, all with the same outp
 * `ChatTemplate` -- renders a checkpoint's template (or `CHAT_TEMPLATE`) in a sandbox set up like
   transformers' (`make_sandbox`), falling back to `render_chat` when the checkpoint has none.
 
-The format (see shared/reference/chat_format.md): an optional system block (tool list + system prompt),
+The format (the model card's, rendered by the official chat_template.jinja): an optional system block (tool list + system prompt),
 then one `<|im_start|>role\\n...<|im_end|>\\n` turn per message, consecutive tool results grouped into one
 user turn, assistant turns after the last real user query keeping their `<think>` block, and a generation
 prompt that opens the assistant turn inside `<think>` (or with an empty think block when thinking is off).

@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "against its weights' read time at the bandwidth measured in the same run")
     b.add_argument("--vs-llamacpp", default=None, metavar="GGUF",
                    help="also run llama.cpp's llama-bench on GGUF (the same geometry and layers, e.g. made with "
-                        "make-demo --dtype bfloat16 and shared/tools/llamacpp-anchor.sh gguf) and print both")
+                        "make-demo --dtype bfloat16 and llama.cpp's convert_hf_to_gguf.py) and print both")
     b.add_argument("--vs-transformers", action="store_true",
                    help="also time HF transformers and our fp32 path on the same (unquantized) checkpoint")
     b.set_defaults(func=cmd_bench)

@@ -1,6 +1,6 @@
 """Synthesize checkpoints in the official Hugging Face layout (random weights, deterministic per seed).
 
-The layout is written from the published tensor list (shared/reference/checkpoint_layout.md), not from
+The layout is written from the published tensor list (the official checkpoint's index), not from
 our model's module tree, so loading it is a real test of the loader: VL-wrapper config.json,
 `model.language_model.*` text weights in bf16 (A_log and the gated-norm weight in fp32), fused experts
 `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] (or per-expert tensors), `lm_head.weight`,

@@ -1,6 +1,6 @@
 """qwen36.chat: the Qwen3.6 prompt format, checked three ways.
 
-* the worked examples of shared/reference/chat_format.md §6 (exact strings);
+* worked examples of the format, written out by hand from the model card (exact strings);
 * renderings made OFFLINE with the official Qwen3.6-35B-A3B `chat_template.jinja` (MD5
   52b6d51ae5b203cb67e64b648494dad2) through transformers' own `render_jinja_template`, stored with their
   inputs in tests/data/chat/official_renderings.json (the template itself is not part of this repo);
