@@ -24,7 +24,7 @@ from ..llm import LLM
 from ..parsers import AssistantStreamParser, ChatResult, parse_assistant
 from ..sampling import SamplingParams
 from ..structured import GrammarError, json_grammar, tool_call_grammar
-from .protocol import APIError, ChatCompletionRequest, NamedToolChoice, response_schema
+from .protocol import APIError, ChatCompletionRequest, NamedToolChoice, effort_thinking, response_schema
 from .runner import EngineRunner, now
 
 
@@ -209,7 +209,11 @@ class ChatJob(_Job):
     def __init__(self, req: ChatCompletionRequest, config, template: ChatTemplate, tokenizer, llm, runner):
         super().__init__(req, config, tokenizer, llm, runner)
         self.template = template
-        kwargs = {**(config.default_chat_template_kwargs or {}), **(req.chat_template_kwargs or {})}
+        # reasoning_effort: thinking on/off and a budget, under an explicit enable_thinking / thinking_token_budget
+        on, self.effort_budget = effort_thinking(req.reasoning_effort, "reasoning_effort") \
+            if req.reasoning_effort is not None else (None, None)
+        kwargs = {**(config.default_chat_template_kwargs or {}), **({} if on is None else {"enable_thinking": on}),
+                  **(req.chat_template_kwargs or {})}
         self.thinking = kwargs.get("enable_thinking", True) is not False
         self.preserve = kwargs.get("preserve_thinking", False) is True
         use_tools = bool(req.tools) and req.tool_choice != "none"
@@ -254,8 +258,11 @@ class ChatJob(_Job):
         (tool_choice required or named, or tools marked strict), a thinking budget. Checked here: a schema
         or tool the grammar engine cannot use is a 400 naming it."""
         out: dict = {}
-        if req.thinking_token_budget is not None:
-            out["thinking_token_budget"] = req.thinking_token_budget
+        budget = req.thinking_token_budget
+        if budget is None and self.thinking:
+            budget = self.effort_budget
+        if budget is not None:
+            out["thinking_token_budget"] = budget
         schema = response_schema(req.response_format)
         choice = req.tool_choice
         forced = self.tools and (choice == "required" or isinstance(choice, NamedToolChoice))

@@ -2,16 +2,20 @@
 
 A top-level field we do not implement is a 400 naming it (a client asking for structured output or audio
 must not get silently different output), except `IGNORED_FIELDS`: bookkeeping fields that OpenAI, vLLM and
-llama.cpp accept without any effect on the output. Inside messages, unknown keys reach the chat template
-(as transformers passes them); inside tools and options they are ignored. Known fields with wrong types or
+llama.cpp accept without any effect on the output (logged at debug), and `NOOP_VALUES`: fields of other
+servers' dialects accepted only at the value that does nothing. Inside messages, unknown keys reach the chat
+template (as transformers passes them); inside tools and options they are ignored. Known fields with wrong types or
 values are 400s with an OpenAI-style error object.
 """
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger("qwen36.server")
 
 
 class APIError(Exception):
@@ -29,16 +33,38 @@ class _Model(BaseModel):
 
 
 # accepted and ignored: they label, store or route a request elsewhere and never change what is generated
-IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
-                            "prompt_cache_retention", "safety_identifier"})
+IGNORED_FIELDS = frozenset({
+    "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+    # llama.cpp's server: prompt caching is always on here, slots are ours to pick, progress/timing extras
+    "cache_prompt", "slot_id", "id_slot", "timings_per_token", "return_progress",
+    # vLLM's: scheduling priority, a prefix-cache namespace, a client-chosen request id
+    "priority", "cache_salt", "request_id",
+})
+# accepted only at the value that changes nothing (llama.cpp's n_probs = 0: no probabilities returned)
+NOOP_VALUES = {"n_probs": (0,)}
 _UNSUPPORTED = {
     "functions": "the legacy functions API is not supported; use 'tools'",
     "function_call": "the legacy functions API is not supported; use 'tool_choice'",
     "audio": "audio output is not supported", "modalities": "only [\"text\"] output is supported",
     "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
-    "reasoning_effort": "not supported; turn thinking off with chat_template_kwargs {\"enable_thinking\": false}",
     "best_of": "only best_of = 1 is supported", "suffix": "insertion (suffix) is not supported",
+    "n_probs": "token probabilities in llama.cpp's form are not supported; use logprobs / top_logprobs",
 }
+
+# Reasoning effort (chat completions' `reasoning_effort`, Responses' `reasoning.effort`, Anthropic's
+# `output_config.effort`) -> (thinking on, thinking-token budget). "none" / "minimal" turn thinking off;
+# "low" and "medium" cap the reasoning (then `</think>` is forced, see qwen36/structured.py); "high" and
+# above let the model decide. An explicit `enable_thinking` / `thinking_token_budget` wins over the effort.
+EFFORTS: dict[str, tuple[bool, int | None]] = {
+    "none": (False, None), "minimal": (False, None), "low": (True, 1024), "medium": (True, 8192),
+    "high": (True, None), "xhigh": (True, None), "max": (True, None)}
+
+
+def effort_thinking(effort, param: str) -> tuple[bool, int | None]:
+    """A reasoning effort -> (enable_thinking, thinking_token_budget); an unknown effort is a 400 naming param."""
+    if not isinstance(effort, str) or effort not in EFFORTS:
+        raise APIError(f"{param}: expected one of {', '.join(map(repr, EFFORTS))}, got {effort!r}", param=param)
+    return EFFORTS[effort]
 
 
 class StreamOptions(_Model):
@@ -113,6 +139,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     thinking_token_budget: int | None = Field(default=None, ge=0)   # vLLM's name
+    reasoning_effort: str | None = None        # EFFORTS: thinking on/off and a thinking-token budget
     modalities: list[str] | None = None
 
 
@@ -137,11 +164,20 @@ def load_json(raw: bytes) -> dict:
 def parse(model: type[_Model], raw: bytes) -> Any:
     """Body bytes of an OpenAI request -> validated request, or APIError naming what is wrong."""
     data = load_json(raw)
+    ignored = []
     for name, value in data.items():
-        if name not in model.model_fields and name not in IGNORED_FIELDS and value is not None:
-            why = _UNSUPPORTED.get(name, "this server does not support it")
-            raise APIError(f"unsupported field {name!r}: {why}", param=name)
+        if name in model.model_fields or value is None:
+            continue
+        if name in IGNORED_FIELDS or value in NOOP_VALUES.get(name, ()):
+            ignored.append(name)
+            continue
+        why = _UNSUPPORTED.get(name, "this server does not support it")
+        raise APIError(f"unsupported field {name!r}: {why}", param=name)
+    if ignored:
+        log.debug("ignoring fields %s (they do not change the output)", sorted(ignored))
     req = validate(model, data)
+    if getattr(req, "reasoning_effort", None) is not None:
+        effort_thinking(req.reasoning_effort, "reasoning_effort")   # a 400 naming it
     # values of supported fields that ask for something we do not do
     fmt = getattr(req, "response_format", None)
     if fmt is not None:

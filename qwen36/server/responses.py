@@ -2,11 +2,13 @@
 
 Only translation lives here. `instructions` + `input` (a string, or items: messages with `input_text` /
 `input_image` parts, `function_call`, `function_call_output`, `reasoning`) become chat messages; function
-tools and `tool_choice` map over (other tool types, e.g. Codex's `local_shell` or `web_search`, are
-skipped with a warning); `reasoning.effort` "none"/"minimal" turns thinking off, any other effort on;
-`max_output_tokens` is `max_tokens`. The chat job's choice comes back as output items (`reasoning`,
-`message`, `function_call`) with usage, or as the event stream the SDK consumes. Responses with
-`store` (the default) are kept in a bounded in-memory LRU so that `previous_response_id` continues them.
+tools, also those grouped in `namespace` tools (`namespaces`), and `tool_choice` map over (other tool types,
+e.g. Codex's `web_search`, are skipped with a warning); `reasoning.effort` is chat's `reasoning_effort`
+(protocol.EFFORTS: "none" / "minimal" turn thinking off, "low" / "medium" cap the reasoning, higher efforts
+leave it to the model); `max_output_tokens` is `max_tokens`. The chat job's choice comes back as output
+items (`reasoning`, `message`, `function_call`) with usage, or as the event stream the SDK consumes.
+Responses with `store` (the default) are kept in a bounded in-memory LRU so that `previous_response_id`
+continues them.
 """
 from __future__ import annotations
 
@@ -22,12 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..parsers import ChatResult
 from .jobs import ChatJob, Choice
-from .protocol import APIError, ChatCompletionRequest, function_tool, response_schema, validate
+from .protocol import APIError, ChatCompletionRequest, effort_thinking, function_tool, response_schema, validate
 
 log = logging.getLogger("qwen36.server")
 
-# reasoning.effort -> thinking tokens before </think> is forced (high and above: the model decides)
-EFFORT_BUDGETS = {"low": 1024, "medium": 8192}
 # fields that would change the answer and are not implemented: a 400 naming them
 _UNSUPPORTED = {"background": "background responses are not supported", "conversation": "conversations are not "
                 "supported; use previous_response_id", "prompt": "stored prompts are not supported"}
@@ -116,6 +116,7 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
     assistant message and function_call items form one assistant turn."""
     if isinstance(req.input, str):
         return [{"role": "user", "content": req.input}]
+    seen = {v: k for k, v in namespaces(req.tools).items()}
     out: list[dict] = []
     turn: dict | None = None                      # the assistant turn being assembled
 
@@ -146,9 +147,12 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
         elif kind == "function_call":
             if not isinstance(item.get("name"), str):
                 raise APIError(f"{where}.name: required", param="input")
+            name = item["name"]
+            if isinstance(item.get("namespace"), str):  # a namespaced tool's call: the name the model sees
+                name = seen.get((item["namespace"], name), f"{item['namespace']}.{name}")
             assistant().setdefault("tool_calls", []).append({
                 "id": str(item.get("call_id", "")), "type": "function",
-                "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}})
+                "function": {"name": name, "arguments": item.get("arguments") or "{}"}})
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")),
                         "content": _parts(item.get("output", ""), f"{where}.output")})
@@ -158,12 +162,37 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
     return out
 
 
-def _tools(tools: list[dict] | None) -> list[dict] | None:
+def namespaces(tools: list[dict] | None) -> dict[str, tuple[str, str]]:
+    """Function tools inside `namespace` tools (Codex groups its sub-agent tools so) are served as plain
+    tools: {the name the model sees: (namespace, function name)}. The model sees the function's own name,
+    or `namespace.name` where two namespaces (or a top-level tool) share it; its calls come back as
+    function_call items with `namespace` set, and such items in the input are read back the same way."""
+    found = [(t["name"], f["name"]) for t in tools or () if isinstance(t, dict) and t.get("type") == "namespace"
+             and isinstance(t.get("name"), str) and isinstance(t.get("tools"), list)
+             for f in t["tools"]
+             if isinstance(f, dict) and f.get("type") == "function" and isinstance(f.get("name"), str)]
+    top = [t.get("name") for t in tools or () if isinstance(t, dict) and t.get("type") == "function"]
+    names = top + [name for _, name in found]
+    return {(name if names.count(name) == 1 else f"{ns}.{name}"): (ns, name) for ns, name in found}
+
+
+def _tools(tools: list[dict] | None, spaces: dict[str, tuple[str, str]]) -> list[dict] | None:
     out = []
+    seen = {v: k for k, v in spaces.items()}
     for i, t in enumerate(tools or ()):
-        if t.get("type") != "function":
-            log.warning("/v1/responses: skipping tools[%d] of type %r (only function tools are served)", i,
-                        t.get("type"))
+        if not isinstance(t, dict):
+            raise APIError(f"tools[{i}]: expected an object", param="tools")
+        kind = t.get("type")
+        if kind == "namespace" and isinstance(t.get("tools"), list):
+            for j, f in enumerate(t["tools"]):
+                key = (t.get("name"), f.get("name") if isinstance(f, dict) else None)
+                if key not in seen:
+                    log.warning("/v1/responses: skipping tools[%d].tools[%d] (only function tools are served)", i, j)
+                    continue
+                out.append(function_tool(i, seen[key], f.get("description"), f.get("parameters"), f.get("strict")))
+            continue
+        if kind != "function":
+            log.warning("/v1/responses: skipping tools[%d] of type %r (only function tools are served)", i, kind)
             continue
         out.append(function_tool(i, t.get("name"), t.get("description"), t.get("parameters"), t.get("strict")))
     return out or None
@@ -176,7 +205,8 @@ def to_chat(req: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionR
     body: dict = {"messages": messages, "stream": req.stream}
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
-    tools = _tools(req.tools)
+    spaces = namespaces(req.tools)
+    tools = _tools(req.tools, spaces)
     if tools:
         body["tools"] = tools
         choice = req.tool_choice
@@ -190,10 +220,9 @@ def to_chat(req: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionR
     if req.parallel_tool_calls is False:
         body["parallel_tool_calls"] = False
     effort = (req.reasoning or {}).get("effort")
-    if effort is not None:
-        body["chat_template_kwargs"] = {"enable_thinking": effort not in ("none", "minimal")}
-        if EFFORT_BUDGETS.get(effort) is not None:
-            body["thinking_token_budget"] = EFFORT_BUDGETS[effort]
+    if effort is not None:                       # protocol.EFFORTS: thinking on/off and a thinking budget
+        effort_thinking(effort, "reasoning.effort")
+        body["reasoning_effort"] = effort
     fmt = (req.text or {}).get("format")
     if fmt is not None:                          # Responses' flat form -> chat completions' response_format
         if not isinstance(fmt, dict):
@@ -225,6 +254,7 @@ class ResponsesJob:
         self.req, self.store = req, store
         history = store.get(req.previous_response_id) if req.previous_response_id else []
         chat_req, self.conversation = to_chat(req, history)
+        self.spaces = namespaces(req.tools)
         self.chat: ChatJob = make_chat_job(chat_req)
         self.id = _new_id("resp")
         self.created = int(time.time())
@@ -269,7 +299,7 @@ class ResponsesJob:
     async def complete(self, request: Request) -> dict:
         [c] = await self.chat.choices(request)
         self._remember(c)
-        return self._final(c, _items(c))
+        return self._final(c, _items(c, self.spaces))
 
     def _final(self, c: Choice, output: list[dict]) -> dict:
         status, reason = self._status(c.finish_reason)
@@ -283,7 +313,7 @@ class ResponsesJob:
     async def stream(self, request: Request) -> AsyncIterator[str]:
         yield self._event({"type": "response.created", "response": self._response("in_progress", [], None)})
         yield self._event({"type": "response.in_progress", "response": self._response("in_progress", [], None)})
-        items = _ItemWriter()
+        items = _ItemWriter(self.spaces)
         reasoning, content, calls = [], [], []
         async for _, d, out in self.chat.deltas(request):
             if d:
@@ -320,25 +350,30 @@ def _message_item(text: str, item_id: str | None = None, status: str = "complete
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
 
-def _call_item(call: dict, status: str = "completed") -> dict:
-    return {"type": "function_call", "id": _new_id("fc"), "call_id": call["id"], "name": call["function"]["name"],
+def _call_item(call: dict, status: str = "completed", spaces: dict | None = None) -> dict:
+    name = call["function"]["name"]
+    item = {"type": "function_call", "id": _new_id("fc"), "call_id": call["id"], "name": name,
             "arguments": call["function"]["arguments"], "status": status}
+    if spaces and name in spaces:                # a function of a namespace tool
+        item["namespace"], item["name"] = spaces[name]
+    return item
 
 
-def _items(c: Choice) -> list[dict]:
+def _items(c: Choice, spaces: dict | None = None) -> list[dict]:
     out = []
     if c.result.reasoning_content:
         out.append(_reasoning_item(c.result.reasoning_content))
     if c.result.content:
         out.append(_message_item(c.result.content))
-    out += [_call_item(call) for call in c.result.tool_calls]
+    out += [_call_item(call, spaces=spaces) for call in c.result.tool_calls]
     return out
 
 
 class _ItemWriter:
     """Parser deltas -> output item events; finished items collect in `done`."""
 
-    def __init__(self):
+    def __init__(self, spaces: dict | None = None):
+        self.spaces = spaces
         self.done: list[dict] = []
         self.open: dict | None = None
         self.text = ""
@@ -396,7 +431,7 @@ class _ItemWriter:
             events.append(event)
         for call in d.get("tool_calls", ()):
             events += self.close()
-            i, item = self._index(), _call_item(call, "in_progress")
+            i, item = self._index(), _call_item(call, "in_progress", self.spaces)
             events.append({"type": "response.output_item.added", "output_index": i,
                            "item": {**item, "arguments": ""}})
             events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"],
