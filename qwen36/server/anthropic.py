@@ -2,11 +2,18 @@
 
 Only translation lives here. A Messages request becomes a `ChatCompletionRequest` (system text, content
 blocks as OpenAI messages: `tool_use` blocks as tool calls, `tool_result` blocks as tool messages,
-`thinking` blocks as `reasoning_content`, base64 images as data-URL image parts; `tools` with
-`input_schema`; `tool_choice` auto / any / tool / none; `thinking` enabled / disabled as
-`enable_thinking`), runs as a `ChatJob`, and its choice or deltas are written back as Anthropic content
-blocks (`thinking` with an empty signature, `text`, `tool_use`), stop reasons and usage (prompt tokens
-taken from the prefix cache are `cache_read_input_tokens`), or as the event stream the SDK consumes.
+`thinking` blocks as `reasoning_content`, base64 images as data-URL image parts, `system` messages inside
+`messages` (Claude Code sends its environment that way) as late system messages, which the chat path merges
+into the leading one; `tools` with `input_schema`, a `defer_loading` tool only once a `tool_reference`
+block has loaded it; `tool_choice` auto / any / tool / none; `thinking` enabled / adaptive / disabled as
+`enable_thinking`, `budget_tokens` and `output_config.effort` as the thinking budget), runs as a `ChatJob`,
+and its choice or deltas are written back as Anthropic content blocks (`thinking` with an empty signature,
+`text`, `tool_use`), stop reasons and usage (prompt tokens taken from the prefix cache are
+`cache_read_input_tokens`), or as the event stream the SDK consumes.
+
+Fields that cannot change the answer (`metadata`, `context_management`, `service_tier`, `thinking.display`,
+cache_control marks, ...) are accepted and logged at debug; a field that would change it and is not
+implemented (`mcp_servers`, unknown `thinking` types or efforts) is a 400 naming it.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .jobs import ChatJob, Choice
-from .protocol import APIError, ChatCompletionRequest, function_tool, validate
+from .protocol import APIError, ChatCompletionRequest, effort_thinking, function_tool, validate
 
 log = logging.getLogger("qwen36.server")
 
@@ -28,6 +35,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
                529: "overloaded_error"}
 STOP_REASONS = {"tool_calls": "tool_use", "length": "max_tokens"}
+# fields that would change the answer and are not implemented: a 400 naming them (when not empty)
+_UNSUPPORTED = {"mcp_servers": "MCP connectors are not supported; give the client the MCP servers instead"}
 
 
 def error_body(e: APIError) -> dict:
@@ -35,7 +44,7 @@ def error_body(e: APIError) -> dict:
 
 
 class MessagesRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")      # service_tier, container, ...: accepted, ignored (logged)
+    model_config = ConfigDict(extra="allow")      # service_tier, context_management, ...: accepted, ignored (logged)
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -48,6 +57,7 @@ class MessagesRequest(BaseModel):
     top_p: float | None = None
     top_k: int | None = None
     metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None   # effort (the thinking budget), format (a JSON schema)
     stream: bool = False
 
 
@@ -55,8 +65,12 @@ def parse_request(raw: bytes, count_only: bool = False) -> MessagesRequest:
     req = validate(MessagesRequest, raw)
     if req.max_tokens is None and not count_only:
         raise APIError("max_tokens: Field required", param="max_tokens")
-    if req.model_extra:
-        log.debug("/v1/messages: ignoring fields %s", sorted(req.model_extra))
+    extra = req.model_extra or {}
+    for name, why in _UNSUPPORTED.items():
+        if extra.get(name):
+            raise APIError(f"unsupported field {name!r}: {why}", param=name)
+    if extra:                                     # context_management, service_tier, container, ...
+        log.debug("/v1/messages: ignoring fields %s", {k: extra[k] for k in sorted(extra)})
     return req
 
 
@@ -105,15 +119,39 @@ def _parts(blocks, where: str) -> str | list[dict]:
     return parts
 
 
-def _messages(req: MessagesRequest) -> list[dict]:
+def _tool_result(result, where: str, loaded: list[str]) -> str | list[dict]:
+    """A tool_result's content; `tool_reference` blocks (a client-side tool search's answer) load the deferred
+    tool they name (its definition joins the prompt's tools) and read as a line saying so."""
+    if isinstance(result, list) and any(isinstance(b, dict) and b.get("type") == "tool_reference" for b in result):
+        blocks = []
+        for j, b in enumerate(result):
+            if isinstance(b, dict) and b.get("type") == "tool_reference":
+                name = b.get("tool_name")
+                if not isinstance(name, str):
+                    raise APIError(f"{where}[{j}].tool_name: required", param=where)
+                loaded.append(name)
+                b = {"type": "text", "text": f"Tool {name} loaded."}
+            blocks.append(b)
+        result = blocks
+    return _parts(result, where)
+
+
+def _messages(req: MessagesRequest, loaded: list[str] | None = None) -> list[dict]:
+    """The chat messages; names of tools loaded by `tool_reference` blocks are appended to `loaded`."""
+    loaded = [] if loaded is None else loaded
     out = []
     if req.system:
         out.append({"role": "system", "content": _text_of(req.system, "system")})
     for i, m in enumerate(req.messages):
         where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(f"{where}: expected an object", param=where)
         role, content = m.get("role"), m.get("content")
+        if role == "system":                      # Claude Code's environment, reminders: merged into the first
+            out.append({"role": "system", "content": _text_of(content, f"{where}.content")})
+            continue
         if role not in ("user", "assistant"):
-            raise APIError(f"{where}.role: expected 'user' or 'assistant', got {role!r}", param=where)
+            raise APIError(f"{where}.role: expected 'user', 'assistant' or 'system', got {role!r}", param=where)
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
@@ -129,7 +167,7 @@ def _messages(req: MessagesRequest) -> list[dict]:
                     out.append({"role": "user", "content": _parts(pending, f"{where}.content")})
                     pending = []
                 result = b.get("content")
-                body = "" if result is None else _parts(result, f"{where}.content[{j}].content")
+                body = "" if result is None else _tool_result(result, f"{where}.content[{j}].content", loaded)
                 if b.get("is_error") and isinstance(body, str):
                     body = f"Error: {body}" if body else "Error"
                 out.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")), "content": body})
@@ -166,15 +204,26 @@ def _assistant(blocks: list, where: str) -> dict:
     return message
 
 
-def _tools(tools: list[dict] | None) -> list[dict] | None:
+def _tools(tools: list[dict] | None, loaded: list[str]) -> list[dict] | None:
+    """Custom tools as chat tools. A `defer_loading` tool is left out of the prompt (as Anthropic does) until
+    a `tool_reference` block in a tool result has loaded it."""
     if not tools:
         return None
-    out = []
+    out, names = [], set()
     for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise APIError(f"tools[{i}]: expected an object", param="tools")
+        names.add(t.get("name"))
         if t.get("type") not in (None, "custom"):      # Anthropic's server tools (web search, bash, ...)
             log.warning("/v1/messages: skipping tools[%d] of type %r (only custom tools are served)", i, t.get("type"))
             continue
+        if t.get("defer_loading") is True and t.get("name") not in loaded:
+            log.debug("/v1/messages: tools[%d] %r is deferred and not loaded: left out of the prompt", i, t.get("name"))
+            continue
         out.append(function_tool(i, t.get("name"), t.get("description"), t.get("input_schema"), t.get("strict")))
+    missing = [n for n in loaded if n not in names]
+    if missing:
+        raise APIError(f"a tool_reference names {missing[0]!r}, which is not in tools", param="tools")
     return out or None
 
 
@@ -197,24 +246,18 @@ def _tool_choice(choice: dict | None, body: dict) -> None:
 
 
 def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
-    body: dict = {"messages": _messages(req), "max_tokens": req.max_tokens or 1, "stream": req.stream}
-    tools = _tools(req.tools)
+    loaded: list[str] = []
+    body: dict = {"messages": _messages(req, loaded), "max_tokens": req.max_tokens or 1, "stream": req.stream}
+    tools = _tools(req.tools, loaded)
     _tool_choice(req.tool_choice, body)                   # checked even without tools
     if tools:
         body["tools"] = tools
     else:
         body.pop("tool_choice", None)
-    thinking = (req.thinking or {}).get("type")
-    if thinking in ("enabled", "adaptive", "between_tools"):
-        body["chat_template_kwargs"] = {"enable_thinking": True}
-        if isinstance(req.thinking.get("budget_tokens"), int):
-            body["thinking_token_budget"] = req.thinking["budget_tokens"]
-    elif thinking == "disabled":
-        body["chat_template_kwargs"] = {"enable_thinking": False}
-    elif thinking is not None:
-        raise APIError("thinking.type: expected 'enabled', 'disabled', 'adaptive' or 'between_tools'",
-                       param="thinking")
-    fmt = ((req.model_extra or {}).get("output_config") or {}).get("format")
+    _thinking(req, body)
+    config = req.output_config or {}
+    # the structured-outputs beta's top-level name, then output_config's
+    fmt = config.get("format") if config.get("format") is not None else (req.model_extra or {}).get("output_format")
     if fmt is not None:                          # {"type": "json_schema", "schema": {...}}
         if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
             raise APIError("output_config.format: expected {\"type\": \"json_schema\", \"schema\": {...}}",
@@ -225,6 +268,37 @@ def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)
     return validate(ChatCompletionRequest, body)
+
+
+def _thinking(req: MessagesRequest, body: dict) -> None:
+    """`thinking` and `output_config.effort` -> enable_thinking and a thinking budget. enabled / adaptive /
+    between_tools: on; disabled: off; absent: the server's default (on). `budget_tokens` caps the reasoning;
+    else the effort does (protocol.EFFORTS: low 1024 tokens, medium 8192, high / xhigh / max: the model
+    decides; as with Anthropic, an effort alone does not turn thinking on, but OpenAI's "none" / "minimal"
+    turn it off when `thinking` does not say). `display` ("omitted", "summarized") only shapes what is
+    shown: the reasoning comes back whole."""
+    thinking = req.thinking or {}
+    kind = thinking.get("type")
+    effort = (req.output_config or {}).get("effort")
+    budget = None
+    if effort is not None:
+        on, budget = effort_thinking(effort, "output_config.effort")   # a 400 naming an unknown effort
+        if kind is None and not on:
+            kind = "disabled"
+    if kind in ("enabled", "adaptive", "between_tools"):
+        body["chat_template_kwargs"] = {"enable_thinking": True}
+        if isinstance(thinking.get("budget_tokens"), int):
+            budget = thinking["budget_tokens"]
+    elif kind == "disabled":
+        body["chat_template_kwargs"] = {"enable_thinking": False}
+        budget = None
+    elif kind is not None:
+        raise APIError("thinking.type: expected 'enabled', 'disabled', 'adaptive' or 'between_tools'",
+                       param="thinking")
+    if budget is not None:
+        body["thinking_token_budget"] = budget
+    if thinking.get("display") is not None:
+        log.debug("/v1/messages: thinking.display %r: the reasoning is returned whole", thinking["display"])
 
 
 # ---- chat results -> Anthropic ---------------------------------------------------------------------------
