@@ -40,7 +40,7 @@ def make_demo(out: Path, seed: int = 0, geometry: str = "demo", layers: int | No
     if geometry == "real" and dtype is None:
         quantization = quantization or "int4"
     write_checkpoint(tmp, geo, seed=seed, tokenizer=True, quantization=quantization, mtp=mtp,
-                     shards=2 if quantization is None else 1, streamed=dtype is not None,
+                     shards=2 if quantization is None else 1, streamed=dtype is not None, progress=sys.stderr.isatty(),
                      dtype={"bfloat16": torch.bfloat16, "float32": torch.float32, None: torch.bfloat16}[dtype])
     if out.exists():
         shutil.rmtree(out) if (out / DEMO_MARK).exists() else out.rmdir()    # ours, or empty

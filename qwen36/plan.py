@@ -206,21 +206,22 @@ class CachePlan:
 
 def plan_caches(available: int | None, weights: int, device: str, kv_per_token: int, state_bytes: int,
                 native_len: int, max_num_seqs: int, kv_cache_bytes: int | None = None,
-                max_model_len: int | None = None, prefix_cache_bytes: int | None = None) -> CachePlan:
+                max_model_len: int | None = None, prefix_cache_bytes: int | None = None,
+                block_size: int = 64) -> CachePlan:
     """Size the KV cache (None: what is left after weights, DeltaNet states (state_bytes for all slots), the
     prefix cache and a margin) and the context (None: what that KV cache holds, up to native_len).
     prefix_cache_bytes None: 1 GiB, or a quarter of what is left if that is less."""
     left = None if available is None else available - weights - state_bytes - margin(device)
     if prefix_cache_bytes is None:
         prefix_cache_bytes = GiB if left is None else max(0, min(GiB, left // 4))
-    why = "as asked"
-    if kv_cache_bytes is None:
+    why, auto = "as asked", kv_cache_bytes is None
+    if auto:
         want = max_num_seqs * (max_model_len or native_len) * kv_per_token        # more is never used
         if left is None:
             kv_cache_bytes, why = min(want, GiB), "1 GiB (free memory unknown)"
         else:
             kv_cache_bytes, why = max(0, min(want, left - prefix_cache_bytes)), "what is left after the weights"
-    fits = kv_cache_bytes // max(kv_per_token, 1)
+    fits = kv_cache_bytes // max(kv_per_token, 1) // block_size * block_size     # whole KV blocks
     if max_model_len is not None and max_model_len > fits:
         raise InsufficientMemory(
             f"--max-model-len {max_model_len} needs a KV cache of {max_model_len * kv_per_token / GiB:.2f} GB for one "
@@ -228,7 +229,7 @@ def plan_caches(available: int | None, weights: int, device: str, kv_per_token: 
             "lower --max-model-len, or leave both out to size them from the memory left")
     if max_model_len is None:
         max_model_len = min(native_len, fits)
-        if max_model_len < min(MIN_KV_TOKENS, native_len):
+        if auto and max_model_len < min(MIN_KV_TOKENS, native_len):
             raise InsufficientMemory(
                 f"after the weights (~{weights / GiB:.1f} GB) only {max(left or 0, 0) / GiB:.2f} GB is left: the "
                 f"KV cache would hold {fits} tokens. Free memory, use a smaller weight form, or set "

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -206,7 +207,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, shards: int) 
 def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_experts: bool = True,
                      vision: dict | None = TINY_VISION, mtp: bool = True, shards: int = 2,
                      text_only: bool = False, dtype: torch.dtype = torch.bfloat16,
-                     tokenizer: bool = False, quantization: str | None = None, streamed: bool = False) -> Path:
+                     tokenizer: bool = False, quantization: str | None = None, streamed: bool = False,
+                     progress: bool = False) -> Path:
     """Write a random checkpoint in the official layout; returns its directory. With quantization
     ("int8"|"int4") the weights are written directly in qwen36's quantized form, layer by layer, so even
     the full real geometry never needs more than one layer in memory (vision is left out; the MTP head,
@@ -221,10 +223,10 @@ def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_exper
         qcfg = QuantConfig(quantization)
         cfg["quantization_config"] = qcfg.to_json()
         write_streamed_text(out, tc, seed, qcfg, "model." if text_only else "model.language_model.",
-                            mtp=mtp and not text_only)
+                            mtp=mtp and not text_only, progress=progress)
     elif streamed:
         write_streamed_text(out, tc, seed, None, "model." if text_only else "model.language_model.",
-                            mtp=mtp and not text_only, dtype=dtype)
+                            mtp=mtp and not text_only, dtype=dtype, progress=progress)
     else:
         tensors = text_tensors(tc, seed, fused_experts, "model." if text_only else "model.language_model.",
                                mtp and not text_only)
@@ -277,7 +279,7 @@ def random_quantized(shape: tuple[int, ...], qcfg, g: torch.Generator) -> dict[s
 
 
 def write_streamed_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shard_bytes: int = 2 << 30,
-                        mtp: bool = False, dtype: torch.dtype = torch.bfloat16) -> None:
+                        mtp: bool = False, dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> None:
     """The text model (and the MTP head), one layer in memory at a time, streamed shard by shard: in
     qwen36's quantized form when qcfg is given (the MTP head under our fused names), else plain `dtype`
     tensors in the official layout (per-expert MTP experts), which llama.cpp's converter reads."""
@@ -300,7 +302,10 @@ def write_streamed_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shard
         return _moe_shapes(r, p, tc) if qcfg is not None else _moe(r, p, tc, fused=True)
 
     put(f"{prefix}embed_tokens.weight", r.normal((V, H), 1.0))
-    for i, kind in enumerate(tc["layer_types"]):
+    from tqdm import tqdm
+
+    for i, kind in tqdm(list(enumerate(tc["layer_types"])), desc="writing layers", unit=" layers",
+                        disable=not progress, file=sys.stderr, dynamic_ncols=True):
         p = f"{prefix}layers.{i}"
         layer = {f"{p}.input_layernorm.weight": r.normal(H, 0.1), f"{p}.post_attention_layernorm.weight": r.normal(H, 0.1)}
         layer.update(_attention(r, f"{p}.self_attn", tc) if kind == "full_attention" else _deltanet(r, f"{p}.linear_attn", tc))

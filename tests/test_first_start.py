@@ -81,13 +81,23 @@ def test_kv_cache_and_context_from_the_memory_left():
     kv = 40 * 1024                                                               # fp32 KV of a real-geometry token
     p = plan_caches(23 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8)
     assert p.prefix_cache_bytes <= GiB and p.kv_cache_bytes > 0
-    assert p.max_model_len == p.kv_cache_bytes // kv < 262144                    # what the cache holds
+    assert p.max_model_len == p.kv_cache_bytes // kv // 64 * 64 < 262144         # what the cache's blocks hold
     roomy = plan_caches(200 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 1)
     assert roomy.max_model_len == 262144 and roomy.kv_cache_bytes == 262144 * kv   # no more than one context
     with pytest.raises(InsufficientMemory, match="--max-model-len 65536 needs"):
         plan_caches(23 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8, kv_cache_bytes=GiB, max_model_len=65536)
     with pytest.raises(InsufficientMemory, match="KV cache would hold"):
         plan_caches(20 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8)
+
+
+def test_the_default_context_fits_the_kv_cache(checkpoint):
+    """max_model_len left out: what the KV cache's whole blocks hold, so a request that may run to the end of
+    the context (the servers' default without max_tokens) is accepted."""
+    path = checkpoint("ratio2")
+    per_token = LLM(path, quantization=None).engine().cache.bytes_per_block() // 64
+    llm = LLM(path, quantization=None, kv_cache_bytes=per_token * 1000 + 17, max_num_seqs=2)
+    assert llm.max_model_len == 960 and llm.engine().max_model_len == 960
+    llm.engine().add_request([1, 2, 3], SamplingParams(max_tokens=957))
 
 
 def test_llm_defaults_convert_once_into_the_cache(checkpoint, tmp_path, monkeypatch):
