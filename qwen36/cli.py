@@ -392,7 +392,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's default in its help, where it has one worth saying (not None or off)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 

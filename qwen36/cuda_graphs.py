@@ -1,4 +1,4 @@
-"""Decode steps replayed as CUDA graphs (a pass over the unchanged model: DESIGN.md §4.9).
+"""Decode steps replayed as CUDA graphs (a pass over the unchanged model, chosen by an explicit option).
 
 A decode step of B sequences launches a few hundred small kernels; at batch 1 on a GPU their launch cost, not
 the weights' read, sets the step time. A CUDA graph records the step's kernels once and replays them with one

@@ -5,12 +5,12 @@ csrc/qkernels512.cpp: the int4 ones again for AVX-512 CPUs, ~25 % faster decode 
 compiled on first use with torch's cpp_extension into the cache directory (about a minute, once). Why our
 own: on this CPU (2 cores) PyTorch's int4 op needs bf16 activations and its fp32 path runs at well under
 1 GB/s, and its int8 op is as slow with fp32 activations; ours reads int4 weights at ~10 GB/s per thread
-(measurements in the README). Where the CPU has AVX-512 VNNI, int4 weights multiply int8-rounded
+(measurements in docs/performance.md). Where the CPU has AVX-512 VNNI, int4 weights multiply int8-rounded
 activations (per row and weight group; `quantize_activations` is the rounding, `qlinear_act8_reference`
 the math): `q4q8_linear` for large batches (prefill, more than PREFILL_ROWS rows; ~5x the fp32 GEMM's
 multiply rate here), `q4q8_gemv` / `q4q8_moe` for decode (weights read as stored, ~1.4x the fp32-activation
-kernels' bandwidth on large matrices). Both need groups a multiple of 128 (the default). The accuracy cost is in the README's
-quantization table; QWEN36_ACT8=0 keeps fp32 activations everywhere. Otherwise large batches dequantize
+kernels' bandwidth on large matrices). Both need groups a multiple of 128 (the default). The accuracy cost is in docs/quantization.md's
+table; QWEN36_ACT8=0 keeps fp32 activations everywhere. Otherwise large batches dequantize
 once and use the fp32 GEMM, and small ones use the fp32-activation kernels. Anything
 the kernels cannot take (no compiler, widths not a multiple of 32) uses the reference path: dequantize and
 F.linear, which is also what the fast path is tested against.

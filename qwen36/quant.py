@@ -21,7 +21,7 @@ from torch import nn
 from . import kernels
 
 METHODS = ("int8", "int4")
-DEFAULT_GROUP = 128          # the full model fits 21 GB; 64 and 32 are more accurate (README) but need more
+DEFAULT_GROUP = 128          # the full model fits 21 GB; 64 and 32 are more accurate (docs/quantization.md) but need more
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""How far bf16 compute moves the logits from fp32, ours against transformers' own bf16 run (README, GPU
+"""How far bf16 compute moves the logits from fp32, ours against transformers' own bf16 run (docs/exactness.md, GPU
 section): what a GPU computes, simulated on the CPU (the tensor-op path, CPU kernels off).
 
     python scripts/bf16_drift.py [--seeds 3 4 5 6] [--prompts 8]

@@ -1,4 +1,4 @@
-"""Measure how far bf16 storage and bf16 compute move the logits from fp32 (figures in the README).
+"""Measure how far bf16 storage and bf16 compute move the logits from fp32 (figures in docs/exactness.md).
 
     python scripts/bf16_vs_fp32.py
 Writes two random official-layout checkpoints to a temporary directory, runs 200 tokens through each

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 16's GPU checks in one run, under 10 minutes on one H200 (what a lent device machine runs: give the
-# call timeout_s=600; the limits below add up to 9.5 minutes at worst, ~5 expected):
+# The GPU checks in one run, under 10 minutes on one H200 (the limits below add up to 9.5 minutes at worst,
+# ~5 expected):
 #   1. the CUDA tests (tests/test_cuda.py: parity with transformers in fp32, bf16 drift against transformers'
 #      own, grouped experts, fla kernels, CUDA graphs == uncaptured == eager, --cpu-experts == all on the GPU)
 #      (the device-agnostic ones, tests/test_gpu_path.py, run in the CPU suite);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Python packages scripts/gpu_check.sh needs that the GPU machine's image lacks (it reaches no package
-# index), downloaded here into .whl/ (ignored by git) for the run to carry: run(command="bash
-# scripts/gpu_check.sh", carry=[".whl"]). About 20 MB. The machine's python3 is CPython 3.12 on x86-64.
+# index), downloaded here into .whl/ (ignored by git) and copied there with the working tree before running
+# `bash scripts/gpu_check.sh`. About 20 MB. The machine's python3 is CPython 3.12 on x86-64.
 set -eu
 cd "$(dirname "$0")/.."
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

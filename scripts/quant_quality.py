@@ -1,4 +1,4 @@
-"""Quality of int8 / int4 weight-only quantization against the unquantized model (README table).
+"""Quality of int8 / int4 weight-only quantization against the unquantized model (docs/quantization.md table).
 
     python scripts/quant_quality.py CHECKPOINT [--tokens 256]
 For each method: mean KL(fp32 || quantized) of the next-token distributions and top-1 agreement over a

@@ -36,7 +36,7 @@ def test_demo_makes_cache_once_and_states_random_weights(tmp_path):
 def test_errors_are_one_clear_line(tmp_path):
     r = qwen36("generate", str(tmp_path / "nope"), "hi")
     assert r.returncode == 2
-    assert r.stderr.startswith("qwen36: error:") and "no config.json" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("qwen36: error:") and "no such local path" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_runs_on_a_checkpoint(checkpoint):

@@ -30,6 +30,8 @@ def render_metrics(stats, load: dict[str, float]) -> str:
               "# TYPE qwen36_kv_cache_usage_ratio gauge", f"qwen36_kv_cache_usage_ratio {load['cache_usage']:.4f}"]
     lines += _metric("qwen36_prompt_tokens_computed_total", "counter", "Prompt tokens run through the model.",
                      load["prompt_tokens_computed"])
+    lines += _metric("qwen36_num_preemptions_total", "counter",
+                     "Sequences preempted when the KV cache ran out (recomputed when readmitted).", load["preemptions"])
     if "prefix_hits" in load:
         lines += _metric("qwen36_prompt_tokens_cached_total", "counter",
                          "Prompt tokens taken from the prefix cache.", load["prompt_tokens_cached"])

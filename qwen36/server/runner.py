@@ -123,6 +123,7 @@ class EngineRunner:
         out = {"running": sum(not q.background for q in s.running),
                "waiting": sum(not q.background for q in s.waiting),
                "cache_usage": 1 - s.num_available / s.num_blocks,
+               "preemptions": s.num_preemptions,
                "prompt_tokens_computed": e.stats.prompt_tokens_computed,
                "background_started": e.stats.background_started,
                "background_finished": e.stats.background_finished,
