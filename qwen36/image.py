@@ -72,6 +72,15 @@ class MediaError(ValueError):
     """A bad image or video: not decodable, too large, not allowed, inconsistent with the prompt."""
 
 
+class ContextTooLong(ValueError):
+    """A prompt longer than the context (numbers kept: each API words this error its own way)."""
+
+    def __init__(self, prompt_tokens: int, limit: int, hint: str = ""):
+        super().__init__(f"this model's maximum context length is {limit} tokens, but the prompt has "
+                         f"{prompt_tokens} tokens{hint}")
+        self.prompt_tokens, self.limit = prompt_tokens, limit
+
+
 # ----------------------------------------------------------------------------------------------- settings
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 
 from .chat import media_kind
 from .config import ModelConfig
-from .image import (MediaError, VisionPreprocess, expand_vision_tokens, load_image, load_video, preprocess_images,
+from .image import (ContextTooLong, MediaError, VisionPreprocess, expand_vision_tokens, load_image, load_video, preprocess_images,
                     preprocess_video)
 from .multimodal import MultimodalPrompt, mrope_positions
 from .vision import VisionTower
@@ -187,8 +187,7 @@ class MediaInputs:
         if max_len is not None and len(ids) > max_len:
             hint = (" with its images/videos expanded; send smaller images (max_pixels) or fewer frames"
                     if media else "")
-            raise MediaError(f"this model's maximum context length is {max_len} tokens, but the prompt has "
-                             f"{len(ids)} tokens{hint}")
+            raise ContextTooLong(len(ids), max_len, hint)
         if not media:
             return PromptInputs(ids)
         if self.tower is None:

@@ -80,7 +80,7 @@ class LLM:
         self.path = resolve_model(path, progress)       # a local directory, or a repo id from the HF cache
         config, ckpt = load_config(self.path), Checkpoint(self.path)
         self.plan = plan_weights(config, ckpt, str(self.device), dtype, quantization,
-                                 mtp=self.num_speculative_tokens > 0)
+                                 mtp=self.num_speculative_tokens > 0, cpu_experts=cpu_experts)
         self.available = memory_available(str(self.device))       # before loading: the budget for everything
         check_fits(self.plan, str(self.device), self.available, max_ram, cpu_experts)
         source = self.path

@@ -56,8 +56,9 @@ def stored_form(cfg, ckpt) -> str:
 
 
 def plan_weights(cfg, ckpt, device: str = "cpu", dtype: str = "auto", quantization: str | None = "auto",
-                 mtp: bool = False, group_size: int = 128) -> WeightsPlan:
-    """Resolve dtype="auto" and quantization="auto" for this checkpoint on this device."""
+                 mtp: bool = False, group_size: int = 128, cpu_experts=None) -> WeightsPlan:
+    """Resolve dtype="auto" and quantization="auto" for this checkpoint on this device. cpu_experts (experts
+    offloaded to the CPU in int4, --cpu-experts): the rest of the model stays float."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)}")
     if quantization not in QUANTIZATIONS:
@@ -71,6 +72,8 @@ def plan_weights(cfg, ckpt, device: str = "cpu", dtype: str = "auto", quantizati
     if quantization == "auto":
         if stored in ("int8", "int4"):
             quantization, reason = stored, "stored quantized: loaded as stored"
+        elif cpu_experts:
+            quantization, reason = None, "--cpu-experts: routed experts int4 in CPU memory, the rest float"
         elif cpu:
             quantization, reason = "int4", ("the CPU default (--quantization none for exact float32, int8 for "
                                             "closer to float at twice the memory)")
@@ -221,7 +224,7 @@ def plan_caches(available: int | None, weights: int, device: str, kv_per_token: 
             kv_cache_bytes, why = min(want, GiB), "1 GiB (free memory unknown)"
         else:
             kv_cache_bytes, why = max(0, min(want, left - prefix_cache_bytes)), "what is left after the weights"
-    fits = kv_cache_bytes // max(kv_per_token, 1) // block_size * block_size     # whole KV blocks
+    fits = kv_cache_bytes // kv_per_token // block_size * block_size if kv_per_token else native_len
     if max_model_len is not None and max_model_len > fits:
         raise InsufficientMemory(
             f"--max-model-len {max_model_len} needs a KV cache of {max_model_len * kv_per_token / GiB:.2f} GB for one "

@@ -6,6 +6,7 @@ conversation, prompt token counts equal `LLM.encode_chat` of the equivalent chat
 from __future__ import annotations
 
 import json
+import re
 
 import anthropic
 import httpx
@@ -623,3 +624,15 @@ def test_chat_reasoning_effort_none_is_thinking_off(oai, offline):
     want = offline.chat(MSG, greedy(8), enable_thinking=False)
     assert r.choices[0].message.content == want.content
     assert r.usage.prompt_tokens == len(offline.encode_chat(MSG, enable_thinking=False).ids)
+
+
+def test_a_prompt_longer_than_the_context_is_worded_as_each_api_words_it(claude, oai):
+    """Agent clients compact their history when told the prompt is too long, in their API's words: OpenAI's
+    code context_length_exceeded, Anthropic's 'prompt is too long: N tokens > M maximum'."""
+    long = [{"role": "user", "content": "word " * 1500}]
+    with pytest.raises(anthropic.BadRequestError) as a:
+        claude.messages.create(model="qwen36-demo", max_tokens=8, messages=long)
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 1024 maximum", a.value.body["error"]["message"])
+    with pytest.raises(openai.BadRequestError) as o:
+        oai.chat.completions.create(model="qwen36-demo", max_tokens=8, messages=long)
+    assert o.value.code == "context_length_exceeded" and "maximum context length is 1024" in o.value.message

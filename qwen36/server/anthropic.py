@@ -26,7 +26,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .jobs import ChatJob, Choice
-from .protocol import APIError, ChatCompletionRequest, effort_thinking, function_tool, validate
+from .protocol import APIError, ChatCompletionRequest, ContextLengthError, effort_thinking, function_tool, validate
 
 log = logging.getLogger("qwen36.server")
 
@@ -40,7 +40,9 @@ _UNSUPPORTED = {"mcp_servers": "MCP connectors are not supported; give the clien
 
 
 def error_body(e: APIError) -> dict:
-    return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
+    message = f"prompt is too long: {e.prompt_tokens} tokens > {e.limit} maximum" \
+        if isinstance(e, ContextLengthError) else e.message
+    return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": message}}
 
 
 class MessagesRequest(BaseModel):

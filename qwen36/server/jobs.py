@@ -19,12 +19,13 @@ from fastapi import Request
 
 from ..chat import ChatTemplate, ChatTemplateError, merge_system_messages
 from ..engine import StepOutput
+from ..image import ContextTooLong
 from ..inputs import MediaPolicy
 from ..llm import LLM
 from ..parsers import AssistantStreamParser, ChatResult, parse_assistant
 from ..sampling import SamplingParams
 from ..structured import GrammarError, json_grammar, tool_call_grammar
-from .protocol import APIError, ChatCompletionRequest, NamedToolChoice, effort_thinking, response_schema
+from .protocol import APIError, ChatCompletionRequest, ContextLengthError, NamedToolChoice, effort_thinking, response_schema
 from .runner import EngineRunner, now
 
 
@@ -63,8 +64,7 @@ def sampling_params(req, llm: LLM, prompt_len: int, max_tokens: int | None, logp
     fields["ignore_eos"] = req.ignore_eos
     limit = llm.engine().max_model_len - prompt_len
     if limit <= 0:
-        raise APIError(f"this model's maximum context length is {llm.engine().max_model_len} tokens, but the "
-                       f"prompt has {prompt_len} tokens", param="messages")
+        raise ContextLengthError(prompt_len, llm.engine().max_model_len)
     fields["max_tokens"] = max_tokens or limit
     fields["logprobs"] = logprobs
     fields.update(constraint or {})                            # json_schema / grammar / thinking_token_budget
@@ -239,6 +239,8 @@ class ChatJob(_Job):
                                                                      escaped=True))
         except ChatTemplateError as e:
             raise APIError(f"messages: {e}", param="messages") from None
+        except ContextTooLong as e:
+            raise ContextLengthError(e.prompt_tokens, e.limit, str(e)) from None
         except ValueError as e:                                 # MediaError and placeholder/media mismatches
             raise APIError(str(e), param="messages") from None
         self.has_media = inputs.mm is not None

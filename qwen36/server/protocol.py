@@ -28,6 +28,16 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ContextLengthError(APIError):
+    """The prompt does not fit the context: OpenAI's code context_length_exceeded; Anthropic's adapter words it
+    as Anthropic does ("prompt is too long: N tokens > M maximum"), which agent clients act on (compaction)."""
+
+    def __init__(self, prompt_tokens: int, limit: int, message: str | None = None):
+        super().__init__(message or f"this model's maximum context length is {limit} tokens, but the prompt has "
+                         f"{prompt_tokens} tokens", param="messages", code="context_length_exceeded")
+        self.prompt_tokens, self.limit = prompt_tokens, limit
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
