@@ -120,8 +120,8 @@ class LLM:
         layout = self.model.cache_layout(mtp=self.num_speculative_tokens > 0)
         meta = HybridCache(layout, 1, 1, 64, self.model.compute_dtype, "meta")
         states = meta.bytes_per_slot() * self.max_num_seqs * (1 + self.num_speculative_tokens)
-        # with max_ram, experts leave memory as needed: what is left is judged against that limit
-        available = self.available if max_ram is None else min(self.available or max_ram, max_ram)
+        # with max_ram, experts leave memory as needed: what is left cannot be told, the KV cache gets 1 GiB
+        available = self.available if max_ram is None else None
         return plan_caches(available, self.plan.bytes, str(self.device), meta.bytes_per_block() // 64, states,
                            self.config.text.max_position_embeddings, self.max_num_seqs, kv_cache_bytes,
                            max_model_len, prefix_cache_memory)

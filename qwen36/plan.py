@@ -221,7 +221,7 @@ def plan_caches(available: int | None, weights: int, device: str, kv_per_token: 
     if auto:
         want = max_num_seqs * (max_model_len or native_len) * kv_per_token        # more is never used
         if left is None:
-            kv_cache_bytes, why = min(want, GiB), "1 GiB (free memory unknown)"
+            kv_cache_bytes, why = min(want, GiB), "1 GiB: free memory unknown, or --max-ram"
         else:
             kv_cache_bytes, why = max(0, min(want, left - prefix_cache_bytes)), "what is left after the weights"
     fits = kv_cache_bytes // kv_per_token // block_size * block_size if kv_per_token else native_len

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from qwen36 import LLM, CheckpointError, SamplingParams
 from qwen36.checkpoint import Checkpoint, dequantize_fp8
 from qwen36.model import load_model
-from qwen36.quant import QuantExperts, QuantLinear
+from qwen36.export import quantized_tensors
 from qwen36.synth import quantize_fp8, to_fp8_checkpoint, write_dequantized
 
 from conftest import load_reference, rel_err
@@ -107,23 +107,11 @@ def test_logits_match_transformers_on_dequantized_weights(fp8):
         assert torch.equal(got, twin.logits(ids))        # the same weights as the dequantized checkpoint's
 
 
-def _weights(model) -> dict[str, torch.Tensor]:
-    """Every tensor a loaded model holds: float parameters and the stored parts of its quantized weights."""
-    out = dict(model.state_dict())
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            out.update({f"{name}.weight.{k}": v for k, v in module.parts().items()})
-        elif isinstance(module, QuantExperts):
-            for attr in ("gate_up_proj", "down_proj"):
-                out.update({f"{name}.{attr}.{k}": v for k, v in module.parts(attr).items()})
-    return out
-
-
 def test_int4_from_fp8_equals_int4_from_dequantized_bf16(fp8, tmp_path):
     q, _, _ = fp8
     deq16 = write_dequantized(q, tmp_path / "deq16", torch.bfloat16)
-    a = _weights(load_model(q, torch.bfloat16, quantization="int4")[1])
-    b = _weights(load_model(deq16, torch.bfloat16, quantization="int4")[1])
+    a = quantized_tensors(load_model(q, torch.bfloat16, quantization="int4")[1])
+    b = quantized_tensors(load_model(deq16, torch.bfloat16, quantization="int4")[1])
     assert any(k.endswith("experts.gate_up_proj.q") for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = prompt(40, seed=3)
