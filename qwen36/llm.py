@@ -107,8 +107,7 @@ class LLM:
             self.residency = ExpertResidency(self.model, max_ram)
         self._tokenizer: Tokenizer | None = None
         self.max_num_seqs = max_num_seqs
-        self.caches = self._plan_caches(max_model_len, kv_cache_bytes, prefix_cache_memory,
-                                        max_ram if max_ram is not None else None)
+        self.caches = self._plan_caches(max_model_len, kv_cache_bytes, prefix_cache_memory, max_ram)
         # prefix cache: state snapshots of earlier prompts (bounded by prefix_cache_memory) so a prompt that
         # extends or shares an earlier one prefills only what is new
         self.enable_prefix_caching = enable_prefix_caching
