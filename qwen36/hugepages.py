@@ -141,6 +141,13 @@ def _mapping_bases():
     return [(_address(mm), len(mm), mm) for mm in MAPPINGS]
 
 
+def release(t: torch.Tensor) -> None:
+    """A tensor read in place from the checkpoint and no longer needed (quantized into another form): its pages
+    leave this process, so a load that quantizes 70 GB of bf16 does not hold them all as resident memory."""
+    if t.device.type == "cpu" and t.numel():
+        _drop_pages(_mapping_bases(), t.data_ptr(), t.numel() * t.element_size())
+
+
 def _drop_pages(bases, ptr: int, nbytes: int) -> None:
     """A copied weight's pages of the checkpoint's file mapping leave this process (they stay in the page
     cache, reclaimable; if anything reads them again they come back from it): resident memory counts the

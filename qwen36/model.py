@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import hugepages
 from .batch import ForwardBatch
 from .cache import HybridCache, Layout
 from .checkpoint import Checkpoint, disk_names_for, iter_text_weights
@@ -201,6 +202,7 @@ def _read_weights(module: nn.Module, ckpt: Checkpoint, cfg: ModelConfig, qcfg: Q
         if name in targets:                                    # a float weight to quantize now
             mod, attr = targets[name]
             mod.load(attr, quantize(t, mod.cfg))
+            hugepages.release(t)                               # the float weight's file pages, if read in place
         elif base in stored:                                   # a stored part: load once all are read
             parts.setdefault(base, {})[suffix] = t
             if len(parts[base]) == len(quantized_shapes((1, qcfg.group_size * 2), qcfg)):
