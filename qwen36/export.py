@@ -52,7 +52,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, group_siz
     ckpt = Checkpoint(src)
     for disk in ckpt.names():                    # vision tower, MTP: copied as they are (FP8 ones as bf16)
         if map_name(disk) == "":
-            tensors[disk] = ckpt.read(disk, torch.bfloat16) if disk in ckpt.fp8 else ckpt.tensor(disk).clone()
+            tensors[disk] = ckpt.read(disk, torch.bfloat16) if disk in ckpt.fp8 else ckpt.tensor(disk)   # mapped
     out.mkdir(parents=True, exist_ok=True)
     raw["quantization_config"] = model.quantization.to_json()
     del model

@@ -100,8 +100,17 @@ def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return g.reshape(*lead, N, K)
 
 
-def quantize(w: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
-    return quantize_int8(w) if cfg.method == "int8" else quantize_int4(w, cfg.group_size)
+def quantize(w: torch.Tensor, cfg: QuantConfig, chunk_bytes: int = 64 << 20) -> dict[str, torch.Tensor]:
+    """The parts of w quantized. Stacked experts [E, N, K] go a few experts at a time (rows are independent,
+    so the parts are the same): the fp32 temporaries of a whole layer's experts at once are ~6 GB at the real
+    geometry, more than a 24 GB machine has beside the model being converted."""
+    one = (lambda x: quantize_int8(x)) if cfg.method == "int8" else (lambda x: quantize_int4(x, cfg.group_size))
+    per = w[0].numel() * 4 if w.dim() == 3 else 0
+    if per == 0 or w.shape[0] * per <= chunk_bytes:
+        return one(w)
+    step = max(1, chunk_bytes // per)
+    pieces = [one(w[i:i + step]) for i in range(0, w.shape[0], step)]
+    return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
 
 
 # ----------------------------------------------------------------------------------------------- modules
