@@ -101,11 +101,12 @@ def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, cfg: QuantConfig, chunk_bytes: int = 64 << 20) -> dict[str, torch.Tensor]:
-    """The parts of w quantized. Stacked experts [E, N, K] go a few experts at a time (rows are independent,
-    so the parts are the same): the fp32 temporaries of a whole layer's experts at once are ~6 GB at the real
-    geometry, more than a 24 GB machine has beside the model being converted."""
+    """The parts of w quantized, a slice along the first axis at a time (stacked experts [E, N, K] a few experts,
+    a weight [N, K] a block of rows: rows are independent, so the parts are the same). At once, the fp32
+    temporaries of the output head or of a layer's experts are 6-8 GB at the real geometry, more than a 24 GB
+    machine has beside the model being converted."""
     one = (lambda x: quantize_int8(x)) if cfg.method == "int8" else (lambda x: quantize_int4(x, cfg.group_size))
-    per = w[0].numel() * 4 if w.dim() == 3 else 0
+    per = w[0].numel() * 4 if w.dim() >= 2 else 0
     if per == 0 or w.shape[0] * per <= chunk_bytes:
         return one(w)
     step = max(1, chunk_bytes // per)

@@ -298,3 +298,6 @@ def test_stacked_experts_quantize_a_few_at_a_time_to_the_same_parts(method):
     whole = quantize(w, QuantConfig(method), chunk_bytes=1 << 40)
     sliced = quantize(w, QuantConfig(method), chunk_bytes=3 * 64 * 256 * 4)       # 3 experts a slice
     assert whole.keys() == sliced.keys() and all(torch.equal(whole[k], sliced[k]) for k in whole)
+    rows = w[0]                                                                    # a plain [N, K] weight
+    whole, sliced = quantize(rows, QuantConfig(method), 1 << 40), quantize(rows, QuantConfig(method), 10 * 256 * 4)
+    assert all(torch.equal(whole[k], sliced[k]) for k in whole)
