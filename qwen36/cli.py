@@ -378,7 +378,7 @@ def _cpu_experts(value: str | None) -> int | str | None:
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (reasoning included)")
+    p.add_argument("--max-tokens", type=_int_in(1), default=None, help="most tokens to generate (reasoning included)")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default: the checkpoint's generation_config.json)")
     p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's generation_config.json")
@@ -386,6 +386,19 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--verbose", action="store_true",
                    help="print prompt and decode tokens/s and the time to the first token after each answer")
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (a bad value is a usage error, before anything loads)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"{n} is outside {lo}..{hi if hi is not None else ''}")
+        return n
+    return parse
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -428,15 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help=MODEL_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; see the "
                                                       "server docs before exposing it)")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--port", type=_int_in(1, 65535), default=8000, help="port to listen on")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
                                                    "(or set QWEN36_API_KEY)")
     s.add_argument("--served-model-name", default=None, help="the model id clients see (default: the "
                                                              "checkpoint's name)")
-    s.add_argument("--max-model-len", type=int, default=None,
+    s.add_argument("--max-model-len", type=_int_in(1), default=None,
                    help="longest context (prompt + output) in tokens (default: what the KV cache holds, up to "
                         "the model's 262,144)")
-    s.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together")
+    s.add_argument("--max-num-seqs", type=_int_in(1, 1024), default=8, help="sequences decoded together")
     s.add_argument("--kv-cache-memory", default="auto", metavar="SIZE",
                    help="memory for attention KV, e.g. 4G (auto: what is left after the weights, the state "
                         "slots, the prefix cache and a margin)")

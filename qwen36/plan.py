@@ -214,6 +214,8 @@ def plan_caches(available: int | None, weights: int, device: str, kv_per_token: 
     """Size the KV cache (None: what is left after weights, DeltaNet states (state_bytes for all slots), the
     prefix cache and a margin) and the context (None: what that KV cache holds, up to native_len).
     prefix_cache_bytes None: 1 GiB, or a quarter of what is left if that is less."""
+    if max_model_len is not None and max_model_len < 1 or kv_cache_bytes is not None and kv_cache_bytes < 0:
+        raise ValueError(f"max_model_len={max_model_len}, kv_cache_bytes={kv_cache_bytes}: give positive sizes")
     left = None if available is None else available - weights - state_bytes - margin(device)
     if prefix_cache_bytes is None:
         prefix_cache_bytes = GiB if left is None else max(0, min(GiB, left // 4))
@@ -234,7 +236,7 @@ def plan_caches(available: int | None, weights: int, device: str, kv_per_token: 
         max_model_len = min(native_len, fits)
         if auto and max_model_len < min(MIN_KV_TOKENS, native_len):
             raise InsufficientMemory(
-                f"after the weights (~{weights / GiB:.1f} GB) only {max(left or 0, 0) / GiB:.2f} GB is left: the "
+                f"after the weights (~{size(weights)}) only {size(max(left or 0, 0))} is left: the "
                 f"KV cache would hold {fits} tokens. Free memory, use a smaller weight form, or set "
                 "--kv-cache-memory and --max-model-len yourself")
     return CachePlan(kv_cache_bytes, min(max_model_len, native_len), prefix_cache_bytes, why)
