@@ -171,15 +171,14 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--default-chat-template-kwargs is not valid JSON: {e}") from None
     if defaults is not None and not isinstance(defaults, dict):
         raise ValueError("--default-chat-template-kwargs must be a JSON object")
-    sizes = {k: parse_size(v) for k, v in (("kv_cache_memory", args.kv_cache_memory),
-                                            ("max_body_size", args.max_body_size),
-                                            ("prefix_cache_memory", args.prefix_cache_memory),
-                                            ("max_ram", args.max_ram)) if v not in (None, "auto")}
+    for v in (args.max_ram, args.prefix_cache_memory):  # every size checked before the port opens
+        _size(v)
     path = _resolve(args)
     name = args.served_model_name or _served_name(args.model, path)
     config = ServerConfig(name, args.api_key or os.environ.get("QWEN36_API_KEY") or None,
-                          sizes["max_body_size"], defaults, args.allowed_local_media_path,
+                          parse_size(args.max_body_size), defaults, args.allowed_local_media_path,
                           args.max_image_pixels, args.max_video_pixels, args.background_prefill)
+    kv_cache_bytes = _size(args.kv_cache_memory)
     sock = _bind(args.host, args.port)                 # a port in use is said now, not after loading
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.getLogger("qwen36").setLevel(args.log_level.upper())   # info: a line per request
@@ -192,7 +191,7 @@ def cmd_serve(args) -> int:
     def load():
         try:
             llm = _llm(args, path=path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                       kv_cache_bytes=sizes.get("kv_cache_memory"))
+                       kv_cache_bytes=kv_cache_bytes)
             app = create_app(llm, config)
             llm.warm_up()
             boot.ready(app)
@@ -236,6 +235,11 @@ def _resolve(args) -> Path:
 def _served_name(model: str, path: Path) -> str:
     from .hub import model_name
     return model_name(model, path)
+
+
+def _size(value: str | None) -> int | None:
+    """A size flag: None for unset or "auto", else bytes."""
+    return None if value in (None, "auto") else parse_size(value)
 
 
 def parse_size(text: str) -> int:
@@ -359,11 +363,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _llm(args, path: Path | None = None, **kw):
     from . import LLM
 
-    size = lambda v: None if v in (None, "auto") else parse_size(v)                # noqa: E731
     return LLM(path or _resolve(args), dtype=args.dtype, device=args.device,
                quantization=None if args.quantization == "none" else args.quantization,
-               max_ram=size(args.max_ram), enable_prefix_caching=args.enable_prefix_caching,
-               prefix_cache_memory=size(args.prefix_cache_memory), speculative_config=args.speculative_config,
+               max_ram=_size(args.max_ram), enable_prefix_caching=args.enable_prefix_caching,
+               prefix_cache_memory=_size(args.prefix_cache_memory), speculative_config=args.speculative_config,
                cpu_experts=_cpu_experts(args.cpu_experts), cuda_graphs=args.cuda_graphs,
                convert_cache=args.convert_cache, **{"progress": sys.stderr.isatty(), **kw})
 
