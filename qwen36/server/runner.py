@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..engine import Engine, StepOutput
 from ..sampling import SamplingParams
+from ..stats import format_stats
 
 
 @dataclass
@@ -41,12 +42,8 @@ class RequestTiming:
     cached: int = 0
 
     def log(self, rid: str, finish: str | None) -> None:
-        end = now()
-        ttft = f"{self.first - self.start:.2f} s" if self.first is not None else "-"
-        rate = f"{(self.generated - 1) / (end - self.first):.1f} tok/s" \
-            if self.first is not None and self.generated > 1 and end > self.first else "- tok/s"
-        log.info("%s: prompt %d tokens (%d cached), generated %d, first token %s, %s, %.2f s, finish %s", rid,
-                 self.prompt, self.cached, self.generated, ttft, rate, end - self.start, finish)
+        line = format_stats(self.prompt, self.generated, self.start, self.first, now(), self.cached)
+        log.info("%s: %s | finish %s", rid, line.removeprefix("[stats] "), finish)
 
 
 log = logging.getLogger("qwen36.server")
