@@ -76,10 +76,15 @@ def _address(mm: mmap.mmap) -> int:
 
 def available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (free memory plus what the kernel can reclaim), or None."""
+    return meminfo("MemAvailable")
+
+
+def meminfo(key: str) -> int | None:
+    """A /proc/meminfo field in bytes (MemTotal, MemAvailable, ...), or None."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None

@@ -156,22 +156,12 @@ def memory_available(device: str = "cpu") -> int | None:
 def margin(device: str = "cpu") -> int:
     """Memory left unplanned for activations, the allocator and the rest of the process (5%, >= 1 GiB)."""
     if str(device).startswith("cpu"):
-        total = _meminfo("MemTotal") or 16 * GiB
+        from .hugepages import meminfo
+        total = meminfo("MemTotal") or 16 * GiB
     else:
         import torch
         total = torch.cuda.mem_get_info(torch.device(device))[1]
     return max(GiB, total // 20)
-
-
-def _meminfo(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_fits(plan: WeightsPlan, device: str, available: int | None, max_ram: int | None = None,
