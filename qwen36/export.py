@@ -118,6 +118,7 @@ FORMAT_VERSION = 1      # bump when the quantized format, or what a conversion w
 def conversion_dir(src: Path, method: str, group_size: int, dtype: torch.dtype) -> Path:
     """Where the converted copy of `src` lives: keyed by the checkpoint's identity (config.json's bytes, each
     weight file's name, size and modification time, after following links) and our format version."""
+    from .hub import model_name
     from .paths import cache_dir
 
     ident = hashlib.sha256(f"qwen36-convert v{FORMAT_VERSION} {method} g{group_size} {dtype}\n".encode())
@@ -125,9 +126,7 @@ def conversion_dir(src: Path, method: str, group_size: int, dtype: torch.dtype) 
     for f in sorted(src.glob("*.safetensors")):
         st = f.stat()
         ident.update(f"{f.name} {st.st_size} {st.st_mtime_ns}\n".encode())
-    name = src.resolve().name
-    if len(name) == 40 and src.resolve().parent.name == "snapshots":    # a Hugging Face cache snapshot
-        name = src.resolve().parent.parent.name.split("--")[-1]
+    name = model_name(src, src.resolve())           # an HF cache snapshot: the repo's name, not the hash
     return cache_dir() / "converted" / f"{name}-{method}-{ident.hexdigest()[:16]}"
 
 
