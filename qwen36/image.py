@@ -49,6 +49,7 @@ import io
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -62,6 +63,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # is ~300 MB as RGB, far above anything the tower uses (at most 16.8 M pixels after resizing).
 MAX_INPUT_PIXELS = 100_000_000
 MAX_ASPECT_RATIO = 200          # the processor refuses more extreme shapes
+# Image formats Pillow may open (vLLM's default set): every other plugin (EPS runs Ghostscript, and ~40 more
+# parsers) is never reached. In-memory PIL images given to the Python API are taken as they are.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# Video containers ffmpeg may probe, and no protocol at all: a payload cannot name another file (concat, HLS,
+# DASH, a mov data reference) or a socket (SDP/RTP). Paths are opened here and handed over as file objects.
+VIDEO_CONTAINERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi"
+VIDEO_TIMEOUT = 10.0            # seconds ffmpeg may wait in one open or read before giving up
 RESCALE = 1 / 255               # uint8 -> [0, 1], the processors' rescale_factor
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -70,6 +78,17 @@ VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
 class MediaError(ValueError):
     """A bad image or video: not decodable, too large, not allowed, inconsistent with the prompt."""
+
+
+class MediaCancelled(Exception):
+    """The media work of a request was cancelled (its `cancel` event was set: the client went away).
+    Not a ValueError: nothing was wrong with the input."""
+
+
+def check_cancel(cancel) -> None:
+    """Raise MediaCancelled if `cancel` (a threading.Event or None) is set."""
+    if cancel is not None and cancel.is_set():
+        raise MediaCancelled("media processing cancelled")
 
 
 class ContextTooLong(ValueError):
@@ -281,45 +300,81 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode_image(fp, what: str) -> Image.Image:
-    """Open (header only), check the size, then decode. fp: bytes or an open binary file."""
+def _open_image(fp, what: str) -> Image.Image:
+    """Open an image from its header only (nothing decoded), in an allowed format, its size checked.
+    fp: bytes or an open binary file."""
     # Pillow's own bomb check runs in open(): it warns from ~89 M pixels and refuses above ~179 M. Its
     # warning is left alone (silencing warnings is not thread-safe); our limit applies right after.
     try:
-        image = Image.open(io.BytesIO(fp) if isinstance(fp, bytes) else fp)
+        image = Image.open(io.BytesIO(fp) if isinstance(fp, bytes) else fp, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
         raise MediaError(f"{what} is too large ({e}); the limit is {MAX_INPUT_PIXELS:,} pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise MediaError(f"{what} is not an image in an accepted format ({', '.join(IMAGE_FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise MediaError(f"{what} is not an image Pillow can read ({e})") from None
     _check_pixels(*image.size, what)
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise MediaError(f"{what} is truncated or corrupt ({e})") from None
     return image
 
 
-def load_image(source, allowed_local_dir: str | Path | None = None, allow_paths: bool = True) -> Image.Image:
-    """source: a PIL image, bytes, a path (str / Path), a data:image/...;base64,... URL or a file:// URL ->
-    an RGB image, upright per its EXIF orientation (as transformers.image_utils.load_image), transparency
-    composited onto white (as the image processor). Policy for paths and URLs: see the module docstring."""
+@dataclass(frozen=True)
+class ImageHeader:
+    """An image known from its header only: its stored size (before any EXIF rotation, which swaps the sides
+    and so never changes the token count) and where its bytes are. `decode_image` decodes it."""
+    width: int
+    height: int
+    data: bytes | Path | Image.Image = field(repr=False)
+    what: str = "image"
+
+
+def probe_image(source, allowed_local_dir: str | Path | None = None, allow_paths: bool = True) -> ImageHeader:
+    """source (as load_image takes) -> its ImageHeader, reading the header only: format and size are checked,
+    no pixel is decoded."""
     if isinstance(source, Image.Image):
-        image, what = source, "image"
-        _check_pixels(*image.size, what)
+        _check_pixels(*source.size, "image")
+        return ImageHeader(source.width, source.height, source)
+    data = _resolve(source, "image", allowed_local_dir, allow_paths)
+    if isinstance(data, Path):
+        what = f"image file {str(data)!r}"
+        with open(data, "rb") as f:
+            width, height = _open_image(f, what).size
     else:
-        data = _resolve(source, "image", allowed_local_dir, allow_paths)
-        if isinstance(data, Path):
-            what = f"image file {str(data)!r}"
-            with open(data, "rb") as f:
-                image = _decode_image(f, what)
-        else:
-            what = "image data"
-            image = _decode_image(data, what)
+        what = "image data"
+        width, height = _open_image(data, what).size
+    return ImageHeader(width, height, data, what)
+
+
+def decode_image(header: ImageHeader) -> Image.Image:
+    """Decode a probed image -> RGB, upright per its EXIF orientation (as transformers.image_utils.load_image),
+    transparency composited onto white (as the image processor). The header is checked again (a file may
+    have changed since it was probed)."""
+    image, what = header.data, header.what
+    if isinstance(image, Path):
+        with open(image, "rb") as f:
+            image = _open_image(f, what)
+            _load(image, what)
+    elif isinstance(image, bytes):
+        image = _open_image(image, what)
+        _load(image, what)
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a malformed EXIF block: keep the stored orientation
         pass
     return to_rgb(image)
+
+
+def _load(image: Image.Image, what: str) -> None:
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise MediaError(f"{what} is truncated or corrupt ({e})") from None
+
+
+def load_image(source, allowed_local_dir: str | Path | None = None, allow_paths: bool = True) -> Image.Image:
+    """source: a PIL image, bytes, a path (str / Path), a data:image/...;base64,... URL or a file:// URL ->
+    an RGB image (`probe_image` then `decode_image`). Policy for paths and URLs: see the module docstring;
+    encoded images must be one of IMAGE_FORMATS."""
+    return decode_image(probe_image(source, allowed_local_dir, allow_paths))
 
 
 def _fit(height: int, width: int, frames: int, t: int, factor: int, min_pixels: int,
@@ -330,6 +385,7 @@ def _fit(height: int, width: int, frames: int, t: int, factor: int, min_pixels: 
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise MediaError(f"aspect ratio {max(height, width) / min(height, width):.1f} of {what} "
                          f"exceeds {MAX_ASPECT_RATIO}")
+    min_pixels = min(min_pixels, max_pixels)  # a minimum above the maximum never wins
     h = round(height / factor) * factor
     w = round(width / factor) * factor
     if t * h * w > max_pixels:
@@ -340,12 +396,24 @@ def _fit(height: int, width: int, frames: int, t: int, factor: int, min_pixels: 
         beta = math.sqrt(min_pixels / (frames * height * width))
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
+        if t * h * w > max_pixels:  # rounding up overshot the maximum (min close to max): round down
+            h = max(factor, math.floor(height * beta / factor) * factor)
+            w = max(factor, math.floor(width * beta / factor) * factor)
     return h, w
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's image rule: `_fit` on one frame."""
     return _fit(height, width, 1, 1, factor, min_pixels, max_pixels, f"a {width}x{height} image")
+
+
+def image_grid(width: int, height: int, pp: VisionPreprocess, min_pixels: int | None = None,
+               max_pixels: int | None = None) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid preprocess_images gives a width x height image: from its size alone."""
+    lo = pp.image_min_pixels if min_pixels is None else int(min_pixels)
+    hi = pp.image_max_pixels if max_pixels is None else int(max_pixels)
+    h, w = smart_resize(height, width, pp.factor, lo, hi)
+    return 1, h // pp.patch_size, w // pp.patch_size
 
 
 def patchify(frames: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int):
@@ -404,17 +472,36 @@ def preprocess_image(image, pp: VisionPreprocess, min_pixels: int | None = None,
 # ----------------------------------------------------------------------------------------------- videos
 
 @dataclass(frozen=True)
+class FrameList:
+    """The frames of a video sent as a list of images, known by their sources only: each one is read
+    (header, then pixels) only if sampled."""
+    items: tuple
+    allowed_local_dir: str | Path | None = None
+    allow_paths: bool = True
+
+    def header(self, i: int) -> ImageHeader:
+        try:
+            return probe_image(self.items[i], self.allowed_local_dir, self.allow_paths)
+        except MediaError as e:
+            raise MediaError(f"video frame {i}: {e}") from None
+
+
+@dataclass(frozen=True)
 class Video:
     """A video and where its frames come from.
-    fps: the source frame rate; total_frames: frames in the source;
-    frames: uint8 [k, H, W, 3] RGB, or None for a file not decoded yet (`source` then holds its bytes or
-    path); indices: the source index of each frame in `frames`, or None while the video is not sampled
-    (`frames`, if any, is then the whole source). `sample_video` / `preprocess_video` sample it."""
+    fps: the source frame rate; total_frames: frames in the source; width, height: the frame size its
+    header gives (None: unknown, read from the frames);
+    frames: uint8 [k, H, W, 3] RGB, or None while not decoded (`source` then holds the file's bytes or path,
+    or a FrameList); indices: the source index of each frame in `frames`, or None while the video is not
+    sampled (`frames`, if any, is then the whole source). `plan_video` / `sample_video` / `preprocess_video`
+    sample it."""
     frames: np.ndarray | None
     fps: float
     total_frames: int
     indices: np.ndarray | None = None
-    source: bytes | Path | None = field(default=None, repr=False)
+    source: bytes | Path | FrameList | None = field(default=None, repr=False)
+    width: int | None = None
+    height: int | None = None
 
 
 def sample_frame_indices(total_frames: int, source_fps: float, pp: VisionPreprocess,
@@ -466,33 +553,34 @@ def video_smart_resize(num_frames: int, height: int, width: int, temporal_factor
     return _fit(height, width, num_frames, t, factor, min_pixels, max_pixels, "the video")
 
 
-def _frames_from_images(images, allowed_local_dir, allow_paths) -> np.ndarray:
-    frames = [np.asarray(load_image(im, allowed_local_dir, allow_paths)) for im in images]
-    if not frames:
-        raise MediaError("video has no frames")
-    shape = frames[0].shape
-    for i, f in enumerate(frames):
-        if f.shape != shape:
-            raise MediaError(f"video frame {i} is {f.shape[1]}x{f.shape[0]}, frame 0 is {shape[1]}x{shape[0]}: "
-                             "all frames must have the same size")
-    return np.stack(frames)
-
-
 def _describe(source) -> str:
+    if isinstance(source, FrameList):
+        return "video frames"
     return f"video file {str(source)!r}" if isinstance(source, Path) else "video data"
 
 
-def _open_container(source):
-    """PyAV container for bytes or a path; MediaError if ffmpeg cannot read it."""
+@contextmanager
+def _container(source):
+    """A PyAV container for video bytes or a path, limited to VIDEO_CONTAINERS with no protocols (a path is
+    opened here and given to ffmpeg as a file object) and VIDEO_TIMEOUT; MediaError if it cannot be read."""
     import av
 
     what = _describe(source)
     try:
-        return av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), mode="r")
-    except av.error.EOFError:
-        raise MediaError(f"{what} is empty or truncated: it ends before its first frame (no frames)") from None
-    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
-        raise MediaError(f"{what} is not a readable video ({e})") from None
+        f = open(source, "rb") if isinstance(source, Path) else io.BytesIO(source)
+    except OSError as e:
+        raise MediaError(f"{what} cannot be read ({e.strerror})") from None
+    with f:
+        try:
+            container = av.open(f, mode="r", timeout=VIDEO_TIMEOUT,
+                                container_options={"format_whitelist": VIDEO_CONTAINERS, "protocol_whitelist": "none"})
+        except av.error.EOFError:
+            raise MediaError(f"{what} is empty or truncated: it ends before its first frame (no frames)") from None
+        except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+            raise MediaError(f"{what} is not a readable video in an accepted container "
+                             f"(MP4/MOV, Matroska/WebM, AVI) ({e})") from None
+        with container:
+            yield container
 
 
 def _probe_video(source) -> Video:
@@ -500,11 +588,12 @@ def _probe_video(source) -> Video:
     import av
 
     what = _describe(source)
-    with _open_container(source) as container:
+    with _container(source) as container:
         if not container.streams.video:
             raise MediaError(f"{what} has no video stream")
         stream = container.streams.video[0]
-        _check_pixels(stream.codec_context.width, stream.codec_context.height, f"{what} (frame size)")
+        width, height = stream.codec_context.width, stream.codec_context.height
+        _check_pixels(width, height, f"{what} (frame size)")
         rate = stream.average_rate or stream.guessed_rate
         source_fps = float(rate) if rate else 24.0  # transformers' fallback when the rate is unknown
         total = int(stream.frames or 0)
@@ -515,79 +604,220 @@ def _probe_video(source) -> Video:
                 raise MediaError(f"{what} is corrupt or truncated ({e})") from None
     if total <= 0:
         raise MediaError(f"{what} has no frames")
-    return Video(frames=None, fps=source_fps, total_frames=total, source=source)
+    return Video(frames=None, fps=source_fps, total_frames=total, source=source, width=width, height=height)
 
 
-def _decode_frames(source, indices: np.ndarray):
-    """Decode frames 0..max(indices), keeping the wanted ones (an index may repeat).
-    -> (frames uint8 [k, H, W, 3], or None if the stream ended before the last index; frames decoded)."""
+class _StreamEnded(Exception):
+    """The stream ended before the last sampled index (the header over-counted): `decoded` frames."""
+
+    def __init__(self, decoded: int):
+        super().__init__(decoded)
+        self.decoded = decoded
+
+
+def _file_frames(source, indices: list[int], cancel):
+    """Decode a file's frames 0..max(indices) in order, yielding the RGB frame of each index (an index may
+    repeat); only the current frame is held. _StreamEnded if the stream stops short."""
     import av
 
     what = _describe(source)
-    wanted = set(indices.tolist())
-    last = max(wanted)
-    kept: dict[int, np.ndarray] = {}
-    decoded = 0
-    with _open_container(source) as container:
+    pos, decoded = 0, 0
+    with _container(source) as container:
         try:
             for i, frame in enumerate(container.decode(video=0)):
+                check_cancel(cancel)
                 decoded = i + 1
-                if i in wanted:
-                    kept[i] = frame.to_ndarray(format="rgb24")
-                if i >= last:
-                    break
+                if i == indices[pos]:
+                    array = frame.to_ndarray(format="rgb24")
+                    while pos < len(indices) and indices[pos] == i:
+                        yield array
+                        pos += 1
+                    if pos == len(indices):
+                        return
         except av.error.FFmpegError as e:
             raise MediaError(f"{what} is corrupt or truncated (decoding frame {decoded}: {e})") from None
-    if len(kept) < len(wanted):
-        return None, decoded
-    shape = next(iter(kept.values())).shape
-    if any(f.shape != shape for f in kept.values()):
-        raise MediaError(f"{what} changes frame size mid-stream; not supported")
-    return np.stack([kept[i] for i in indices.tolist()]), decoded
+    raise _StreamEnded(decoded)
+
+
+def _sampled_frames(video: Video, indices: list[int], headers: dict | None, cancel):
+    """uint8 [H, W, 3] frames of the sampled indices, in order, decoding only those (a file: the frames up to
+    the last index, keeping none but the current one)."""
+    if video.frames is not None:
+        rows = range(len(indices)) if video.indices is not None else indices
+        for r in rows:
+            check_cancel(cancel)
+            yield video.frames[r]
+    elif isinstance(video.source, FrameList):
+        last, array = None, None
+        for i in indices:
+            check_cancel(cancel)
+            if i != last:
+                header = headers[i] if headers and i in headers else video.source.header(i)
+                try:
+                    array = np.asarray(decode_image(header))
+                except MediaError as e:
+                    raise MediaError(f"video frame {i}: {e}") from None
+                last = i
+            yield array
+    else:
+        yield from _file_frames(video.source, indices, cancel)
+
+
+def _collect(video: Video, indices: list[int], headers: dict | None, size_for, cancel):
+    """Decode the sampled frames, each resized at once to size_for(H, W) (None: kept as decoded), so at most
+    one full-size frame is held. -> (frames: uint8 torch [k, 3, h, w] when resized, else numpy [k, H, W, 3];
+    (H, W) of the decoded frames)."""
+    what = _describe(video.source) if video.frames is None else "video"
+    out, size, k = None, None, len(indices)
+    for n, frame in enumerate(_sampled_frames(video, indices, headers, cancel)):
+        if out is None:
+            size = frame.shape[:2]
+            _check_pixels(size[1], size[0], f"{what} (frame size)")
+            target = size_for(*size) if size_for is not None else None
+            out = (np.empty((k, *size, 3), np.uint8) if target is None
+                   else torch.empty((k, 3, *target), dtype=torch.uint8))
+        elif frame.shape[:2] != size:
+            raise MediaError(f"{what}: frame {indices[n]} is {frame.shape[1]}x{frame.shape[0]}, frame {indices[0]} "
+                             f"is {size[1]}x{size[0]}: all frames must have the same size")
+        if target is None:
+            out[n] = frame
+        else:
+            frame = np.ascontiguousarray(frame) if frame.flags.writeable else np.array(frame)  # torch wants writable
+            x = torch.from_numpy(frame).permute(2, 0, 1).unsqueeze(0).contiguous()
+            out[n] = resize_frames(x, *target)[0]
+    return out, tuple(size)
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """A video's sampling and size, from its header: what preprocess_video will give, before any frame is
+    decoded. grid (t, h, w) in patches, timestamps per temporal patch, size (h, w) in pixels after resizing,
+    decode_pixels: pixels ffmpeg / Pillow decode to produce it (a file: every frame up to the last sampled)."""
+    video: Video
+    indices: tuple[int, ...]
+    frame: tuple[int, int]                     # (H, W) of the source frames
+    size: tuple[int, int]
+    grid: tuple[int, int, int]
+    timestamps: list[float]
+    decode_pixels: int
+    pp: VisionPreprocess = field(repr=False)
+    min_pixels: int = 0
+    max_pixels: int = 0
+    sampling: tuple = ()                       # (fps, num_frames, max_frames) as given
+    headers: dict | None = field(default=None, repr=False)   # a FrameList's sampled headers
+
+
+def _video_size(k: int, height: int, width: int, pp: VisionPreprocess, lo: int, hi: int) -> tuple[int, int]:
+    """Resized (h, w) of k frames of height x width under the [lo, hi] pixel bounds (over all frames)."""
+    if pp.cap_pixels_per_frame:  # per-frame budget: min(max_video_tokens blocks, even share), >= 1.05*min
+        per_frame = max(min(pp.max_video_tokens * pp.factor ** 2, hi // k), int(lo * 1.05))
+        hi = per_frame * k
+    return video_smart_resize(k, height, width, pp.temporal_patch_size, pp.factor, lo, hi)
+
+
+def plan_video(video: Video, pp: VisionPreprocess, fps: float | None = None, num_frames: int | None = None,
+               min_pixels: int | None = None, max_pixels: int | None = None,
+               max_frames: int | None = None) -> VideoPlan:
+    """Sample (fps / num_frames / max_frames override the settings; max_frames replaces video_max_frames)
+    and size a video from its header alone. A list of frames has the sampled frames' headers read (they
+    must all hold as many pixels as frame 0)."""
+    if video.indices is not None:
+        if fps is not None or num_frames is not None or max_frames is not None:
+            raise ValueError("this video is already sampled; give fps / num_frames / max_frames where it was "
+                             "loaded")
+        indices = [int(i) for i in video.indices]
+    else:
+        spp = pp if max_frames is None else replace(pp, video_max_frames=int(max_frames))
+        indices = sample_frame_indices(video.total_frames, video.fps, spp, fps, num_frames).tolist()
+    lo = pp.video_min_pixels if min_pixels is None else int(min_pixels)
+    hi = pp.video_max_pixels if max_pixels is None else int(max_pixels)
+    headers = None
+    if video.frames is not None:
+        height, width = video.frames.shape[1], video.frames.shape[2]
+        decode = 0
+    elif isinstance(video.source, FrameList):
+        headers = {i: video.source.header(i) for i in sorted(set(indices))}
+        first = headers[indices[0]]
+        width, height = first.width, first.height
+        for i, h in headers.items():
+            if h.width * h.height != width * height:
+                raise MediaError(f"video frame {i} is {h.width}x{h.height}, frame {indices[0]} is {width}x{height}: "
+                                 "all frames must have the same size")
+        decode = len(headers) * width * height
+    else:
+        width, height = video.width, video.height
+        decode = (max(indices) + 1) * width * height
+    return _layout(VideoPlan(video, tuple(indices), (0, 0), (0, 0), (0, 0, 0), [], decode, pp, lo, hi,
+                             (fps, num_frames, max_frames), headers), height, width)
+
+
+def _layout(plan: VideoPlan, height: int, width: int) -> VideoPlan:
+    """The plan's size, grid and timestamps for frames of height x width."""
+    pp, k = plan.pp, len(plan.indices)
+    h, w = _video_size(k, height, width, pp, plan.min_pixels, plan.max_pixels)
+    t = -(-k // pp.temporal_patch_size)
+    return replace(plan, frame=(height, width), size=(h, w), grid=(t, h // pp.patch_size, w // pp.patch_size),
+                   timestamps=frame_timestamps(plan.indices, plan.video.fps, pp.temporal_patch_size))
+
+
+def _decode_plan(plan: VideoPlan, resize: bool, cancel):
+    """Decode a plan's frames (resized to its size when `resize`). A file whose stream ends before its header
+    said is sampled again from the frames really there. -> (frames, the plan they match)."""
+    def size_for(height, width):
+        nonlocal plan
+        if (height, width) != plan.frame:
+            plan = _layout(plan, height, width)   # the decoded frame size wins over the header's
+        return plan.size
+
+    try:
+        frames, _ = _collect(plan.video, list(plan.indices), plan.headers, size_for if resize else None, cancel)
+    except _StreamEnded as e:
+        what = _describe(plan.video.source)
+        if e.decoded == 0:  # the header over-counted, so sample again from the frames really there
+            raise MediaError(f"{what} has no frames") from None
+        fps, num_frames, max_frames = plan.sampling
+        plan = plan_video(replace(plan.video, total_frames=e.decoded), plan.pp, fps, num_frames,
+                          plan.min_pixels, plan.max_pixels, max_frames)
+        try:
+            frames, _ = _collect(plan.video, list(plan.indices), plan.headers, size_for if resize else None,
+                                 cancel)
+        except _StreamEnded:
+            raise MediaError(f"{what} decoded to a different number of frames twice") from None
+    return frames, plan
 
 
 def sample_video(video: Video, pp: VisionPreprocess, fps: float | None = None, num_frames: int | None = None,
                  max_frames: int | None = None) -> Video:
     """The sampled Video: indices per sample_frame_indices (fps / num_frames / max_frames override the
-    settings), frames decoded (a file: only frames up to the last index, keeping the chosen ones)."""
+    settings), only those frames decoded, at their full size."""
     if video.indices is not None:
-        if fps is not None or num_frames is not None or max_frames is not None:
-            raise ValueError("this video is already sampled; give fps / num_frames / max_frames where it was "
-                             "loaded")
+        plan_video(video, pp, fps, num_frames, max_frames=max_frames)  # refuses new sampling settings
         return video
-    if max_frames is not None:
-        pp = replace(pp, video_max_frames=int(max_frames))
-    indices = sample_frame_indices(video.total_frames, video.fps, pp, fps, num_frames)
-    if video.frames is not None:
-        return replace(video, frames=video.frames[indices], indices=indices)
-    frames, decoded = _decode_frames(video.source, indices)
-    total = video.total_frames
-    if frames is None:  # the stream ended before the last index (linspace always wants the last frame):
-        if decoded == 0:  # the header over-counted, so sample again from the frames really there
-            raise MediaError(f"{_describe(video.source)} has no frames")
-        total = decoded
-        indices = sample_frame_indices(total, video.fps, pp, fps, num_frames)
-        frames, _ = _decode_frames(video.source, indices)
-        if frames is None:
-            raise MediaError(f"{_describe(video.source)} decoded to a different number of frames twice")
-    return Video(frames=frames, fps=video.fps, total_frames=total, indices=indices)
+    frames, plan = _decode_plan(plan_video(video, pp, fps, num_frames, max_frames=max_frames), False, None)
+    return Video(frames=frames, fps=video.fps, total_frames=plan.video.total_frames,
+                 indices=np.asarray(plan.indices, dtype=np.int64), width=frames.shape[2], height=frames.shape[1])
 
 
 def load_video(source, pp: VisionPreprocess | None = None, fps: float | None = None,
                num_frames: int | None = None, max_frames: int | None = None, source_fps: float | None = None,
                allowed_local_dir: str | Path | None = None, allow_paths: bool = True) -> Video:
-    """source -> Video.
-    A video file (path / file:// URL / data:video/...;base64 URL / bytes; PyAV, whose wheels bundle ffmpeg)
-    is opened and checked here (a video stream, frame size, frame count). Its frames are decoded when it is
-    sampled: here if any of pp / fps / num_frames / max_frames is given, else by preprocess_video, so only
-    the frames kept are ever held in memory.
-    A list of frames (each anything load_image accepts) or a uint8 [k, H, W, 3] array is a video at
-    `source_fps` (24 when not given, as transformers assumes), sampled likewise."""
+    """source -> Video, from headers only unless sampling settings are given.
+    A video file (path / file:// URL / data:video/...;base64 URL / bytes; PyAV, whose wheels bundle ffmpeg; a
+    container in VIDEO_CONTAINERS, no protocols) is opened and checked here (a video stream, frame size,
+    frame count). A list of frames (each anything load_image accepts) is a video at `source_fps` (24 when not
+    given, as transformers assumes): frame 0's header is read here, the others when sampled. A uint8
+    [k, H, W, 3] array is such a video already decoded. Frames are decoded when the video is sampled: here
+    if any of pp / fps / num_frames / max_frames is given, else by preprocess_video, so only the frames kept
+    are ever decoded and held."""
     if isinstance(source, Video):
         video = source
     elif isinstance(source, (list, tuple)):
-        frames = _frames_from_images(source, allowed_local_dir, allow_paths)
-        video = Video(frames=frames, fps=float(source_fps or 24.0), total_frames=len(frames))
+        if not source:
+            raise MediaError("video has no frames")
+        frames = FrameList(tuple(source), allowed_local_dir, allow_paths)
+        first = frames.header(0)
+        video = Video(frames=None, fps=float(source_fps or 24.0), total_frames=len(source), source=frames,
+                      width=first.width, height=first.height)
     elif isinstance(source, np.ndarray):
         if source.ndim != 4 or source.shape[-1] != 3 or source.dtype != np.uint8:
             raise MediaError(f"a video array must be uint8 [frames, H, W, 3], got {source.dtype} "
@@ -595,7 +825,8 @@ def load_video(source, pp: VisionPreprocess | None = None, fps: float | None = N
         if len(source) == 0:
             raise MediaError("video has no frames")
         _check_pixels(source.shape[2], source.shape[1], "video frame")
-        video = Video(frames=source, fps=float(source_fps or 24.0), total_frames=len(source))
+        video = Video(frames=source, fps=float(source_fps or 24.0), total_frames=len(source),
+                      width=source.shape[2], height=source.shape[1])
     elif isinstance(source, Image.Image):
         raise MediaError("a single image is not a video; send it as an image")
     else:
@@ -617,24 +848,27 @@ def resize_frames(frames: torch.Tensor, height: int, width: int, chunk: int = 16
 
 def preprocess_video(video, pp: VisionPreprocess, fps: float | None = None, num_frames: int | None = None,
                      min_pixels: int | None = None, max_pixels: int | None = None,
-                     source_fps: float | None = None, max_frames: int | None = None,
+                     source_fps: float | None = None, max_frames: int | None = None, cancel=None,
                      ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """A Video, or anything load_video takes (Python-API policy; frames at `source_fps`) ->
     (pixel_values float32 [gt*gh*gw, C*T*P*P], grid_thw int64 [1, 3], timestamps [gt] in seconds).
     An unsampled video is sampled here (fps / num_frames / max_frames override the settings);
-    min/max_pixels override the video pixel bounds (counted over all frames)."""
+    min/max_pixels override the video pixel bounds (counted over all frames). `plan_video` then
+    `video_pixels`."""
     if not isinstance(video, Video):
         video = load_video(video, source_fps=source_fps)
-    video = sample_video(video, pp, fps, num_frames, max_frames)
-    indices, frames = video.indices, video.frames
-    lo = pp.video_min_pixels if min_pixels is None else int(min_pixels)
-    hi = pp.video_max_pixels if max_pixels is None else int(max_pixels)
-    k, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
-    if pp.cap_pixels_per_frame:  # per-frame budget: min(max_video_tokens blocks, even share), >= 1.05*min
-        per_frame = max(min(pp.max_video_tokens * pp.factor ** 2, hi // k), int(lo * 1.05))
-        hi = per_frame * k
-    h, w = video_smart_resize(k, height, width, pp.temporal_patch_size, pp.factor, lo, hi)
-    x = resize_frames(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous(), h, w)
+    return video_pixels(plan_video(video, pp, fps, num_frames, min_pixels, max_pixels, max_frames), cancel)
+
+
+def video_pixels(plan: VideoPlan, cancel=None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Decode a planned video's sampled frames (each resized as it is decoded), normalise, patchify ->
+    (pixel_values, grid_thw [1, 3], timestamps). The grid and timestamps are the plan's unless the stream
+    disagreed with its header (fewer frames, another frame size). `cancel`: a threading.Event checked
+    between frames (MediaCancelled)."""
+    pp = plan.pp
+    x, plan = _decode_plan(plan, True, cancel)
+    check_cancel(cancel)
+    k = x.shape[0]
     # Rescale and normalise fused, as the torchvision backend does: (x - 255*mean) / (255*std) in float32.
     mean = (torch.tensor(pp.video_mean, dtype=torch.float32) * (1.0 / RESCALE)).view(-1, 1, 1)
     std = (torch.tensor(pp.video_std, dtype=torch.float32) * (1.0 / RESCALE)).view(-1, 1, 1)
@@ -642,8 +876,7 @@ def preprocess_video(video, pp: VisionPreprocess, fps: float | None = None, num_
     if pad := -k % pp.temporal_patch_size:  # a whole number of temporal patches: repeat the last frame
         x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
     patches, grid = patchify(x, pp.patch_size, pp.merge_size, pp.temporal_patch_size)
-    timestamps = frame_timestamps(indices, video.fps, pp.temporal_patch_size)
-    return patches, torch.tensor([grid], dtype=torch.int64), timestamps
+    return patches, torch.tensor([grid], dtype=torch.int64), list(plan.timestamps)
 
 
 # ----------------------------------------------------------------------------------------------- prompt

@@ -228,11 +228,11 @@ class LLM:
                     preserve_thinking: bool = False, policy: MediaPolicy = MediaPolicy()) -> PromptInputs:
         """A conversation (content parts may hold images and videos) -> the generation prompt's inputs."""
         messages = self.media.normalize(messages)
-        media = self.media.media_of(messages, policy)
         prompt = self.chat_template.render(messages, tools=tools, add_generation_prompt=True,
                                            enable_thinking=enable_thinking, preserve_thinking=preserve_thinking,
                                            escape=self.tokenizer.escape)
-        return self.media.build(prompt, media, escaped=True)   # message text never becomes control tokens
+        # media planned from their headers, then decoded; message text never becomes control tokens
+        return self.media.prompt_inputs(prompt, messages, policy, None, escaped=True)
 
     def encode_prompt(self, prompt) -> PromptInputs:
         """str | list[int] | PromptInputs | {"prompt": str, "multi_modal_data": {"image": [...], "video": [...]}}
@@ -248,12 +248,12 @@ class LLM:
             unknown = set(data) - {"image", "video"}
             if unknown:
                 raise ValueError(f"multi_modal_data: unknown key(s) {sorted(unknown)}; use 'image' and 'video'")
-            media = []
+            parts = []
             for kind in ("image", "video"):
                 items = data.get(kind, [])
                 items = items if isinstance(items, list) and (kind == "image" or _is_video_list(items)) else [items]
-                media += [self.media.load(kind, {kind: item}, MediaPolicy()) for item in items]
-            inputs = self.media.build(text, media)
+                parts += [(f"multi_modal_data[{kind!r}][{k}]", kind, {kind: item}) for k, item in enumerate(items)]
+            inputs = self.media.inputs_for(text, parts)
             return PromptInputs(self._check_ids(inputs.ids), inputs.mm)
         return PromptInputs(self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt))
 

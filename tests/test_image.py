@@ -81,6 +81,18 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def png_header(w: int, h: int) -> bytes:
+    """A PNG that claims w x h 1-bit pixels and holds none: its header alone says the size."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
 def data_url(data: bytes, mime: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
@@ -327,8 +339,10 @@ def test_image_errors(tmp_path):
         (b"hello, this is text", {}, "not an image"),
         (raw[: len(raw) // 2], {}, "truncated"),
         (Image.new("RGB", (0, 5)), {}, "zero size"),
-        (b"P6\n11000 10000\n255\n", {}, f"too large.*{MAX_INPUT_PIXELS:,}"),
-        (b"P6\n20000 20000\n255\n", {}, "too large"),  # beyond PIL's own bomb limit
+        (png_header(11000, 10000), {}, f"too large.*{MAX_INPUT_PIXELS:,}"),
+        (png_header(20000, 20000), {}, "too large"),  # beyond PIL's own bomb limit
+        (b"P6\n4 4\n255\n" + bytes(48), {}, "not an image in an accepted format"),  # PPM: not allowed
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", {}, "accepted format"),  # EPS: Ghostscript
         ("ftp://example.com/a.png", {}, "unsupported URL scheme 'ftp'"),
         ("https://example.com/a.png", {}, "no network.*data: URL"),
         ("http://example.com/a.png", {"allow_paths": False}, "no network"),
@@ -453,8 +467,9 @@ def test_load_video_matches_transformers_pyav_reader(tmp_path):
 
 def test_video_from_frame_list():
     frames = [Image.fromarray(f) for f in smooth_frames(9, 20, 30)]
-    video = load_video(frames, source_fps=3)
-    assert video.indices is None and video.frames.shape == (9, 20, 30, 3) and video.fps == 3.0
+    video = load_video(frames, source_fps=3)  # frame 0's header read; nothing decoded until sampled
+    assert video.indices is None and video.frames is None and video.fps == 3.0
+    assert (video.total_frames, video.width, video.height) == (9, 30, 20)
     pv, grid, timestamps = preprocess_video(video, TINY)  # int(9 / 3 * 2) = 6 frames
     pv2, grid2, timestamps2 = preprocess_video(frames, TINY, source_fps=3)
     assert torch.equal(pv, pv2) and torch.equal(grid, grid2) and timestamps == timestamps2
