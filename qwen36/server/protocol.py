@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger("qwen36.server")
@@ -36,6 +39,26 @@ class ContextLengthError(APIError):
         super().__init__(message or f"this model's maximum context length is {limit} tokens, but the prompt has "
                          f"{prompt_tokens} tokens", param="messages", code="context_length_exceeded")
         self.prompt_tokens, self.limit = prompt_tokens, limit
+
+
+# ---- request-size bounds ---------------------------------------------------------------------------------
+# Each is a 400 naming the field. They bound the work one request can ask for (per-token stop matching and
+# biases on the engine thread every user shares, per-message work while rendering, engine requests queued)
+# and sit far above what real clients send: Claude Code, Codex CLI, the OpenAI and Anthropic SDKs and agents in
+# long sessions stay orders of magnitude below each of them.
+MAX_JSON_DEPTH = 128          # nesting of the body (serde_json's limit); tool schemas and tool inputs of real
+                              # agents nest < 20 deep, and 128 keeps every recursive walk far from Python's limit
+MAX_SEQUENCES = 128           # prompts x n of one request (engine requests per HTTP request): one chat is n <= 16;
+                              # batch clients (lm-eval-harness) send <= 64 prompts of n = 1
+MAX_MESSAGES = 16_384         # messages (Responses: input items); a week-long agent session before compaction
+                              # has a few thousand (each costs >= 4 tokens of a 262k context)
+MAX_CONTENT_PARTS = 4_096     # content parts (blocks) of one message: agents send tens (parallel tool results)
+MAX_TOOLS = 10_000            # tools, namespaced Responses tools included: Anthropic's tool search catalogue limit
+                              # (deferred MCP tools), where OpenAI allows 128
+MAX_STOP = 64                 # stop strings (Anthropic: stop_sequences); OpenAI allows 4, prompt presets a dozen
+MAX_STOP_CHARS = 1_000        # characters of one stop string (real ones are end-of-turn markers: < 50)
+MAX_LOGIT_BIAS = 1_024        # logit_bias entries; OpenAI allows 300
+MAX_STOP_TOKEN_IDS = 256      # stop_token_ids (vLLM's extension; clients send the few end-of-turn ids)
 
 
 class _Model(BaseModel):
@@ -162,13 +185,148 @@ class CompletionRequest(SamplingFields):
 
 
 def load_json(raw: bytes) -> dict:
+    """Body bytes -> a JSON object, or APIError: invalid JSON, nesting beyond MAX_JSON_DEPTH and integers beyond
+    Python's 4,300-digit conversion limit name the top-level field they are in."""
     try:
         data = json.loads(raw)
+    except RecursionError:                          # the C decoder's own guard, ~1,000 levels down
+        field = _failing_field(raw)
+        raise APIError(f"{field or 'request body'}: JSON nested more than {MAX_JSON_DEPTH} levels deep",
+                       param=field) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"request body is not valid JSON: {e}") from None
+    except ValueError:                              # int("9" * 4301): Python's integer-string limit
+        field = _failing_field(raw)
+        raise APIError(f"{field or 'request body'}: a number too long to read (integers are limited to "
+                       f"{sys.get_int_max_str_digits()} digits)", param=field) from None
     if not isinstance(data, dict):
         raise APIError("request body must be a JSON object")
+    if _json_depth(raw, data) > MAX_JSON_DEPTH:
+        path = _too_deep(data)
+        shown = path if len(path) <= 60 else path[:60] + "..."
+        raise APIError(f"{shown}: JSON nested more than {MAX_JSON_DEPTH} levels deep",
+                       param=re.match(r"[^.\[]*", path).group(0))
     return data
+
+
+_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[list(b"[{")], _BRACKET_STEP[list(b"]}")] = 1, -1
+
+
+def _json_depth(raw: bytes, data) -> int:
+    """The nesting depth of a body that parsed (the object itself is 1). On UTF-8 (what clients send) the
+    brackets outside strings are counted in C (regex, translate, numpy): a 32 MB body of numbers costs
+    milliseconds where walking the parsed values costs seconds; other encodings walk the values."""
+    if json.detect_encoding(raw) not in ("utf-8", "utf-8-sig"):
+        return max(depth for _, _, depth in _containers(data))
+    steps = _BRACKET_STEP[np.frombuffer(_STRING_RE.sub(b"", raw).translate(None, _NOT_BRACKETS), np.uint8)]
+    depth = peak = 0
+    for start in range(0, len(steps), 1 << 22):     # (bounded temporaries)
+        run = np.cumsum(steps[start:start + (1 << 22)], dtype=np.int64) + depth
+        peak, depth = max(peak, int(run.max())), int(run[-1])
+    return peak
+
+
+def _containers(data):
+    """(container, path, depth) for every dict and list in a parsed value, depth first, without recursion."""
+    stack = [(data, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        yield value, path, depth
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, child in reversed(list(items)):
+            if isinstance(child, (dict, list)):
+                where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+                stack.append((child, where, depth + 1))
+
+
+def _too_deep(data) -> str:
+    """Path (`messages[0].x[0]`) to the first container nested deeper than MAX_JSON_DEPTH."""
+    return next(path for _, path, depth in _containers(data) if depth > MAX_JSON_DEPTH)
+
+
+def _failing_field(raw: bytes) -> str | None:
+    """The top-level field whose value json.loads cannot take (nesting, a huge integer): the object's values
+    are decoded one by one (each in C) until one fails. None when the body is not an object of such fields."""
+    try:
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    except UnicodeDecodeError:
+        return None
+    decoder, ws = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    i = ws.match(text, 0).end()
+    if not text.startswith("{", i):
+        return None
+    i += 1
+    for _ in range(1_000):                          # (a body of a million fields is not read for a name)
+        i = ws.match(text, i).end()
+        try:
+            key, i = decoder.raw_decode(text, i)
+        except ValueError:
+            return None
+        i = ws.match(text, i).end()
+        if not isinstance(key, str) or not text.startswith(":", i):
+            return None
+        try:
+            _, i = decoder.raw_decode(text, ws.match(text, i + 1).end())
+        except json.JSONDecodeError:
+            return None
+        except (RecursionError, ValueError):
+            return key
+        i = ws.match(text, i).end()
+        if not text.startswith(",", i):
+            return None
+        i += 1
+    return None
+
+
+def check_sizes(data: dict) -> None:
+    """The request-size bounds (MAX_* above) on a body before it is validated: a 400 naming the field. Applies
+    to every API's names (chat's and completions' fields, Anthropic's `stop_sequences`, Responses' `input`)."""
+    for field, limit in (("messages", MAX_MESSAGES), ("input", MAX_MESSAGES)):
+        items = data.get(field)
+        if not isinstance(items, list):
+            continue
+        if len(items) > limit:
+            raise APIError(f"{field}: at most {limit} items, got {len(items)}", param=field)
+        for i, item in enumerate(items):
+            content = item.get("content") if isinstance(item, dict) else None
+            if isinstance(content, list) and len(content) > MAX_CONTENT_PARTS:
+                raise APIError(f"{field}[{i}].content: at most {MAX_CONTENT_PARTS} content parts, got {len(content)}",
+                               param=field)
+    system = data.get("system")
+    if isinstance(system, list) and len(system) > MAX_CONTENT_PARTS:
+        raise APIError(f"system: at most {MAX_CONTENT_PARTS} content blocks, got {len(system)}", param="system")
+    tools = data.get("tools")
+    if isinstance(tools, list):
+        count = len(tools) + sum(len(t["tools"]) for t in tools if isinstance(t, dict) and isinstance(t.get("tools"), list))
+        if count > MAX_TOOLS:
+            raise APIError(f"tools: at most {MAX_TOOLS} tools, got {count}", param="tools")
+    for field in ("stop", "stop_sequences"):
+        stops = data.get(field)
+        stops = [stops] if isinstance(stops, str) else stops
+        if not isinstance(stops, list):
+            continue
+        if len(stops) > MAX_STOP:
+            raise APIError(f"{field}: at most {MAX_STOP} stop sequences, got {len(stops)}", param=field)
+        for i, stop in enumerate(stops):
+            if isinstance(stop, str) and len(stop) > MAX_STOP_CHARS:
+                raise APIError(f"{field}[{i}]: at most {MAX_STOP_CHARS} characters, got {len(stop)}", param=field)
+    for field, limit, what in (("stop_token_ids", MAX_STOP_TOKEN_IDS, "token ids"),
+                               ("logit_bias", MAX_LOGIT_BIAS, "entries")):
+        value = data.get(field)
+        if isinstance(value, (list, dict)) and len(value) > limit:
+            raise APIError(f"{field}: at most {limit} {what}, got {len(value)}", param=field)
+    prompt, n = data.get("prompt"), data.get("n")
+    if isinstance(prompt, list):
+        prompts = len(prompt) if prompt and isinstance(prompt[0], (str, list)) else 1
+        n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+        if prompts > MAX_SEQUENCES:
+            raise APIError(f"prompt: at most {MAX_SEQUENCES} prompts per request, got {prompts}", param="prompt")
+        if prompts * n > MAX_SEQUENCES:
+            raise APIError(f"n: {prompts} prompts x n = {n} asks for {prompts * n} sequences; at most "
+                           f"{MAX_SEQUENCES} per request", param="n")
 
 
 def parse(model: type[_Model], raw: bytes) -> Any:
@@ -236,6 +394,8 @@ def validate(model: type[BaseModel], data: bytes | dict) -> Any:
     """A JSON body (bytes or already loaded) -> the model, or APIError naming the field that is wrong."""
     if isinstance(data, (bytes, bytearray)):
         data = load_json(data)
+    if isinstance(data, dict):
+        check_sizes(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
