@@ -539,16 +539,21 @@ def _json_type(value) -> str:
     return {int: "integer", float: "number", str: "string", dict: "object", list: "array"}.get(type(value), "null")
 
 
-def schema_types(schema) -> set[str]:
+_SCHEMA_DEPTH = 64       # anyOf / oneOf levels followed (a request's JSON is at most 128 deep in all)
+
+
+def schema_types(schema, _depth: int = 0) -> set[str]:
     """The JSON types a property schema allows ({} when it says nothing usable); structured.py builds
-    tool-call grammars from the same reading."""
-    if not isinstance(schema, dict):
+    tool-call grammars from the same reading (after checking the fields' types). A field of the wrong type
+    says nothing here (a client's schema must never fail the parse of an answer), nor does nesting beyond
+    _SCHEMA_DEPTH."""
+    if not isinstance(schema, dict) or _depth > _SCHEMA_DEPTH:
         return set()
     declared = schema.get("type")
     types = {_type_name(t) for t in (declared if isinstance(declared, list) else [declared] if declared else [])}
     for key in ("anyOf", "oneOf"):
-        for sub in schema.get(key) or ():
-            types |= schema_types(sub)
+        for sub in schema[key] if isinstance(schema.get(key), list) else ():
+            types |= schema_types(sub, _depth + 1)
     if not types - {None} and isinstance(schema.get("enum"), list):
         types = {_json_type(v) for v in schema["enum"]}
     if schema.get("nullable") is True:

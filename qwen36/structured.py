@@ -43,7 +43,7 @@ def json_grammar(schema) -> str:
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:
         raise GrammarError(f"invalid JSON schema: {e}") from None
 
 
@@ -54,11 +54,59 @@ def _lark_string(text: str) -> str:
 TERMINATOR = "\n</parameter>\n"
 
 
-def _value_rules(rule: str, schema) -> list[str]:
+_SCHEMA_DEPTH = 64       # anyOf / oneOf levels of one parameter's schema (parsers.schema_types reads as many)
+
+
+def _length(schema: dict, key: str, where: str) -> int | None:
+    """A schema's minLength / maxLength: a non-negative integer (5.0 too, as JSON Schema allows), else GrammarError."""
+    value = schema.get(key)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise GrammarError(f"{where}.{key}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _check_schema(schema, where: str) -> None:
+    """The fields _value_rules and parsers.schema_types read, type-checked before use (a GrammarError naming
+    the field, where a wrong type would otherwise fail deep inside): type, enum, anyOf / oneOf, the length
+    bounds. What goes to llguidance as %json it checks itself."""
+    stack = [(schema, where, 0)]
+    while stack:
+        schema, where, depth = stack.pop()
+        if isinstance(schema, bool):
+            continue
+        if not isinstance(schema, dict):
+            raise GrammarError(f"{where}: a JSON schema must be an object or a boolean, got {type(schema).__name__}")
+        if depth > _SCHEMA_DEPTH:
+            raise GrammarError(f"{where}: anyOf / oneOf nested more than {_SCHEMA_DEPTH} levels deep")
+        declared = schema.get("type")
+        if declared is not None and not isinstance(declared, str) and not (
+                isinstance(declared, list) and all(isinstance(t, str) for t in declared)):
+            raise GrammarError(f"{where}.type: expected a type name or a list of them, got {declared!r}")
+        if "enum" in schema and not isinstance(schema["enum"], list):
+            raise GrammarError(f"{where}.enum: expected a list, got {type(schema['enum']).__name__}")
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                subs = schema[key]
+                if not isinstance(subs, list):
+                    raise GrammarError(f"{where}.{key}: expected a list of schemas, got {type(subs).__name__}")
+                inner = f"{where}.{key}" if len(where) < 120 else where      # (messages stay short)
+                stack += [(sub, f"{inner}[{i}]", depth + 1) for i, sub in enumerate(subs)]
+        lo, hi = _length(schema, "minLength", where), _length(schema, "maxLength", where)
+        if lo is not None and hi is not None and lo > hi:
+            raise GrammarError(f"{where}: minLength {lo} is above maxLength {hi}")
+
+
+def _value_rules(rule: str, schema, where: str = "schema") -> list[str]:
     """Lark rules for one parameter value and its closing tag, as the template writes it and our parser
     reads it back (parsers._convert): strings raw (enums and consts of strings as their literals, length
     bounds kept; `pattern` and `format` are not enforced), every other type as JSON of its schema. A union
-    with string is raw text (the parser turns exact JSON of the union's other types back into them)."""
+    with string is raw text (the parser turns exact JSON of the union's other types back into them).
+    A field of the wrong type is a GrammarError naming `where` (the parameter)."""
+    _check_schema(schema, where)
     schema = schema if isinstance(schema, dict) else {}
     literals = schema.get("enum") if isinstance(schema.get("enum"), list) else (
         [schema["const"]] if "const" in schema else None)
@@ -66,9 +114,9 @@ def _value_rules(rule: str, schema) -> list[str]:
         return [f"{rule}: (" + " | ".join(_lark_string(v) for v in literals) + f") {_lark_string(TERMINATOR)}"]
     types = schema_types(schema)
     if not types or "string" in types:
-        lo = schema.get("minLength", 0) if types == {"string"} else 0
-        hi = schema.get("maxLength") if types == {"string"} else None
-        count = f"{{{int(lo)},{int(hi)}}}" if isinstance(hi, int) else (f"{{{int(lo)},}}" if lo else "*")
+        lo = (_length(schema, "minLength", where) or 0) if types == {"string"} else 0
+        hi = _length(schema, "maxLength", where) if types == {"string"} else None
+        count = f"{{{lo},{hi}}}" if hi is not None else (f"{{{lo},}}" if lo else "*")
         return [f"{rule}[lazy]: /(?s:.{count})\\n<\\/parameter>\\n/"]
     return [f"{rule}: %json {json.dumps({**schema, 'x-guidance': JSON_LAYOUT})} {_lark_string(TERMINATOR)}"]
 
@@ -78,20 +126,32 @@ def tool_call_grammar(tools: list[dict], required: bool, max_calls: int | None =
     arguments valid for the tool's parameter schema: required parameters present, no other keys when
     `additionalProperties` is false, values typed (strings as raw text, anything else as JSON of its
     schema). `required`: the turn is one or more calls; else text or calls (`tool_choice: auto` with
-    strict tools). `max_calls`: at most that many calls (1 for `parallel_tool_calls: false`)."""
+    strict tools). `max_calls`: at most that many calls (1 for `parallel_tool_calls: false`).
+    A schema field of the wrong type (`properties: [1]`, `required: 5`, `minLength: "x"`) is a GrammarError
+    naming the function and the field."""
     if not tools:
         raise GrammarError("no tools to call")
     rules, calls = [], []
     for t, tool in enumerate(tools):
-        spec = tool.get("function", tool)
+        spec = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise GrammarError(f"tool {t}: expected a function with a name")
         name, params = spec["name"], spec.get("parameters") or {}
+        where = f"function {name!r}: parameters"
+        if not isinstance(params, dict):
+            raise GrammarError(f"{where}: expected a JSON schema object, got {type(params).__name__}")
         props = params.get("properties") or {}
-        required_keys = set(params.get("required") or ())   # (a strict call gives no key outside the schema)
+        if not isinstance(props, dict):
+            raise GrammarError(f"{where}.properties: expected an object, got {type(props).__name__}")
+        required_keys = params.get("required") or []
+        if not isinstance(required_keys, list) or not all(isinstance(k, str) for k in required_keys):
+            raise GrammarError(f"{where}.required: expected a list of property names, got {required_keys!r}"[:200])
+        required_keys = set(required_keys)         # (a strict call gives no key outside the schema)
         parts = []
         for k, (key, sub) in enumerate(props.items()):
             rule = f"t{t}_p{k}"
             rules.append(f"{rule}: {_lark_string(f'<parameter={key}>' + chr(10))} {rule}_v")
-            rules += _value_rules(f"{rule}_v", sub)
+            rules += _value_rules(f"{rule}_v", sub, f"{where}.properties.{key}")
             parts.append(rule if key in required_keys else f"{rule}?")
         body = " ".join(parts)
         rules.append(f"t{t}: <tool_call> {_lark_string(chr(10) + f'<function={name}>' + chr(10))} {body} "
