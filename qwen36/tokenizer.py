@@ -97,23 +97,41 @@ class ContentEscape:
 
     def escape_tree(self, value):
         """A copy of a JSON-like value (dicts, lists, strings: messages, tools) with every string escaped,
-        dict keys included; other values are kept as they are."""
-        if isinstance(value, str):
-            return self.escape(value)
-        if isinstance(value, dict):
-            return {self.escape(k) if isinstance(k, str) else k: self.escape_tree(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self.escape_tree(v) for v in value]
-        return value
+        dict keys included; other values are kept as they are. Iterative: any nesting depth (a request's
+        tool schema or message key) is walked without meeting Python's recursion limit."""
+        root: list = [None]
+        stack = [(value, root, 0)]                      # (value, the container its copy goes into, slot)
+        while stack:
+            value, parent, slot = stack.pop()
+            if isinstance(value, str):
+                parent[slot] = self.escape(value)
+            elif isinstance(value, dict):
+                parent[slot] = copy = {}
+                for k, v in value.items():
+                    key = self.escape(k) if isinstance(k, str) else k   # (escaping is one-to-one: no clashes)
+                    copy[key] = None                    # (keeps the key order)
+                    stack.append((v, copy, key))
+            elif isinstance(value, (list, tuple)):
+                parent[slot] = copy = [None] * len(value)
+                stack.extend((v, copy, i) for i, v in enumerate(value))
+            else:
+                parent[slot] = value
+        return root[0]
 
     def needed(self, value) -> bool:
-        """Whether any string in a JSON-like value holds a special-token string or the escape character."""
-        if isinstance(value, str):
-            return self._find.search(value) is not None
-        if isinstance(value, dict):
-            return any(self.needed(k) or self.needed(v) for k, v in value.items())
-        if isinstance(value, (list, tuple)):
-            return any(self.needed(v) for v in value)
+        """Whether any string in a JSON-like value holds a special-token string or the escape character
+        (iterative, as escape_tree)."""
+        stack = [value]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, str):
+                if self._find.search(value) is not None:
+                    return True
+            elif isinstance(value, dict):
+                stack.extend(value.keys())
+                stack.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                stack.extend(value)
         return False
 
 
