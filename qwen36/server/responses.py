@@ -7,13 +7,15 @@ e.g. Codex's `web_search`, are skipped with a warning); `reasoning.effort` is ch
 (protocol.EFFORTS: "none" / "minimal" turn thinking off, "low" / "medium" cap the reasoning, higher efforts
 leave it to the model); `max_output_tokens` is `max_tokens`. The chat job's choice comes back as output
 items (`reasoning`, `message`, `function_call`) with usage, or as the event stream the SDK consumes.
-Responses with `store` (the default) are kept in a bounded in-memory LRU so that `previous_response_id`
-continues them.
+Responses with `store` (the default) are kept in an in-memory LRU bounded by count and by bytes so that
+`previous_response_id` continues them; images are not kept (a text marker stands in their place), so a
+continued conversation keeps its text, and one request's media cannot fill the server's memory.
 """
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -60,25 +62,71 @@ def parse_request(raw: bytes) -> ResponsesRequest:
     return req
 
 
+MEDIA_MARKER = "[image omitted from the stored conversation]"
+_MEDIA_PARTS = ("image_url", "input_image", "video_url", "input_video", "input_audio", "file", "input_file")
+
+
+def without_media(messages: list[dict]) -> list[dict]:
+    """The conversation as stored: every media part (its data URL is the bulk of a request) replaced by a text
+    part saying so. Messages without media are kept as they are (not copied)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in _MEDIA_PARTS for p in content):
+            m = {**m, "content": [{"type": "text", "text": MEDIA_MARKER}
+                                  if isinstance(p, dict) and p.get("type") in _MEDIA_PARTS else p for p in content]}
+        out.append(m)
+    return out
+
+
+def _footprint(value) -> int:
+    """Bytes a stored conversation holds (sys.getsizeof of every object in it; shared objects counted each
+    time, so the store errs on the small side). Iterative: any nesting."""
+    total, stack = 0, [value]
+    while stack:
+        value = stack.pop()
+        total += sys.getsizeof(value)
+        if isinstance(value, dict):
+            stack += value.keys()
+            stack += value.values()
+        elif isinstance(value, list):
+            stack += value
+    return total
+
+
 class ResponseStore:
     """Finished responses by id (least recently used dropped first): the conversation so far, as chat
-    messages, for `previous_response_id`."""
+    messages without media (`without_media`), for `previous_response_id`. Bounded by `size` responses and
+    `max_bytes` in all (`_footprint`); a conversation larger than `max_bytes` alone is not stored."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[str, list[dict]] = OrderedDict()
+    def __init__(self, size: int = 256, max_bytes: int = 64 << 20):
+        self.size, self.max_bytes = size, max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[str, tuple[list[dict], int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get(self, response_id: str) -> list[dict]:
         if response_id not in self._items:
             raise APIError(f"previous_response_id {response_id!r} is not known here (not stored, or evicted)",
                            param="previous_response_id")
         self._items.move_to_end(response_id)
-        return self._items[response_id]
+        return self._items[response_id][0]
 
     def put(self, response_id: str, messages: list[dict]) -> None:
-        self._items[response_id] = messages
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        messages = without_media(messages)
+        size = _footprint(messages)
+        if response_id in self._items:
+            self.bytes -= self._items.pop(response_id)[1]
+        if size > self.max_bytes:
+            log.warning("/v1/responses: %s not stored: its conversation holds %d bytes, above the store's %d",
+                        response_id, size, self.max_bytes)
+            return
+        self._items[response_id] = (messages, size)
+        self.bytes += size
+        while len(self._items) > self.size or self.bytes > self.max_bytes:
+            self.bytes -= self._items.popitem(last=False)[1][1]
 
 
 # ---- request -> chat request -----------------------------------------------------------------------------
@@ -140,19 +188,21 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
             out.append({"role": item["role"], "content": _parts(item.get("content", ""), f"{where}.content")})
             turn = None
         elif kind == "reasoning":
-            texts = [c.get("text", "") for c in item.get("content") or () if isinstance(c, dict)]
-            texts = texts or [s.get("text", "") for s in item.get("summary") or () if isinstance(s, dict)]
+            texts = [_reasoning_text(item, "content", where), _reasoning_text(item, "summary", where)]
             msg = assistant()
-            msg["reasoning_content"] = msg.get("reasoning_content", "") + "".join(texts)
+            msg["reasoning_content"] = msg.get("reasoning_content", "") + (texts[0] or texts[1])
         elif kind == "function_call":
             if not isinstance(item.get("name"), str):
                 raise APIError(f"{where}.name: required", param="input")
             name = item["name"]
             if isinstance(item.get("namespace"), str):  # a namespaced tool's call: the name the model sees
                 name = seen.get((item["namespace"], name), f"{item['namespace']}.{name}")
+            arguments = item.get("arguments") or "{}"
+            if not isinstance(arguments, str):
+                raise APIError(f"{where}.arguments: expected a JSON string", param="input")
             assistant().setdefault("tool_calls", []).append({
                 "id": str(item.get("call_id", "")), "type": "function",
-                "function": {"name": name, "arguments": item.get("arguments") or "{}"}})
+                "function": {"name": name, "arguments": arguments}})
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")),
                         "content": _parts(item.get("output", ""), f"{where}.output")})
@@ -160,6 +210,17 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
         else:                                    # custom / local_shell / web_search calls of skipped tools
             log.warning("/v1/responses: skipping %s of type %r", where, kind)
     return out
+
+
+def _reasoning_text(item: dict, key: str, where: str) -> str:
+    """The text of a reasoning item's `content` or `summary` (lists of parts with `text`)."""
+    parts = item.get(key) or []
+    if not isinstance(parts, list):
+        raise APIError(f"{where}.{key}: expected a list of parts", param="input")
+    texts = [p.get("text", "") for p in parts if isinstance(p, dict)]
+    if not all(isinstance(t, str) for t in texts):
+        raise APIError(f"{where}.{key}: a part's text must be a string", param="input")
+    return "".join(texts)
 
 
 def namespaces(tools: list[dict] | None) -> dict[str, tuple[str, str]]:
@@ -186,7 +247,7 @@ def _tools(tools: list[dict] | None, spaces: dict[str, tuple[str, str]]) -> list
         if kind == "namespace" and isinstance(t.get("tools"), list):
             for j, f in enumerate(t["tools"]):
                 key = (t.get("name"), f.get("name") if isinstance(f, dict) else None)
-                if key not in seen:
+                if not all(isinstance(k, str) for k in key) or key not in seen:
                     log.warning("/v1/responses: skipping tools[%d].tools[%d] (only function tools are served)", i, j)
                     continue
                 out.append(function_tool(i, seen[key], f.get("description"), f.get("parameters"), f.get("strict")))
