@@ -81,6 +81,8 @@ def parse_request(raw: bytes, count_only: bool = False) -> MessagesRequest:
 def _text_of(blocks, where: str) -> str:
     if isinstance(blocks, str):
         return blocks
+    if blocks is not None and not isinstance(blocks, list):
+        raise APIError(f"{where}: expected a string or a list of text blocks", param=where)
     texts = []
     for j, b in enumerate(blocks or ()):
         if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
@@ -215,7 +217,8 @@ def _tools(tools: list[dict] | None, loaded: list[str]) -> list[dict] | None:
     for i, t in enumerate(tools):
         if not isinstance(t, dict):
             raise APIError(f"tools[{i}]: expected an object", param="tools")
-        names.add(t.get("name"))
+        if isinstance(t.get("name"), str):             # (a custom tool without one is a 400 below)
+            names.add(t["name"])
         if t.get("type") not in (None, "custom"):      # Anthropic's server tools (web search, bash, ...)
             log.warning("/v1/messages: skipping tools[%d] of type %r (only custom tools are served)", i, t.get("type"))
             continue
@@ -289,8 +292,12 @@ def _thinking(req: MessagesRequest, body: dict) -> None:
             kind = "disabled"
     if kind in ("enabled", "adaptive", "between_tools"):
         body["chat_template_kwargs"] = {"enable_thinking": True}
-        if isinstance(thinking.get("budget_tokens"), int):
-            budget = thinking["budget_tokens"]
+        tokens = thinking.get("budget_tokens")
+        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0):
+            raise APIError(f"thinking.budget_tokens: expected a non-negative integer, got {tokens!r}",
+                           param="thinking")
+        if tokens is not None:
+            budget = tokens
     elif kind == "disabled":
         body["chat_template_kwargs"] = {"enable_thinking": False}
         budget = None
@@ -430,6 +437,7 @@ def _event(data: dict) -> str:
 
 
 async def count_tokens(raw: bytes, make_chat_job) -> dict:
-    """POST /v1/messages/count_tokens: the prompt's token count, as /v1/messages would render it."""
+    """POST /v1/messages/count_tokens: the prompt's token count, as /v1/messages would render it (media
+    counted from their headers: nothing is decoded and the vision tower does not run)."""
     chat = make_chat_job(to_chat(parse_request(raw, count_only=True)))
-    return {"input_tokens": len((await chat.build_inputs()).ids)}
+    return {"input_tokens": await chat.count_tokens()}
