@@ -7,6 +7,13 @@
   preprocess_video(video, pp)   sample, resize, normalise, patchify  ->  pixel_values, grid_thw [1, 3],
                                 timestamps (seconds, one per temporal patch)
   expand_vision_tokens(text, image_grids, videos)   the prompt expansion of the pad tokens
+Header first (what a request will cost, known before any pixel is decoded):
+  probe_image(source) -> ImageHeader (size only); image_grid(w, h, pp) its grid; decode_image(header) pixels
+  plan_video(video, pp, ...) -> VideoPlan (indices, grid, timestamps, decode_pixels); video_pixels(plan) the
+                                pixels, decoding only the sampled frames, each resized as it is decoded
+Hostile input: images open only as IMAGE_FORMATS (no EPS/Ghostscript, no rare parsers); videos only as
+VIDEO_CONTAINERS with no ffmpeg protocol at all (an ffconcat, SDP, HLS or DASH payload cannot read a file or
+open a socket) and VIDEO_TIMEOUT; `cancel` (a threading.Event) raises MediaCancelled between frames.
 
 What each step reproduces (transformers 5.23):
   * images: `Qwen2VLImageProcessorPil` (the PIL backend, available without torchvision): transparency
