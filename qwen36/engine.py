@@ -18,6 +18,16 @@ drafts: a greedy choice, or rejection sampling that keeps p exact) and stops at 
 The DeltaNet states after each draft are kept (ForwardBatch.keep), so a rejection resumes from the last
 accepted token's state; KV rows past it are simply overwritten later. Nothing of a rejected draft stays in
 any cache: num_computed never counts it, and prefix-cache snapshots are taken only up to num_computed.
+
+Failures: `step` fails only the requests it must, and does not raise for them. An exception in one request's
+own work (starting its slot, sampling, penalties, grammar, detokenizing, stop strings, logprobs, prefix-cache
+snapshots, finishing) ends that request alone with finish_reason "error" and frees its slot and blocks. An
+exception in a batched pass (the model's forward, or the MTP head's), which may have written part of the
+state of every sequence in it, sends the batch's sequences back to the queue through the scheduler's
+preemption: they are recomputed from prompt + output when readmitted (exact, as any preemption), each in a
+forward of its own until it is past the point that failed. One that fails again alone, or in
+MAX_FORWARD_FAILURES failed passes in all, ends with "error"; the others go on with the tokens they would
+have had. The server's catch around `step` is a last resort.
 """
 from __future__ import annotations
 
@@ -35,7 +45,7 @@ from .kernels import flush_denormals
 from .model import TextModel
 from .mtp import DraftHead
 from .multimodal import MultimodalPrompt
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, StopMatcher
 from .structured import GrammarBackend, Guide, json_grammar
 from .prefix_cache import PrefixKey, snapshot_points
 from .scheduler import Scheduler, SeqState
@@ -48,7 +58,7 @@ class StepOutput:
     token_ids: list[int]               # tokens appended this step (0 or 1)
     text: str                          # text released this step
     finished: bool = False
-    finish_reason: str | None = None   # "stop" | "length" | "abort"
+    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error" (a failure of its own, see Engine)
     logprobs: list[dict] = field(default_factory=list)   # per token: {"token_id", "logprob", "top": [(id, lp)]}
     cached_tokens: int = 0             # prompt tokens taken from the prefix cache
     stop_sequence: str | None = None   # the stop string that ended the output (finish_reason "stop")
@@ -72,6 +82,11 @@ class Request:
     forcing: list[int] = field(default_factory=list)   # forced tokens still to emit
     mm: MultimodalPrompt | None = None # image/video embeddings and mRoPE positions of the prompt
     guide: Guide | None = None         # thinking budget and grammar (structured.py)
+    stops: StopMatcher | None = None   # the stop strings, indexed once
+    checked: int = 0                   # len of text already searched for stop strings
+    stop_ids: frozenset[int] = frozenset()   # tokens that end the output (stop_token_ids, and eos unless ignored)
+    failures: int = 0                  # failed batched passes this request was in
+    isolate_until: int = 0             # run in a forward of its own until num_computed reaches this (a retry)
 
 
 @dataclass
@@ -83,10 +98,13 @@ class EngineStats:
     spec_steps: int = 0                 # verification chunks run (a decode step with drafts)
     draft_tokens: int = 0               # drafted tokens verified
     accepted_tokens: int = 0            # of those, accepted
+    failed_passes: int = 0              # batched passes (forward, MTP head) that raised
+    failed_requests: int = 0            # requests ended with finish_reason "error"
 
 
 log = logging.getLogger("qwen36.engine")
 BOUNDARY_GAP, MAX_BOUNDARIES = 16, 32   # message-start snapshots per prompt: >= 16 tokens apart, the last 32
+MAX_FORWARD_FAILURES = 3                # failed batched passes a request may be in before it fails
 
 
 class Engine:
@@ -163,12 +181,15 @@ class Engine:
         # everything that can fail comes before the scheduler holds the sequence: a refused request
         # leaves no trace (an orphaned sequence would fail every later step)
         sampler = Sampler(params, self.device)
+        stops = StopMatcher(params.stop) if params.stop else None
         guide = self._guide(prompt_ids, params)
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         seq = self._seq(n, prompt_ids, params.max_tokens, mm)
         self.scheduler.add(seq)                       # raises ValueError naming the lengths if it can never fit
         self._preempt_background()
-        req = Request(rid, list(prompt_ids), params, seq, sampler, decoder, mm=mm, guide=guide)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos))
+        req = Request(rid, list(prompt_ids), params, seq, sampler, decoder, mm=mm, guide=guide, stops=stops,
+                      stop_ids=stop_ids)
         if force is not None:
             req.force_trigger, req.force_ids = force[0], list(force[1])
             if force[0] is None:
@@ -297,18 +318,91 @@ class Engine:
     # ---------------------------------------------------------------- one step
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """Run one step of every scheduled request; their outputs. Does not raise for a failure of a
+        request's own work or of a batched pass (see the module docstring): those end in StepOutputs with
+        finish_reason "error", for the requests that must fail, while the others go on."""
         if self.device.type == "cpu":
             flush_denormals()               # per thread: the server steps the engine on its own thread
         work, admitted = self.scheduler.schedule()
         by_seq = {r.seq.seq_id: r for r in self.requests.values()}
+        outputs = []
         for seq in admitted:
-            self._start(seq)
             r = by_seq[seq.seq_id]
+            try:
+                self._start(seq)
+            except Exception as e:  # noqa: BLE001 - this request's failure, not the step's
+                outputs += self._fail(r, e)
+                continue
             log.debug("request %s admitted: %d prompt tokens, %d from the prefix cache%s", r.request_id,
                       seq.prompt_len, seq.cached, " (background)" if seq.background else "")
-        if not work:
-            return []
-        reqs = [by_seq[w.seq.seq_id] for w in work]
+        work = [w for w in work if by_seq[w.seq.seq_id].request_id in self.requests]
+        # a sequence retried after a failed pass runs alone until it is past the point that failed
+        alone = [w for w in work if w.seq.num_computed < by_seq[w.seq.seq_id].isolate_until]
+        together = [w for w in work if w not in alone]
+        for group in ([together] if together else []) + [[w] for w in alone]:
+            outputs += self._run(group, [by_seq[w.seq.seq_id] for w in group], isolated=group[0] in alone)
+        return outputs
+
+    def _run(self, work: list, reqs: list[Request], isolated: bool) -> list[StepOutput]:
+        """One batched forward over `work` (scheduled items of reqs), then each request's own work."""
+        captures: list[list[tuple[int, int]]] = []
+        try:
+            logits, hidden, batch, drafts, starts = self._forward(work, reqs, captures)
+        except Exception as e:  # noqa: BLE001 - the batch's states may be partly written: recompute them
+            self._drop_captures(captures)
+            return self._pass_failed(work, reqs, isolated, e, "forward")
+        pending, k = [], 0
+        for w, r, d in zip(work, reqs, drafts):
+            seq = w.seq
+            if seq.prefilling:
+                self.stats.prompt_tokens_computed += w.num_new
+            rows = 1 + len(d) if w.samples else 0
+            try:
+                if w.samples:
+                    pending.append(self._advance(r, logits[k:k + rows], d, w.num_new - len(d)))
+                else:
+                    seq.num_computed += w.num_new
+                    pending.append(None)
+            except Exception as e:  # noqa: BLE001 - this request's failure, not the step's
+                pending.append(e)
+            k += rows
+        mtp_error = None
+        if self.spec_k:                     # the MTP head's rows for what was computed, then the next drafts
+            try:
+                self._propose([(r, start, off, out) for r, start, off, out in zip(reqs, starts, batch.cu, pending)
+                               if not isinstance(out, Exception)], hidden)
+            except Exception as e:  # noqa: BLE001 - the MTP rows of the batch may be partly written
+                mtp_error = e
+        for i, (w, r, caps, start, off) in enumerate(zip(work, reqs, captures, starts, batch.cu)):
+            if mtp_error is not None or isinstance(pending[i], Exception):
+                self._drop_captures([caps])
+                continue
+            try:
+                self._register(w, r, caps, start, off, hidden)
+            except Exception as e:  # noqa: BLE001
+                pending[i] = e
+        outputs = []
+        for w, r, out in zip(work, reqs, pending):
+            if isinstance(out, Exception):
+                outputs += self._fail(r, out)
+                continue
+            try:
+                if out is not None:
+                    outputs.append(self._release(r, *out))
+                elif w.seq.background and not w.seq.prefilling:
+                    self.stats.background_finished += 1
+                    self.abort(r.request_id)
+            except Exception as e:  # noqa: BLE001
+                outputs += self._fail(r, e)
+        if mtp_error is not None:            # the tokens chosen stay; the MTP head's state is recomputed
+            left = [(w, r) for w, r in zip(work, reqs) if r.request_id in self.requests]
+            outputs += self._pass_failed([w for w, _ in left], [r for _, r in left], isolated, mtp_error, "MTP head")
+        return outputs
+
+    def _forward(self, work: list, reqs: list[Request], captures: list):
+        """The batched forward of the scheduled items: (logits of the sampled rows, hidden states or None,
+        the batch, each item's drafts, each item's start). Appends each item's snapshot captures to
+        `captures` as it reserves them (the caller frees them if this raises)."""
         tokens, rows, positions, drafts, starts = [], [], [], [], []
         for w, r in zip(work, reqs):
             seq = w.seq
@@ -321,7 +415,8 @@ class Engine:
                              else text_positions(start, w.num_new))
             if w.samples:                  # the last known token's position, and every draft's
                 rows.extend(range(len(tokens) - 1 - len(d), len(tokens)))
-        captures = [self._captures(w.seq, w.num_new) for w in work]
+        for w in work:
+            captures.append(self._captures(w.seq, w.num_new))
         for w, r in zip(work, reqs):        # grammar masks are computed on a thread while the forward runs
             if w.samples and r.guide is not None:
                 r.guide.prefetch(self.model.cfg.vocab_size)
@@ -339,36 +434,64 @@ class Engine:
             logits, hidden = self.graphs(x, batch), None
         else:
             logits, hidden = self.model(x, batch, self.cache), None
-        pending, k = [], 0
-        for w, r, d, start in zip(work, reqs, drafts, starts):
-            seq = w.seq
-            if seq.prefilling:
-                self.stats.prompt_tokens_computed += w.num_new
-            if w.samples:
-                pending.append(self._advance(r, logits[k:k + 1 + len(d)], d, w.num_new - len(d)))
-                k += 1 + len(d)
-            else:
-                seq.num_computed += w.num_new
-                pending.append(None)
-        if self.spec_k:                     # the MTP head's rows for what was computed, then the next drafts
-            self._propose([(r, start, off, out) for r, start, off, out in zip(reqs, starts, batch.cu, pending)],
-                          hidden)
-        for w, r, caps, start, off in zip(work, reqs, captures, starts, batch.cu):
-            for upto, snap in caps:          # the layers wrote the states; add the KV tail, register
+        return logits, hidden, batch, drafts, starts
+
+    def _register(self, w, r: Request, caps: list[tuple[int, int]], start: int, off: int, hidden) -> None:
+        """Register the snapshots the forward wrote for r's prompt (the layers wrote the states; add the
+        KV tail); a capture not registered is given back."""
+        for j, (upto, snap) in enumerate(caps):
+            try:
                 pos = start + upto
                 self.snapshots.save_tail(snap, self._tail_rows(w.seq, pos))
                 if hidden is not None:
                     self.snapshots.layers[self.mtp_layer]["hidden"][snap] = hidden[off + upto - 1]
                 self.prefix.add(snap, w.seq.key, pos, w.seq.blocks[:pos // self.cache.block_size],
                                 pos < len(r.prompt_ids) and r.prompt_ids[pos] == self.boundary_id)
+            except BaseException:
+                self._drop_captures([caps[j:]])
+                raise
+
+    def _drop_captures(self, captures) -> None:
+        """Give back snapshot slots reserved for captures that will not be registered."""
+        for caps in captures:
+            for _, snap in caps:
+                self.prefix.release_slot(snap)
+
+    def _pass_failed(self, work: list, reqs: list[Request], isolated: bool, error: Exception,
+                     what: str) -> list[StepOutput]:
+        """A batched pass over work raised: its sequences go back to the queue, to be recomputed from prompt +
+        output, each alone until past this point; one that was alone already (or failed too often) fails."""
+        self.stats.failed_passes += 1
+        log.error("the %s pass of %d sequence(s) failed%s: %s: %s", what, len(work),
+                  " (retried alone)" if isolated else "", type(error).__name__, error, exc_info=error)
         outputs = []
-        for w, r, out in zip(work, reqs, pending):
-            if out is not None:
-                outputs.append(self._release(r, *out))
-            elif w.seq.background and not w.seq.prefilling:
-                self.stats.background_finished += 1
+        order = {id(s): i for i, s in enumerate(self.scheduler.running)}
+        # newest first: each goes to the head of the queue, so the oldest ends up first (as preemption does)
+        for w, r in sorted(zip(work, reqs), key=lambda wr: -order.get(id(wr[0].seq), -1)):
+            seq = w.seq
+            if seq.background:
                 self.abort(r.request_id)
+                continue
+            r.failures += 1
+            if isolated or r.failures >= MAX_FORWARD_FAILURES:
+                outputs += self._fail(r, error, log_it=False)
+                continue
+            upto = seq.num_computed if what == "MTP head" else seq.num_computed + w.num_new
+            r.isolate_until = max(r.isolate_until, min(upto, seq.num_tokens))
+            self.scheduler.preempt(seq)
         return outputs
+
+    def _fail(self, r: Request, error: Exception, log_it: bool = True) -> list[StepOutput]:
+        """End r alone after a failure of its own: its slot and blocks are freed, no snapshot is kept.
+        A background prefill just stops (it has no one to tell)."""
+        if log_it:
+            log.error("request %s failed: %s: %s", r.request_id, type(error).__name__, error, exc_info=error)
+        self.abort(r.request_id)
+        if r.seq.background:
+            return []
+        self.stats.failed_requests += 1
+        r.finish_reason = "error"
+        return [StepOutput(r.request_id, [], "", True, "error", cached_tokens=r.seq.cached)]
 
     def _advance(self, r: Request, logits: torch.Tensor, drafts: list[int], n_known: int):
         """Choose r's next tokens from the step's logits [1 + len(drafts), V]: position j's choice is made as
@@ -388,7 +511,7 @@ class Engine:
                 top = torch.topk(lp, p.logprobs) if p.logprobs else None
                 logprobs.append({"token_id": tok, "logprob": float(lp[tok]),
                                  "top": list(zip(top.indices.tolist(), top.values.tolist())) if top else []})
-            if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            if tok in r.stop_ids:
                 reason = "stop"
                 break
             r.output_ids.append(tok)
@@ -396,10 +519,7 @@ class Engine:
             toks.append(tok)
             if r.decoder is not None:
                 r.text += r.decoder.feed(tok)
-                cut = _find_stop(r.text, p.stop, r.released)
-                if cut is not None:
-                    r.stop_sequence = _stop_at(r.text, p.stop, cut)
-                    r.text = r.text[:cut]
+                if self._stopped(r):
                     reason, flush = "stop", False
                     break
             if len(r.output_ids) >= p.max_tokens:
@@ -437,6 +557,19 @@ class Engine:
             guide.consume(tok)
         return tok
 
+    @staticmethod
+    def _stopped(r: Request) -> bool:
+        """Whether r's text (just appended to) now holds a stop string: if so it is cut where the earliest
+        one starts (the longest of those starting there is the stop_sequence)."""
+        if r.stops is None:
+            return False
+        hit, r.checked = r.stops.search(r.text, r.checked), len(r.text)
+        if hit is None:
+            return False
+        cut, r.stop_sequence = hit
+        r.text = r.text[:cut]
+        return True
+
     def _rewind(self, slot: int, j: int) -> None:
         """The slot's DeltaNet states back to those after token j of the last verification chunk."""
         for tensors in self.cache.layers.values():
@@ -448,7 +581,7 @@ class Engine:
                  flush: bool) -> StepOutput:
         if reason is not None:
             return self._finish(r, reason, toks, logprobs, flush)
-        hold = max((len(s) for s in r.params.stop), default=1) - 1      # a stop string may still be forming
+        hold = r.stops.hold if r.stops is not None else 0                # a stop string may still be forming
         upto = max(r.released, len(r.text) - hold)
         delta, r.released = r.text[r.released:upto], upto
         return StepOutput(r.request_id, toks, delta, logprobs=logprobs, cached_tokens=r.seq.cached)
@@ -525,10 +658,8 @@ class Engine:
     def _finish(self, r: Request, reason: str, toks: list[int], logprobs, flush: bool = True) -> StepOutput:
         if flush and r.decoder is not None:
             r.text += r.decoder.finish()
-            cut = _find_stop(r.text, r.params.stop, r.released)
-            if cut is not None:
-                r.stop_sequence = _stop_at(r.text, r.params.stop, cut)
-                r.text, reason = r.text[:cut], "stop"
+            if self._stopped(r):
+                reason = "stop"
         delta = r.text[r.released:]
         r.released, r.finish_reason = len(r.text), reason
         if self.prefix is not None and r.seq.num_computed > len(r.prompt_ids):
@@ -536,17 +667,3 @@ class Engine:
         self.scheduler.finish(r.seq)
         del self.requests[r.request_id]
         return StepOutput(r.request_id, toks, delta, True, reason, logprobs, r.seq.cached, r.stop_sequence)
-
-
-def _stop_at(text: str, stops, at: int) -> str:
-    """Which stop string starts at `at` (the longest, if several do)."""
-    return max((s for s in stops if text.startswith(s, at)), key=len)
-
-
-def _find_stop(text: str, stops, released: int) -> int | None:
-    """Earliest stop string in text that ends after `released` (earlier text was already checked)."""
-    if not stops:
-        return None
-    lo = max(0, released - max(len(s) for s in stops) + 1)
-    hits = [i for i in (text.find(s, lo) for s in stops) if i >= 0]
-    return min(hits) if hits else None

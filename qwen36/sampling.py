@@ -1,7 +1,9 @@
-"""Sampling parameters and the per-sequence sampler (penalties, temperature, top-k, top-p, min-p, seed)."""
+"""Sampling parameters, the per-sequence sampler (penalties, temperature, top-k, top-p, min-p, seed) and
+the stop-string matcher."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import torch
@@ -100,6 +102,42 @@ def greedy(logits: torch.Tensor):
     return int(idx) if idx.dim() == 0 else idx.tolist()
 
 
+class StopMatcher:
+    """The stop strings of one request, indexed once: finds them in text that grows at its end.
+
+    Only a stop string that ends in the text added since the last search can be new (earlier text was
+    searched already), so a search looks at the new end positions only: the last `k` characters before
+    each one (k = the shortest stop's length, at most 8) pick, from a dict, the stops that can end there
+    (longest first), and `str.startswith` confirms one. A search costs a dict lookup per new character,
+    plus a comparison per stop that shares those k characters, whatever the number of stops."""
+
+    KEY = 8
+
+    def __init__(self, stops: Iterable[str]):
+        stops = sorted(dict.fromkeys(stops), key=len, reverse=True)       # longest first
+        if not stops or not all(stops):
+            raise ValueError("StopMatcher needs non-empty stop strings")
+        self.hold = len(stops[0]) - 1          # text that may be the start of a stop string still forming
+        self.k = min(len(stops[-1]), self.KEY)
+        self.by_tail: dict[str, list[str]] = {}
+        for s in stops:
+            self.by_tail.setdefault(s[-self.k:], []).append(s)
+
+    def search(self, text: str, checked: int) -> tuple[int, str] | None:
+        """The earliest stop string in `text` that ends past its first `checked` characters, and the
+        longest of those starting there: (where it starts, the string), or None. `text[:checked]` must
+        have been searched before (with no match): text is only ever appended to."""
+        k, by_tail, best = self.k, self.by_tail, None
+        for end in range(max(checked + 1, k), len(text) + 1):
+            for s in by_tail.get(text[end - k:end], ()):
+                at = end - len(s)
+                if at >= 0 and text.startswith(s, at):       # the longest stop ending here starts first
+                    if best is None or at <= best[0]:        # at an equal start, a later end is longer
+                        best = (at, s)
+                    break
+        return best
+
+
 class Sampler:
     """Picks the next token of one sequence from its logits [V] (fp32)."""
 
@@ -110,13 +148,21 @@ class Sampler:
             self.gen.manual_seed(params.seed % 2 ** 64)       # any integer: the generator takes 64 bits
         else:
             self.gen.seed()
+        self._bias: tuple[tuple, torch.Tensor, torch.Tensor] | None = None   # (size, dtype, device), ids, values
+
+    def _bias_tensors(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (ids, values) tensors, made on first use (once per request, not per token)."""
+        key = (logits.shape[-1], logits.dtype, logits.device)
+        if self._bias is None or self._bias[0] != key:
+            bias = {i: v for i, v in self.p.logit_bias.items() if i < logits.shape[-1]}   # padding rows: none
+            self._bias = (key, torch.tensor(list(bias), dtype=torch.long, device=logits.device),
+                          torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device))
+        return self._bias[1], self._bias[2]
 
     def penalize(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
         p = self.p
         if p.logit_bias:
-            bias = {i: v for i, v in p.logit_bias.items() if i < logits.shape[-1]}   # padding rows: none
-            logits[torch.tensor(list(bias), dtype=torch.long, device=logits.device)] += torch.tensor(
-                list(bias.values()), dtype=logits.dtype, device=logits.device)
+            logits.index_add_(0, *self._bias_tensors(logits))   # ids are distinct (dict keys): one add each
         if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
             seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
             x = logits[seen]
