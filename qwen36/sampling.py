@@ -148,21 +148,31 @@ class Sampler:
             self.gen.manual_seed(params.seed % 2 ** 64)       # any integer: the generator takes 64 bits
         else:
             self.gen.seed()
-        self._bias: tuple[tuple, torch.Tensor, torch.Tensor] | None = None   # (size, dtype, device), ids, values
+        self._bias: tuple | None = None        # ((size, dtype, device), ids or None, values): see _add_bias
 
-    def _bias_tensors(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logit_bias as (ids, values) tensors, made on first use (once per request, not per token)."""
+    def _add_bias(self, logits: torch.Tensor) -> None:
+        """logits += logit_bias. Its tensors are made on first use, once per request (not per token): sorted
+        ids and their values, or, for a bias over more than 1/8 of the vocabulary, one dense row (smaller
+        than the dict it comes from; a plain add beats a scattered one there)."""
         key = (logits.shape[-1], logits.dtype, logits.device)
         if self._bias is None or self._bias[0] != key:
-            bias = {i: v for i, v in self.p.logit_bias.items() if i < logits.shape[-1]}   # padding rows: none
-            self._bias = (key, torch.tensor(list(bias), dtype=torch.long, device=logits.device),
-                          torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device))
-        return self._bias[1], self._bias[2]
+            n = logits.shape[-1]
+            bias = sorted((i, v) for i, v in self.p.logit_bias.items() if i < n)   # padding rows: none
+            ids = torch.tensor([i for i, _ in bias], dtype=torch.long, device=logits.device)
+            values = torch.tensor([v for _, v in bias], dtype=logits.dtype, device=logits.device)
+            if len(bias) > n // 8:
+                ids, values = None, torch.zeros(n, dtype=logits.dtype, device=logits.device).index_put_((ids,), values)
+            self._bias = (key, ids, values)
+        _, ids, values = self._bias
+        if ids is None:
+            logits += values
+        else:
+            logits.index_add_(0, ids, values)            # ids are distinct (dict keys): one add each
 
     def penalize(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
         p = self.p
         if p.logit_bias:
-            logits.index_add_(0, *self._bias_tensors(logits))   # ids are distinct (dict keys): one add each
+            self._add_bias(logits)
         if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
             seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
             x = logits[seen]
@@ -171,7 +181,8 @@ class Sampler:
             ids = torch.tensor(output_ids, device=logits.device)
             counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
             logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-        if p.logit_bias or p.repetition_penalty != 1.0:   # extreme values overflow (x / 1e-30): keep numbers
+        # extreme penalties overflow (x / 1e-30): keep numbers (a bias in [-100, 100] cannot overflow fp32)
+        if p.repetition_penalty != 1.0:
             logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
         return logits
 

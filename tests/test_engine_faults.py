@@ -293,18 +293,20 @@ def test_stop_matcher_searches_only_new_text():
 
 
 # ---------------------------------------------------------------- logit_bias, stop_token_ids
-def test_logit_bias_tensors_are_made_once_and_add_as_before():
-    bias = {i * 7 % 500: float(i % 200 - 100) for i in range(400)}
+@pytest.mark.parametrize("entries", [20, 400])     # a few ids (scattered add) or most of them (a dense row)
+def test_logit_bias_tensors_are_made_once_and_add_as_before(entries):
+    bias = {i * 7 % 500: float(i % 200 - 100) for i in range(entries)}
     bias[600] = 5.0                                   # past this vocabulary: ignored, as before
     s = Sampler(SamplingParams(temperature=0, logit_bias=bias))
     logits = torch.randn(512)
+    logits[3] = float("-inf")                         # masked (a grammar): stays masked
     want = logits.clone()
     for i, v in bias.items():
         if i < 512:
             want[i] += v
     got = s.penalize(logits.clone(), [], [])
     made = s._bias
-    assert torch.equal(got, want)
+    assert torch.equal(got, want) and (made[1] is None) == (entries > 512 // 8)
     assert torch.equal(s.penalize(logits.clone(), [], [1]), want) and s._bias is made
 
 
