@@ -300,7 +300,8 @@ def check_sizes(data: dict) -> None:
         raise APIError(f"system: at most {MAX_CONTENT_PARTS} content blocks, got {len(system)}", param="system")
     tools = data.get("tools")
     if isinstance(tools, list):
-        count = len(tools) + sum(len(t["tools"]) for t in tools if isinstance(t, dict) and isinstance(t.get("tools"), list))
+        inner = (t.get("tools") for t in tools if isinstance(t, dict))      # (Responses' namespace tools)
+        count = len(tools) + sum(len(x) for x in inner if isinstance(x, list))
         if count > MAX_TOOLS:
             raise APIError(f"tools: at most {MAX_TOOLS} tools, got {count}", param="tools")
     for field in ("stop", "stop_sequences"):
