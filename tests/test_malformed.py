@@ -198,8 +198,12 @@ def test_json_depth_bound_is_exact_and_ignores_strings():
     assert chat(body).messages
     assert chat({**body, "metadata": [json.loads(nested(126))]}).messages   # 128
     rejects(lambda: chat({**body, "metadata": [[json.loads(nested(126))]]}), "metadata", "metadata[0][0]")
-    # brackets inside strings (escaped quotes too) are text
+    # brackets inside strings (escaped quotes and backslashes too) are text
     assert chat({"messages": [{"role": "user", "content": '\\"[' + "[{" * 500}]}).messages[0].content
+    for text in ("ends in a backslash \\", '\\\\\\"[[', "\\u005b [ \n"):
+        user = [{"role": "user", "content": text}]
+        assert chat({**body, "messages": user, "metadata": [json.loads(nested(126))]}).messages[0].content == text
+        rejects(lambda: chat({**body, "messages": user, "metadata": [[json.loads(nested(126))]]}), "metadata")
     # another encoding than UTF-8 is walked instead: same bound
     raw = json.dumps({"messages": USER, "metadata": [[json.loads(nested(126))]]}).encode("utf-16")
     rejects(lambda: protocol.parse(ChatCompletionRequest, raw), "metadata")
