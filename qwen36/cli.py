@@ -261,13 +261,40 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_fuzz(args) -> int:
-    from .fuzz import run
+    import dataclasses
+    import json
 
-    report = run(args.url.rstrip("/"), args.requests, args.seed, args.api_key or os.environ.get("QWEN36_API_KEY"))
-    print(f"sent {report.sent} mutated requests; status counts {dict(sorted(report.by_status.items()))}")
-    for status, route, body in report.failures:
-        print(f"FAIL {status} {route} {body}")
-    return 1 if report.failures else 0
+    from . import fuzz
+
+    key = args.api_key or os.environ.get("QWEN36_API_KEY")
+    if not (args.soak or args.hostile):
+        report = fuzz.run(args.url.rstrip("/"), args.requests, args.seed, key)
+        print(f"sent {report.sent} mutated requests; status counts {dict(sorted(report.by_status.items()))}")
+        for status, route, body in report.failures:
+            print(f"FAIL {status} {route} {body}")
+        return 1 if report.failures else 0
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    unknown = sorted(set(classes or ()) - set(fuzz.HOSTILE))
+    if unknown:
+        raise ValueError(f"--classes: unknown {unknown}; known: {', '.join(fuzz.HOSTILE)}")
+    sizes = fuzz.Sizes.full() if args.full_size else fuzz.Sizes()
+    if args.slow_bound is not None:
+        sizes = dataclasses.replace(sizes, slow_bound_s=args.slow_bound)
+    log = (lambda line: print(line, file=sys.stderr, flush=True))
+    if args.soak:
+        result = fuzz.soak(args.url, args.clients, args.minutes, args.hostile_every, classes, sizes, key, args.pid,
+                           args.hang_after, log=log, bound_s=args.hostile_timeout)
+        ok = result["verdict"]["pass"]
+    else:
+        result = fuzz.run_hostile(args.url, classes, sizes, key, args.pid, args.health_bound, log=log,
+                                  bound_s=args.hostile_timeout)
+        ok = result["pass"]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0 if ok else 1
 
 
 def cmd_bench(args) -> int:
@@ -568,12 +595,39 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default=None, help="also write the results as JSON here")
     v.set_defaults(func=cmd_device_bench)
 
-    f = sub.add_parser("fuzz", help="[dev] send mutated requests to a running server; fails on any 5xx",
-                       formatter_class=_Help)
+    f = sub.add_parser("fuzz", help="[dev] mutated and hostile requests, or a soak, against a running server; "
+                                    "fails on any 5xx", formatter_class=_Help)
     f.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
-    f.add_argument("--requests", type=int, default=500)
+    f.add_argument("--requests", type=int, default=500, help="mutated requests (without --hostile / --soak)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--api-key", default=None, help="default: $QWEN36_API_KEY")
+    f.add_argument("--hostile", action="store_true",
+                   help="send every hostile class once (media blow-up, ffmpeg data URLs, amplification, huge "
+                        "lists, malformed JSON and schemas, metrics injection, foreign Host / content type, "
+                        "disconnects, slowloris); JSON report per class")
+    f.add_argument("--soak", action="store_true",
+                   help="--clients normal clients for --minutes: the first half alone, the second with hostile "
+                        "requests mixed in; passes on no 5xx, no hang, p99 within 2x, RSS flat")
+    f.add_argument("--clients", type=_int_in(1), default=4, help="soak: concurrent normal clients")
+    f.add_argument("--minutes", type=float, default=2.0, help="soak: total length (two equal phases)")
+    f.add_argument("--hostile-every", type=float, default=2.0, metavar="S",
+                   help="soak: one hostile request every S seconds in the second phase")
+    f.add_argument("--classes", default=None, help="comma-separated hostile classes (default: all)")
+    f.add_argument("--full-size", action="store_true",
+                   help="the audit's payload sizes (an unpatched server may need tens of GB); default: small")
+    f.add_argument("--pid", type=int, default=None,
+                   help="the server's process id: RSS from /proc/PID/status (else process_resident_memory_bytes "
+                        "from /metrics)")
+    f.add_argument("--hang-after", type=float, default=30.0, metavar="S",
+                   help="soak: a normal request slower than this counts as a hang")
+    f.add_argument("--hostile-timeout", type=float, default=None, metavar="S",
+                   help="every hostile request must be answered within S (default: per class, 5-60 s)")
+    f.add_argument("--health-bound", type=float, default=2.0, metavar="S",
+                   help="--hostile: /health slower than this while a class runs is a failure")
+    f.add_argument("--slow-bound", type=float, default=None, metavar="S",
+                   help="slowloris: the server must close a trickling connection within S (default 75, above "
+                        "serve's 60 s --request-timeout)")
+    f.add_argument("--json", default=None, metavar="FILE", help="also write the JSON report here")
     f.set_defaults(func=cmd_fuzz)
     return p
 
