@@ -149,6 +149,7 @@ class Sampler:
         else:
             self.gen.seed()
         self._bias: tuple | None = None        # ((size, dtype, device), ids or None, values): see _add_bias
+        self._seen: list | None = None         # repetition_penalty's distinct ids: see _seen_ids
 
     def _add_bias(self, logits: torch.Tensor) -> None:
         """logits += logit_bias. Its tensors are made on first use, once per request (not per token): sorted
@@ -169,12 +170,30 @@ class Sampler:
         else:
             logits.index_add_(0, ids, values)            # ids are distinct (dict keys): one add each
 
+    def _seen_ids(self, prompt_ids: list[int], output_ids: list[int], device) -> torch.Tensor:
+        """The distinct ids of prompt and output: the prompt's gathered once per request, the output's new
+        ones appended as they come (the engine only appends to output_ids; another list starts over)."""
+        c = self._seen
+        if c is None or c[0] is not prompt_ids or c[1] != len(prompt_ids) or c[2] > len(output_ids) or c[3] != device:
+            ids = set(prompt_ids)
+            buf = torch.tensor(sorted(ids) + [0] * 64, dtype=torch.long, device=device)
+            c = self._seen = [prompt_ids, len(prompt_ids), 0, device, ids, buf, len(ids)]
+        _, _, done, _, ids, buf, n = c
+        new = [t for t in output_ids[done:] if t not in ids and not ids.add(t)]
+        c[2] = len(output_ids)
+        if new:
+            if n + len(new) > len(buf):                     # room for as many again
+                c[5] = buf = torch.cat([buf, torch.zeros(n + len(new), dtype=torch.long, device=device)])
+            buf[n:n + len(new)] = torch.tensor(new, dtype=torch.long)
+            c[6] = n = n + len(new)
+        return buf[:n]
+
     def penalize(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
         p = self.p
         if p.logit_bias:
             self._add_bias(logits)
         if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
-            seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
+            seen = self._seen_ids(prompt_ids, output_ids, logits.device)
             x = logits[seen]
             logits[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and output_ids:

@@ -318,3 +318,19 @@ def test_many_stop_token_ids_stop_at_the_first(llm, alone):
     assert isinstance(engine.requests[rid].stop_ids, frozenset)
     toks, reasons = run(engine, [rid])
     assert toks[rid] == alone[0][:alone[0].index(stop_at)] and reasons[rid] == "stop"
+
+
+def test_repetition_penalty_tracks_the_output_as_it_grows():
+    """The prompt's distinct ids are gathered once; the output's are added as it grows: each step penalizes
+    what the old per-token set did (every distinct id of prompt + output, once)."""
+    rp = 1.7
+    s = Sampler(SamplingParams(temperature=0, repetition_penalty=rp))
+    prompt, out = [3, 9, 3, 100, 7], []
+    logits = torch.randn(512)
+    for t in [9, 50, 50, 3, 200, 201, 50]:
+        seen = torch.tensor(sorted(set(prompt) | set(out)))
+        want = logits.clone()
+        want[seen] = torch.where(want[seen] > 0, want[seen] / rp, want[seen] * rp)
+        assert torch.equal(s.penalize(logits.clone(), prompt, out), want)
+        out.append(t)
+    assert s.penalize(logits.clone(), [1], [])[1] == (logits[1] / rp if logits[1] > 0 else logits[1] * rp)
