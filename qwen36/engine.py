@@ -108,6 +108,12 @@ MAX_FORWARD_FAILURES = 3                # failed batched passes a request may be
 
 
 class Engine:
+    """Continuous batching over a model (see the module docstring). `step` runs one step of every scheduled
+    request and returns their outputs; it does not raise for a failure of one request's own work (that
+    request ends with finish_reason "error") nor of a batched pass (its sequences are recomputed, each alone,
+    and only one that fails again alone, or too often, ends with "error"). A caller's catch around `step`
+    is a last resort (`abort_all`)."""
+
     def __init__(self, model: TextModel, tokenizer: Tokenizer | None, eos_token_ids=(), num_slots: int = 8,
                  max_model_len: int | None = None, kv_cache_bytes: int = 1 << 30, block_size: int = 64,
                  token_budget: int = 512, enable_prefix_caching: bool = True, prefix_cache_bytes: int = 1 << 30,
@@ -266,7 +272,11 @@ class Engine:
         if slot is None:
             return
         B = self.cache.block_size
-        self.snapshots.save(slot, seq.slot, self._tail_rows(seq, pos))
+        try:
+            self.snapshots.save(slot, seq.slot, self._tail_rows(seq, pos))
+        except BaseException:
+            self.prefix.release_slot(slot)
+            raise
         boundary = pos < len(r.prompt_ids) and r.prompt_ids[pos] == self.boundary_id
         self.prefix.add(slot, key, pos, seq.blocks[:pos // B], boundary)
 
