@@ -116,7 +116,8 @@ def merge_system_messages(messages: list) -> list:
             return messages
         if content.strip():
             texts.append(content.strip())
-    return [{"role": "system", "content": "\n\n".join(texts)}] + [m for i, m in enumerate(messages) if i not in at]
+    merged = set(at)                                   # (a list here made this quadratic in the message count)
+    return [{"role": "system", "content": "\n\n".join(texts)}] + [m for i, m in enumerate(messages) if i not in merged]
 
 
 def _check_content_parts(where: str, content) -> None:
