@@ -175,17 +175,24 @@ def cmd_serve(args) -> int:
         _size(v)
     path = _resolve(args)
     name = args.served_model_name or _served_name(args.model, path)
+    limits = _mm_limits(args.limit_mm_per_prompt)
     config = ServerConfig(name, args.api_key or os.environ.get("QWEN36_API_KEY") or None,
                           parse_size(args.max_body_size), defaults, args.allowed_local_media_path,
-                          args.max_image_pixels, args.max_video_pixels, args.background_prefill)
+                          args.max_image_pixels, args.max_video_pixels, args.background_prefill,
+                          limit_images=limits.get("image"), limit_videos=limits.get("video"),
+                          max_waiting=args.max_waiting_requests, request_timeout=args.request_timeout,
+                          allowed_hosts=tuple(h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()),
+                          host=args.host)
     kv_cache_bytes = _size(args.kv_cache_memory)
     sock = _bind(args.host, args.port)                 # a port in use is said now, not after loading
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.getLogger("qwen36").setLevel(args.log_level.upper())   # info: a line per request
     boot = Booting()
+    from .server.app import header_timeout_protocol
     server = uvicorn.Server(uvicorn.Config(boot, log_level="info" if args.log_level in ("debug", "trace")
                                            else "warning", access_log=args.log_level in ("debug", "trace"),
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, limit_concurrency=args.limit_concurrency,
+                                           http=header_timeout_protocol(args.request_timeout)))
     failed = []
 
     def load():
@@ -208,6 +215,21 @@ def cmd_serve(args) -> int:
     if failed:
         raise failed[0]
     return 0
+
+
+def _mm_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt: vLLM's JSON form ('{"image": 8, "video": 1}') or image=8,video=1."""
+    import json
+    try:
+        value = json.loads(text) if text.strip().startswith("{") else \
+            {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"--limit-mm-per-prompt: expected e.g. image=8,video=1 or a JSON object, not {text!r}") \
+            from None
+    bad = {k: v for k, v in value.items() if k not in ("image", "video") or not isinstance(v, int) or v < 0}
+    if bad:
+        raise ValueError(f"--limit-mm-per-prompt: keys are image and video, values whole numbers >= 0; got {bad}")
+    return value
 
 
 def _bind(host: str, port: int):
@@ -492,6 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "2-core CPU the full tower takes ~25 s for 1024x768 and grows faster than the pixel count)")
     s.add_argument("--max-video-pixels", type=int, default=None, metavar="N",
                    help="cap each video's pixel budget over all its frames")
+    s.add_argument("--limit-mm-per-prompt", default="image=32,video=4", metavar="LIMITS",
+                   help="most images and videos one request may carry (also a JSON object, as vLLM takes it); "
+                        "each is sized from its header and checked against the context before it is decoded")
+    s.add_argument("--max-waiting-requests", type=_int_in(0), default=256, metavar="N",
+                   help="requests queued behind the running ones before new ones get 429 with Retry-After "
+                        "(a completion with n choices or several prompts counts each)")
+    s.add_argument("--limit-concurrency", type=_int_in(1), default=512, metavar="N",
+                   help="open connections at once; more get 503 (uvicorn's limit)")
+    s.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="time allowed to send a request's headers, and again its body; slower clients are cut off")
+    s.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host names accepted besides localhost/127.0.0.1/::1 when the server has "
+                        "no API key and listens on loopback (others get 403: DNS-rebinding protection)")
     s.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
                    help='e.g. \'{"enable_thinking": false}\'')
     s.add_argument("--background-prefill", action=argparse.BooleanOptionalAction, default=True,

@@ -13,6 +13,7 @@ from PIL import Image
 
 from qwen36 import LLM, SamplingParams
 
+from test_image import png_header
 from test_server import launch, stop
 
 
@@ -90,7 +91,8 @@ BAD = [
     (_data_url(b"this is not an image"), "image"),
     (_data_url(_png()[:60]), "truncated"),
     (_data_url(b""), "no image data"),
-    (_data_url(b"P6\n20000 20000\n255\n", "image/x-portable-pixmap"), "too large"),   # header only
+    (_data_url(png_header(20000, 20000)), "too large"),                 # header only
+    (_data_url(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "image/eps"), "accepted format"),
     ("data:image/png;base64,@@@not-base64@@@", "base64"),
     ("https://example.com/cat.png", "network"),
     ("ftp://example.com/cat.png", "scheme"),

@@ -17,6 +17,8 @@ implemented (`mcp_servers`, unknown `thinking` types or efforts) is a 400 naming
 """
 from __future__ import annotations
 
+import asyncio
+
 import json
 import logging
 import uuid
@@ -439,5 +441,5 @@ def _event(data: dict) -> str:
 async def count_tokens(raw: bytes, make_chat_job) -> dict:
     """POST /v1/messages/count_tokens: the prompt's token count, as /v1/messages would render it (media
     counted from their headers: nothing is decoded and the vision tower does not run)."""
-    chat = make_chat_job(to_chat(parse_request(raw, count_only=True)))
-    return {"input_tokens": await chat.count_tokens()}
+    chat = await asyncio.to_thread(lambda: make_chat_job(to_chat(parse_request(raw, count_only=True))))
+    return {"input_tokens": await chat.count_tokens()}                # (parsing scales with the body: a thread)

@@ -1,54 +1,52 @@
 """The OpenAI-compatible HTTP server (FastAPI): routes, SSE streaming, auth, limits, metrics."""
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
+import logging
 import time
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Match
 
 from ..chat import ChatTemplate
 from ..llm import LLM
 from . import anthropic, responses
-from .jobs import ChatJob, CompletionJob, ServerConfig
-from .metrics import render_metrics
+from .jobs import ChatJob, CompletionJob, MediaPool, ServerConfig
+from .metrics import CONTENT_TYPE
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from .runner import EngineRunner
+
+log = logging.getLogger("qwen36.server")
 
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="qwen36", docs_url=None, redoc_url=None)
-    runner = EngineRunner(llm.engine())
+    runner = EngineRunner(llm.engine(), max_waiting=config.max_waiting)
     template = ChatTemplate.from_checkpoint(llm.path)
     tokenizer = llm.tokenizer
+    media_pool = MediaPool(config.media_workers, config.media_queue)
     app.state.runner = runner
     created = int(time.time())
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        route = request.url.path
-        try:
-            if config.api_key and route != "/health":
-                bearer = request.headers.get("authorization", "") == f"Bearer {config.api_key}"
-                if not bearer and request.headers.get("x-api-key") != config.api_key:   # (Anthropic's header)
-                    raise APIError("invalid or missing API key (send 'Authorization: Bearer <key>' or "
-                                   "'x-api-key: <key>')", 401, type_="authentication_error", code="invalid_api_key")
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-                raise APIError(f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}", 413)
-            response = await call_next(request)
-        except APIError as e:
-            response = error_response(e, route)
-        key = (route, response.status_code)
-        runner.stats.requests[key] = runner.stats.requests.get(key, 0) + 1
-        return response
+    app.add_middleware(Guard, config=config, metrics=runner.metrics, routes=app.router.routes)
 
     async def body(request: Request) -> bytes:
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > config.max_body_bytes:
-                raise APIError(f"request body exceeds the limit of {config.max_body_bytes} bytes", 413)
-        return bytes(data)
+        """The whole body, within the size limit and the read timeout (a client trickling bytes is cut off)."""
+        async def read() -> bytes:
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > config.max_body_bytes:
+                    raise APIError(f"request body exceeds the limit of {config.max_body_bytes} bytes", 413)
+            return bytes(data)
+        try:
+            return await asyncio.wait_for(read(), config.request_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(f"the request body was not received within {config.request_timeout:g} s", 408,
+                           code="request_timeout") from None
 
     @app.get("/health")
     async def health():
@@ -61,20 +59,39 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(runner.stats, runner.load()), media_type="text/plain; version=0.0.4")
+        return Response(runner.metrics.render(), media_type=CONTENT_TYPE)
 
-    async def run(request: Request, make_job):
-        """Validate, queue and answer one request (SSE when it asks to stream); errors in the route's shape."""
+    async def run(request: Request, make_job, answer=None):
+        """Read, parse (off the event loop: it scales with the body), prepare and answer one request, SSE
+        when it asks to stream; the work stops when the client leaves. Errors in the route's shape: an
+        APIError as raised; anything else before generation began is a 400 (input validation missed), after
+        it a 500."""
+        route, job = request.url.path, None
         try:
-            job = make_job(await body(request))
-            await job.prepare()
-            return StreamingResponse(job.stream(request), media_type="text/event-stream") if job.req.stream \
-                else JSONResponse(await job.complete(request))
+            raw = await body(request)
+            job = await asyncio.to_thread(make_job, raw)
+            if answer is not None:                                   # a route that only computes something
+                return JSONResponse(await until_disconnected(request, answer(job)))
+            if job.req.stream:
+                await until_disconnected(request, job.prepare())
+                return StreamingResponse(job.stream(request), media_type="text/event-stream")
+            return JSONResponse(await until_disconnected(request, prepare_and_complete(job, request)))
         except APIError as e:
-            return error_response(e, request.url.path)
+            return error_response(e, route)
+        except ClientGone:
+            return Response(status_code=499)                   # nobody reads it (nginx's "client closed")
+        except Exception as e:  # noqa: BLE001 - the catch-all: one request fails, in its route's shape
+            started = bool(getattr(getattr(job, "chat", job), "rids", None))
+            log.error("%s failed (%s): %s: %s", route, "during generation" if started else "before generation",
+                      type(e).__name__, e, exc_info=True)
+            if started:
+                return error_response(APIError("the server failed while generating; the request was dropped",
+                                               500, type_="server_error"), route)
+            return error_response(APIError(f"the request could not be processed ({type(e).__name__}); "
+                                           "check its fields' types and sizes", 400), route)
 
     def chat_job(req: ChatCompletionRequest) -> ChatJob:
-        return ChatJob(req, config, template, tokenizer, llm, runner)
+        return ChatJob(req, config, template, tokenizer, llm, runner, media_pool)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -84,7 +101,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def messages(request: Request):
         return await run(request, lambda raw: anthropic.MessagesJob(anthropic.parse_request(raw), chat_job))
 
-    stored = responses.ResponseStore(config.responses_store_size)
+    stored = responses.ResponseStore(config.responses_store_size, max_bytes=config.responses_store_bytes)
 
     @app.post("/v1/responses")
     async def create_response(request: Request):
@@ -92,10 +109,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request):
-        try:
-            return JSONResponse(await anthropic.count_tokens(await body(request), chat_job))
-        except APIError as e:
-            return error_response(e, request.url.path)
+        return await run(request, lambda raw: raw, lambda raw: anthropic.count_tokens(raw, chat_job))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -107,6 +121,138 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         runner.close()
 
     return app
+
+
+async def prepare_and_complete(job, request: Request) -> dict:
+    await job.prepare()
+    return await job.complete(request)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def until_disconnected(request: Request, work):
+    """Await `work`, cancelled as soon as the client disconnects (vLLM's with_cancellation does the same):
+    a request nobody waits for stops generating, streaming or not, and its media work stops too."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the client is gone: nothing to report
+        pass
+    raise ClientGone
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body was read already: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Guard:
+    """The checks every request passes before its route runs, as plain ASGI (nothing buffered or wrapped):
+    - the API key (constant-time), when the server has one; /health stays open;
+    - Host and Origin, when the server has no key and listens on loopback: only loopback names (and the
+      operator's --allowed-hosts) pass, so a web page cannot drive it through DNS rebinding or a cross-site
+      form (Ollama checks the same);
+    - POST bodies: Content-Type application/json (a browser's cross-site "simple" POST is text/plain) and
+      a Content-Length within the limit;
+    and it counts every answer in /metrics by the route template it matched ("unmatched" otherwise)."""
+
+    def __init__(self, app, config: ServerConfig, metrics, routes):
+        self.app, self.config, self.metrics, self.routes = app, config, metrics, routes
+        key = config.api_key
+        self.key = key.encode() if key else None
+        self.check_host = key is None and is_loopback(config.host)
+        self.hosts = _LOOPBACK_HOSTS | {h.lower() for h in config.allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 0
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        route = self._route(scope)
+        try:
+            self._check(scope, route)
+        except APIError as e:
+            await error_response(e, scope["path"])(scope, receive, send_status)
+        else:
+            try:
+                await self.app(scope, receive, send_status)
+            except Exception:  # noqa: BLE001 - a route's uncaught error: a JSON 500 in its shape if not started
+                log.exception("%s failed", route)
+                if status == 0:
+                    await error_response(APIError("internal error", 500, type_="server_error"),
+                                         scope["path"])(scope, receive, send_status)
+        self.metrics.requests.labels(route, str(status)).inc()
+
+    def _route(self, scope) -> str:
+        for r in self.routes:
+            if r.matches(scope)[0] == Match.FULL:
+                return r.path
+        return "unmatched"
+
+    def _check(self, scope, route: str) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.check_host:
+            host = headers.get("host", "")
+            name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[:host.find("]") + 1]
+            if name.strip("[]").lower() not in self.hosts:
+                raise APIError(f"Host {host!r} is not allowed: this server has no API key and listens on loopback, "
+                               "so it answers loopback names only (add names with --allowed-hosts, or set an "
+                               "--api-key)", 403, type_="permission_error", code="host_not_allowed")
+            origin = headers.get("origin")
+            if origin is not None:
+                o = urlsplit(origin)
+                if o.scheme not in ("http", "https") or (o.hostname or "").lower() not in self.hosts:
+                    raise APIError(f"Origin {origin!r} is not allowed (a web page from another site cannot call "
+                                   "this server)", 403, type_="permission_error", code="origin_not_allowed")
+        if self.key is not None and route != "/health":
+            auth = headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            bearer = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)
+            if not bearer and not hmac.compare_digest(headers.get("x-api-key", "").encode(), self.key):
+                raise APIError("invalid or missing API key (send 'Authorization: Bearer <key>' or "
+                               "'x-api-key: <key>')", 401, type_="authentication_error", code="invalid_api_key")
+        if scope["method"] == "POST":
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                raise APIError(f"Content-Type must be application/json, not {kind or 'missing'!r} (with curl: "
+                               "-H 'Content-Type: application/json')", 415, code="unsupported_media_type")
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
+                raise APIError(f"request body of {length} bytes exceeds the limit of {self.config.max_body_bytes}",
+                               413)
 
 
 class Booting:
@@ -145,6 +291,48 @@ class Booting:
 
 def error_response(e: APIError, route: str = "") -> Response:
     body = anthropic.error_body(e) if route.startswith("/v1/messages") else e.body()
-    return JSONResponse(body, status_code=e.status)
+    return JSONResponse(body, status_code=e.status, headers=getattr(e, "headers", None))
 
 
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline for a request's headers: a connection that opens and
+    trickles its headers (slowloris) is closed after `seconds`, as llama.cpp's server does with its read
+    timeout. uvicorn itself times out only idle keep-alive connections; the body has its own deadline
+    (`request_timeout`, in the route)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and self.conn.their_state is h11.IDLE:
+                self._arm()                     # the next request on a kept-alive connection begins
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()                  # its headers are complete
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._header_timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11

@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import Request
 
-from ..chat import ChatTemplate, ChatTemplateError, merge_system_messages
+from ..chat import ChatTemplate, ChatTemplateError, media_kind, merge_system_messages
 from ..engine import StepOutput
-from ..image import ContextTooLong
+from ..image import ContextTooLong, MediaCancelled
 from ..inputs import MediaPolicy
 from ..llm import LLM
 from ..parsers import AssistantStreamParser, ChatResult, parse_assistant
 from ..sampling import SamplingParams
 from ..structured import GrammarError, json_grammar, tool_call_grammar
 from .protocol import APIError, ChatCompletionRequest, ContextLengthError, NamedToolChoice, effort_thinking, response_schema
-from .runner import EngineRunner, now
+from .runner import EngineRunner, Overloaded, Submission, now
 
 
 @dataclass
@@ -40,6 +42,34 @@ class ServerConfig:
     max_video_pixels: int | None = None
     background_prefill: bool = True               # prefill the next turn's history while idle (prefix cache)
     responses_store_size: int = 256               # /v1/responses kept for previous_response_id (LRU)
+    responses_store_bytes: int = 64 << 20         # and the bytes they may hold (media are not stored)
+    limit_images: int | None = None               # media items per request (--limit-mm-per-prompt)
+    limit_videos: int | None = None
+    max_waiting: int | None = 256                 # engine requests in line behind the running ones, then 429
+    media_workers: int = 2                        # threads decoding media and running the tower
+    media_queue: int = 8                          # media requests in flight (running or waiting) before 429
+    request_timeout: float = 60.0                 # seconds to receive a request's body
+    allowed_hosts: tuple[str, ...] = ()           # Host names accepted besides loopback (keyless loopback server)
+    host: str = "127.0.0.1"                       # the address the server listens on
+
+
+class MediaPool:
+    """Where media work runs: its own threads (decoding, resizing, the vision tower), so a slow or hostile
+    medium never holds the threads that render everyone else's prompts, with a bounded line (429 past it)."""
+
+    def __init__(self, workers: int, queue: int):
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="qwen36-media")
+        self.limit, self.in_flight = max(1, queue), 0
+
+    async def run(self, fn):
+        if self.in_flight >= self.limit:
+            raise Overloaded(f"{self.in_flight} requests with images or videos are being prepared (limit "
+                             f"{self.limit}); retry shortly", retry_after=2)
+        self.in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+        finally:
+            self.in_flight -= 1
 
 
 @dataclass
@@ -99,26 +129,22 @@ class _Job:
         self.rids: list[str] = []
         self.queue: asyncio.Queue | None = None
         self.generated: dict[str, int] = {}                    # request id -> tokens generated
+        self.cancel = threading.Event()                        # set when the client left: media work stops
         self.cached: dict[str, int] = {}                       # request id -> prompt tokens from the prefix cache
 
-    def submit(self, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-               force: tuple[int | None, list[int]] | None = None, mm=None, constraint: dict | None = None) -> None:
+    async def submit(self, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
+                     force: tuple[int | None, list[int]] | None = None, mm=None,
+                     constraint: dict | None = None) -> None:
         self.prompts = prompts
-        self.prompt_of: list[int] = []                         # per choice: its prompt index
-        params = [sampling_params(self.req, self.llm, len(p), max_tokens, logprobs, c, constraint)
-                  for p in prompts for c in range(self.req.n)]  # validate everything before queueing anything
+        self.prompt_of = [i for i in range(len(prompts)) for _ in range(self.req.n)]   # per choice: its prompt
+        subs = [Submission(p, sampling_params(self.req, self.llm, len(p), max_tokens, logprobs, c, constraint),
+                           force, mm)
+                for p in prompts for c in range(self.req.n)]   # validate everything before queueing anything
         self.t0 = now()
         self.queue = asyncio.Queue()
         try:
-            k = 0
-            for i, p in enumerate(prompts):
-                for _ in range(self.req.n):
-                    rid, q = self.runner.submit(p, params[k], self.queue, force, mm)
-                    self.rids.append(rid)
-                    self.prompt_of.append(i)
-                    k += 1
+            self.rids = await self.runner.submit(subs, self.queue)
         except ValueError as e:
-            self.abort()
             raise APIError(str(e), param="max_tokens" if "max_tokens" in str(e) else None) from None
 
     def abort(self) -> None:
@@ -126,33 +152,27 @@ class _Job:
             self.runner.abort(rid)
 
     async def outputs(self, request: Request) -> AsyncIterator[tuple[int, StepOutput]]:
-        """(choice index, output) as they arrive, until every choice finished; aborts on disconnect."""
+        """(choice index, output) as they arrive, until every choice finished. A client that leaves cancels
+        the task this runs in (the server watches for the disconnect, streaming or not): every unfinished
+        choice is aborted then."""
         index = {rid: i for i, rid in enumerate(self.rids)}
         pending = set(self.rids)
         first = {}
-        getter = None
         try:
             while pending:
-                # never cancel a pending get (wait_for could drop an item that arrives at the timeout)
-                getter = getter or asyncio.ensure_future(self.queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=1.0)
-                if not done:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                out, getter = getter.result(), None
+                out = await self.queue.get()
                 i = index[out.request_id]
                 if i not in first and out.token_ids:
                     first[i] = now()
-                    self.runner.stats.ttft.append(first[i] - self.t0)
+                    self.runner.metrics.ttft.observe(first[i] - self.t0)
                 if out.finished:
                     pending.discard(out.request_id)
+                    self.runner.finished(out.request_id)
                     self._tpot(first.get(i), out)
                 yield i, out
         finally:
-            if getter is not None:
-                getter.cancel()
-            self.abort()                                       # frees slots of anything unfinished at once
+            for rid in pending:
+                self.runner.abort(rid)                         # frees slots of anything unfinished at once
 
     async def collect(self, request: Request) -> tuple[list[str], list[str], list[list[dict]]]:
         """Whole texts, finish reasons and logprob entries of every choice (non-streaming responses)."""
@@ -170,7 +190,7 @@ class _Job:
 
     def _tpot(self, first: float | None, out: StepOutput) -> None:
         if first is not None and out.request_id in self.generated and self.generated[out.request_id] > 1:
-            self.runner.stats.tpot.append((now() - first) / (self.generated[out.request_id] - 1))
+            self.runner.metrics.tpot.observe((now() - first) / (self.generated[out.request_id] - 1))
 
     def count(self, out: StepOutput) -> None:
         self.generated[out.request_id] = self.generated.get(out.request_id, 0) + len(out.token_ids)
@@ -206,9 +226,10 @@ class _Job:
 class ChatJob(_Job):
     prefix, object_name = "chatcmpl", "chat.completion"
 
-    def __init__(self, req: ChatCompletionRequest, config, template: ChatTemplate, tokenizer, llm, runner):
+    def __init__(self, req: ChatCompletionRequest, config, template: ChatTemplate, tokenizer, llm, runner,
+                 media_pool: MediaPool | None = None):
         super().__init__(req, config, tokenizer, llm, runner)
-        self.template = template
+        self.template, self.media_pool = template, media_pool
         # reasoning_effort: thinking on/off and a budget, under an explicit enable_thinking / thinking_token_budget
         on, self.effort_budget = effort_thinking(req.reasoning_effort, "reasoning_effort") \
             if req.reasoning_effort is not None else (None, None)
@@ -219,32 +240,66 @@ class ChatJob(_Job):
         use_tools = bool(req.tools) and req.tool_choice != "none"
         self.tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
 
-    async def build_inputs(self):
-        """Render the conversation and build its prompt inputs (images through the vision tower)."""
-        req, preserve = self.req, self.preserve
+    def _render(self):
+        """(prompt text, messages, media policy): the conversation rendered, late system (and developer)
+        messages joined to the leading one (agents send reminders that way)."""
         media = self.llm.media
-        # late system (and developer) messages join the leading one: agents send reminders that way
-        messages = merge_system_messages(media.normalize([m.model_dump(exclude_none=True) for m in req.messages]))
+        messages = merge_system_messages(media.normalize([m.model_dump(exclude_none=True) for m in self.req.messages]))
         self.messages = messages
         try:
             prompt = self.template.render(messages, tools=self.tools, add_generation_prompt=True,
-                                          enable_thinking=self.thinking, preserve_thinking=preserve,
+                                          enable_thinking=self.thinking, preserve_thinking=self.preserve,
                                           escape=self.tokenizer.escape)
-            c = self.config
-            policy = MediaPolicy(allow_paths=False, allowed_local_dir=c.allowed_local_media_path,
-                                 max_image_pixels=c.max_image_pixels, max_video_pixels=c.max_video_pixels)
-            # decoding, resizing and the vision tower run off the event loop (other requests keep streaming)
-            limit = self.runner.engine.max_model_len
-            inputs = await asyncio.to_thread(lambda: media.build(prompt, media.media_of(messages, policy), limit,
-                                                                     escaped=True))
         except ChatTemplateError as e:
             raise APIError(f"messages: {e}", param="messages") from None
+        c = self.config
+        policy = MediaPolicy(allow_paths=False, allowed_local_dir=c.allowed_local_media_path,
+                             max_image_pixels=c.max_image_pixels, max_video_pixels=c.max_video_pixels,
+                             clamp=True, limit_images=c.limit_images, limit_videos=c.limit_videos)
+        return prompt, messages, policy
+
+    def _has_media(self) -> bool:
+        return any(isinstance(m.content, list) and any(media_kind(p) is not None or "video_url" in p
+                                                       for p in m.content) for m in self.req.messages)
+
+    async def _off_loop(self, fn):
+        """Run fn off the event loop: in the media pool when the request carries images or videos (decoding
+        and the tower), else on the default executor (rendering and tokenizing scale with the request)."""
+        try:
+            if self.media_pool is not None and self._has_media():
+                return await self.media_pool.run(fn)
+            return await asyncio.to_thread(fn)
+        except asyncio.CancelledError:                          # the client left: the media work stops too
+            self.cancel.set()
+            raise
         except ContextTooLong as e:
             raise ContextLengthError(e.prompt_tokens, e.limit, str(e)) from None
+        except MediaCancelled:
+            raise asyncio.CancelledError from None
         except ValueError as e:                                 # MediaError and placeholder/media mismatches
             raise APIError(str(e), param="messages") from None
+
+    async def build_inputs(self):
+        """Render the conversation and build its prompt inputs: media sized from their headers and checked
+        against the context and the per-request limits before any pixel is decoded, then decoded and run
+        through the vision tower; all of it off the event loop, stopped when the client leaves."""
+        media, limit = self.llm.media, self.runner.engine.max_model_len
+
+        def work():
+            prompt, messages, policy = self._render()
+            return media.prompt_inputs(prompt, messages, policy, limit, escaped=True, cancel=self.cancel)
+        inputs = await self._off_loop(work)
         self.has_media = inputs.mm is not None
         return inputs
+
+    async def count_tokens(self) -> int:
+        """The prompt's token count, media counted from their headers (no decoding, no vision tower)."""
+        media = self.llm.media
+
+        def work():
+            prompt, messages, policy = self._render()
+            return media.count_tokens(prompt, messages, policy, escaped=True)
+        return await self._off_loop(work)
 
     async def prepare(self) -> None:
         req = self.req
@@ -252,8 +307,8 @@ class ChatJob(_Job):
         force = None if "grammar" in constraint else self._forced_call(req)   # any rendering or image work
         inputs = await self.build_inputs()
         top = req.top_logprobs if req.logprobs else None
-        self.submit([inputs.ids], req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None,
-                    force, inputs.mm, constraint)
+        await self.submit([inputs.ids], req.max_completion_tokens or req.max_tokens,
+                          (top or 0) if req.logprobs else None, force, inputs.mm, constraint)
 
     def _constraint(self, req: ChatCompletionRequest) -> dict:
         """What the answer is held to: a JSON schema (response_format), a grammar of strict tool calls
@@ -448,16 +503,19 @@ class CompletionJob(_Job):
             prompts = list(p)
         if not prompts:
             raise APIError("prompt is empty", param="prompt")
-        ids = []
-        for x in prompts:
-            t = self.tokenizer.encode(x) if isinstance(x, str) else list(x)
-            if not t:
-                raise APIError("prompt has no tokens", param="prompt")
-            bad = [v for v in t if not 0 <= v < self.llm.config.text.vocab_size]
-            if bad:
-                raise APIError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
-            ids.append(t)
-        self.submit(ids, self.req.max_tokens or 16, self.req.logprobs)
+
+        def tokenize():                                        # off the event loop: it scales with the request
+            ids = []
+            for x in prompts:
+                t = self.tokenizer.encode(x) if isinstance(x, str) else list(x)
+                if not t:
+                    raise APIError("prompt has no tokens", param="prompt")
+                bad = [v for v in t if not 0 <= v < self.llm.config.text.vocab_size]
+                if bad:
+                    raise APIError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
+                ids.append(t)
+            return ids
+        await self.submit(await asyncio.to_thread(tokenize), self.req.max_tokens or 16, self.req.logprobs)
 
     def _logprobs(self, entries: list[dict]) -> dict:
         return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],

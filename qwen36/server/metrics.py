@@ -1,62 +1,74 @@
-"""Prometheus text exposition of the server's counters (no client library needed)."""
+"""The server's /metrics, through prometheus_client: counters and fixed-bucket histograms (memory does not grow
+with the number of requests), the engine's gauges read from the snapshot the engine thread publishes (a scrape
+never waits for a step), and the process collector (`process_resident_memory_bytes`, CPU seconds, open fds).
+
+Requests are counted by the route they matched (its template), never by the raw path: a client cannot create a
+new series or inject a line with the URL it sends (paths no route matched count as "unmatched")."""
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-
-def _histogram(name: str, help_: str, values: list[float]) -> list[str]:
-    lines = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-    for b in BUCKETS:
-        lines.append(f'{name}_bucket{{le="{b}"}} {sum(v <= b for v in values)}')
-    lines += [f'{name}_bucket{{le="+Inf"}} {len(values)}', f"{name}_sum {sum(values):.6f}", f"{name}_count {len(values)}"]
-    return lines
-
-
-def render_metrics(stats, load: dict[str, float]) -> str:
-    lines = ["# HELP qwen36_requests_total HTTP requests by route and status.", "# TYPE qwen36_requests_total counter"]
-    for (route, status), n in sorted(stats.requests.items()):
-        lines.append(f'qwen36_requests_total{{route="{route}",status="{status}"}} {n}')
-    lines += ["# HELP qwen36_prompt_tokens_total Prompt tokens accepted.", "# TYPE qwen36_prompt_tokens_total counter",
-              f"qwen36_prompt_tokens_total {stats.prompt_tokens}",
-              "# HELP qwen36_generation_tokens_total Tokens generated.", "# TYPE qwen36_generation_tokens_total counter",
-              f"qwen36_generation_tokens_total {stats.generation_tokens}"]
-    lines += _histogram("qwen36_time_to_first_token_seconds", "Time from request to first token.", stats.ttft)
-    lines += _histogram("qwen36_time_per_output_token_seconds", "Mean time per token after the first.", stats.tpot)
-    lines += ["# HELP qwen36_num_requests_running Requests holding a slot.", "# TYPE qwen36_num_requests_running gauge",
-              f"qwen36_num_requests_running {load['running']:.0f}",
-              "# HELP qwen36_num_requests_waiting Requests queued for a slot or cache.",
-              "# TYPE qwen36_num_requests_waiting gauge", f"qwen36_num_requests_waiting {load['waiting']:.0f}",
-              "# HELP qwen36_kv_cache_usage_ratio Fraction of KV cache blocks reserved.",
-              "# TYPE qwen36_kv_cache_usage_ratio gauge", f"qwen36_kv_cache_usage_ratio {load['cache_usage']:.4f}"]
-    lines += _metric("qwen36_prompt_tokens_computed_total", "counter", "Prompt tokens run through the model.",
-                     load["prompt_tokens_computed"])
-    lines += _metric("qwen36_num_preemptions_total", "counter",
-                     "Sequences preempted when the KV cache ran out (recomputed when readmitted).", load["preemptions"])
-    if "prefix_hits" in load:
-        lines += _metric("qwen36_prompt_tokens_cached_total", "counter",
-                         "Prompt tokens taken from the prefix cache.", load["prompt_tokens_cached"])
-        lines += _metric("qwen36_prefix_cache_hits_total", "counter", "Requests that started from a cached prefix.",
-                         load["prefix_hits"])
-        lines += _metric("qwen36_prefix_cache_snapshots", "gauge", "State snapshots held.", load["snapshots"])
-        lines += _metric("qwen36_prefix_cache_bytes", "gauge",
-                         "Bytes held by the prefix cache: snapshots and KV blocks no request uses.",
-                         load["prefix_cache_bytes"])
-        lines += _metric("qwen36_prefix_cache_snapshots_saved_total", "counter", "State snapshots saved.",
-                         load["snapshots_saved"])
-        lines += _metric("qwen36_prefix_cache_evictions_total", "counter", "Snapshots evicted.", load["evictions"])
-    if "spec_steps" in load:      # vLLM's names for the same counters (speculative decoding)
-        lines += _metric("qwen36_spec_decode_num_drafts_total", "counter", "Verification steps with drafts.",
-                         load["spec_steps"])
-        lines += _metric("qwen36_spec_decode_num_draft_tokens_total", "counter", "Draft tokens verified.",
-                         load["spec_draft_tokens"])
-        lines += _metric("qwen36_spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.",
-                         load["spec_accepted_tokens"])
-    lines += ["# HELP qwen36_background_prefills_total Idle-time prefills of the next turn's history.",
-              "# TYPE qwen36_background_prefills_total counter"]
-    for state in ("started", "finished", "preempted"):
-        lines.append(f'qwen36_background_prefills_total{{state="{state}"}} {load["background_" + state]}')
-    return "\n".join(lines) + "\n"
+# (name, kind, help, key in the engine snapshot); vLLM's names where it has the same counter
+_ENGINE = [
+    ("qwen36_num_requests_running", "gauge", "Requests holding a slot.", "running"),
+    ("qwen36_num_requests_waiting", "gauge", "Requests queued for a slot or cache.", "waiting"),
+    ("qwen36_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks reserved.", "cache_usage"),
+    ("qwen36_prompt_tokens_computed", "counter", "Prompt tokens run through the model.", "prompt_tokens_computed"),
+    ("qwen36_num_preemptions", "counter",
+     "Sequences preempted when the KV cache ran out (recomputed when readmitted).", "preemptions"),
+    ("qwen36_prompt_tokens_cached", "counter", "Prompt tokens taken from the prefix cache.", "prompt_tokens_cached"),
+    ("qwen36_prefix_cache_hits", "counter", "Requests that started from a cached prefix.", "prefix_hits"),
+    ("qwen36_prefix_cache_snapshots", "gauge", "State snapshots held.", "snapshots"),
+    ("qwen36_prefix_cache_bytes", "gauge", "Bytes held by the prefix cache: snapshots and KV blocks no request uses.",
+     "prefix_cache_bytes"),
+    ("qwen36_prefix_cache_snapshots_saved", "counter", "State snapshots saved.", "snapshots_saved"),
+    ("qwen36_prefix_cache_evictions", "counter", "Snapshots evicted.", "evictions"),
+    ("qwen36_spec_decode_num_drafts", "counter", "Verification steps with drafts.", "spec_steps"),
+    ("qwen36_spec_decode_num_draft_tokens", "counter", "Draft tokens verified.", "spec_draft_tokens"),
+    ("qwen36_spec_decode_num_accepted_tokens", "counter", "Draft tokens accepted.", "spec_accepted_tokens"),
+]
 
 
-def _metric(name: str, kind: str, help_: str, value) -> list[str]:
-    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+class _EngineCollector:
+    """The engine snapshot's numbers as metrics (what the snapshot lacks, e.g. no prefix cache, is left out)."""
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def collect(self):
+        load = self.snapshot()
+        for name, kind, help_, key in _ENGINE:
+            if key in load:
+                family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                yield family(name, help_, value=load[key])
+        bg = CounterMetricFamily("qwen36_background_prefills", "Idle-time prefills of the next turn's history.",
+                                 labels=["state"])
+        for state in ("started", "finished", "preempted"):
+            bg.add_metric([state], load.get("background_" + state, 0))
+        yield bg
+
+
+class Metrics:
+    """One server's metrics, in a registry of its own (several apps in one process do not share counts)."""
+
+    def __init__(self, snapshot=lambda: {}):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("qwen36_requests", "HTTP requests by route template and status.",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("qwen36_prompt_tokens", "Prompt tokens accepted.", registry=r)
+        self.generation_tokens = Counter("qwen36_generation_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram("qwen36_time_to_first_token_seconds", "Time from request to first token.",
+                              buckets=BUCKETS, registry=r)
+        self.tpot = Histogram("qwen36_time_per_output_token_seconds", "Mean time per token after the first.",
+                              buckets=BUCKETS, registry=r)
+        self.rejected = Counter("qwen36_requests_rejected", "Requests refused because the server was full.",
+                                ["reason"], registry=r)
+        ProcessCollector(registry=r)
+        r.register(_EngineCollector(snapshot))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
