@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -35,7 +36,7 @@ def server(checkpoint, tmp_path_factory):
     (media / "a.png").write_bytes(_png())
     log = tmp_path_factory.mktemp("server") / "server.log"
     proc, base = launch(path, log, "--max-model-len", "1024", "--allowed-local-media-path", str(media),
-                        "--max-image-pixels", "8192")
+                        "--max-image-pixels", "8192", "--limit-mm-per-prompt", "image=3,video=1")
     yield {"base": base, "path": path, "proc": proc, "log": log, "media": media}
     stop(proc)
 
@@ -156,3 +157,51 @@ def test_max_image_pixels_caps_the_budget(server, client):
     assert r.status_code == 200                                  # a larger per-part budget is capped, not refused
     r = _post(server, [{"role": "user", "content": [{**messages[0]["content"][0], "max_pixels": "lots"}]}])
     assert r.status_code == 400 and "max_pixels must be a positive integer" in r.json()["error"]["message"]
+
+
+def _video_part(payload: bytes) -> dict:
+    return {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(payload).decode()}}
+
+
+@pytest.mark.parametrize("payload", [
+    b"ffconcat version 1.0\nfile secret.nfo\nfile secret.nfo\n",                 # reads files in the server's cwd
+    b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 0.0.0.0\nt=0 0\nm=video 18940 RTP/AVP 96\n"
+    b"a=rtpmap:96 H264/90000\n",                                                   # opens UDP ports (SDP)
+    b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nsecret.ts\n#EXT-X-ENDLIST\n",  # HLS playlist
+], ids=["ffconcat", "sdp", "hls"])
+def test_video_payloads_that_name_files_or_sockets_are_refused(server, payload):
+    """The audit's local-file read and UDP listener through a video data URL: refused at once, and the answer
+    says nothing of whether the file exists."""
+    t0 = time.time()
+    r = _post(server, [{"role": "user", "content": [_video_part(payload), {"type": "text", "text": "transcribe"}]}])
+    assert r.status_code == 400 and time.time() - t0 < 5, r.text
+    assert "no such file" not in r.text.lower() and "secret" not in r.text
+
+
+def test_media_per_request_are_limited_before_decoding(server):
+    """--limit-mm-per-prompt image=3: a fourth image is refused naming the flag (before any is decoded)."""
+    parts = [{"type": "image_url", "image_url": {"url": _data_url(_png(seed=i))}} for i in range(4)]
+    r = _post(server, [{"role": "user", "content": parts + [{"type": "text", "text": "x"}]}])
+    assert r.status_code == 400 and "--limit-mm-per-prompt" in r.json()["error"]["message"], r.text
+
+
+def test_per_part_pixel_options_stay_inside_the_servers_range(server):
+    """A 64x64 PNG asking for min_pixels 1e9 (the audit's 300-byte OOM) is sized within --max-image-pixels."""
+    part = {"type": "image_url", "image_url": {"url": _data_url(_png(64, 64))}, "min_pixels": 10 ** 9,
+            "max_pixels": 10 ** 12}
+    r = _post(server, [{"role": "user", "content": [part, {"type": "text", "text": "x"}]}])
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] <= 8192 // 64 + 20        # patch 4: at most 128 pads + the text
+
+
+def test_count_tokens_counts_images_without_the_tower(server):
+    """Anthropic's count_tokens: the same count /v1/messages uses, media sized from headers."""
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=server["base"], api_key="none", max_retries=0)
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(_png(seed=5)).decode()}}
+    messages = [{"role": "user", "content": [image, {"type": "text", "text": "what is it?"}]}]
+    counted = claude.messages.count_tokens(model="m", messages=messages).input_tokens
+    used = claude.messages.create(model="m", max_tokens=2, messages=messages).usage.input_tokens
+    assert counted == used > 10
