@@ -20,6 +20,10 @@ _ENGINE = [
     ("qwen36_prompt_tokens_computed", "counter", "Prompt tokens run through the model.", "prompt_tokens_computed"),
     ("qwen36_num_preemptions", "counter",
      "Sequences preempted when the KV cache ran out (recomputed when readmitted).", "preemptions"),
+    ("qwen36_engine_failed_passes", "counter",
+     "Batched passes that failed (their sequences were recomputed; see Engine.step).", "failed_passes"),
+    ("qwen36_engine_failed_requests", "counter", "Requests ended with finish_reason error by a failure of "
+     "their own.", "failed_requests"),
     ("qwen36_prompt_tokens_cached", "counter", "Prompt tokens taken from the prefix cache.", "prompt_tokens_cached"),
     ("qwen36_prefix_cache_hits", "counter", "Requests that started from a cached prefix.", "prefix_hits"),
     ("qwen36_prefix_cache_snapshots", "gauge", "State snapshots held.", "snapshots"),

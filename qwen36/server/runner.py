@@ -167,7 +167,8 @@ class EngineRunner:
                "prompt_tokens_computed": e.stats.prompt_tokens_computed,
                "background_started": e.stats.background_started,
                "background_finished": e.stats.background_finished,
-               "background_preempted": e.stats.background_preempted}
+               "background_preempted": e.stats.background_preempted,
+               "failed_passes": e.stats.failed_passes, "failed_requests": e.stats.failed_requests}
         if e.spec_k:
             out.update(spec_steps=e.stats.spec_steps, spec_draft_tokens=e.stats.draft_tokens,
                        spec_accepted_tokens=e.stats.accepted_tokens)
