@@ -743,7 +743,9 @@ HOSTILE: dict[str, HostileClass] = {c.name: c for c in [
     HostileClass("hls", hls, "4xx", 5.0, LEAK),
     HostileClass("eps", eps, "4xx", 10.0, r"(?i)ghostscript"),
     HostileClass("amplification", amplification, "4xx-or-200", 30.0),
-    HostileClass("many_messages", many_messages, "4xx-or-200", 30.0),
+    # legal when under the message cap: 5,000 pairs is a ~50k-token prompt, minutes of prefill on a small CPU;
+    # what must hold is that /health and other users answer meanwhile (checked for every class)
+    HostileClass("many_messages", many_messages, "4xx-or-200", 180.0),
     HostileClass("huge_stop", huge_stop, "4xx-or-200", 30.0),
     HostileClass("full_logit_bias", full_logit_bias, "4xx-or-200", 30.0),
     HostileClass("huge_stop_token_ids", huge_stop_token_ids, "4xx-or-200", 30.0),

@@ -140,6 +140,7 @@ def tool_call_grammar(tools: list[dict], required: bool, max_calls: int | None =
         where = f"function {name!r}: parameters"
         if not isinstance(params, dict):
             raise GrammarError(f"{where}: expected a JSON schema object, got {type(params).__name__}")
+        _check_schema(params, where)               # its own type / enum / anyOf, though only properties are used
         props = params.get("properties") or {}
         if not isinstance(props, dict):
             raise GrammarError(f"{where}.properties: expected an object, got {type(props).__name__}")

@@ -113,6 +113,7 @@ SCHEMA_CASES = {   # the audit's strict-tool schemas -> the field the error name
     "required 5": ({"type": "object", "properties": {"p": {"type": "string"}}, "required": 5},
                    "parameters.required"),
     "anyOf 5": ({"type": "object", "properties": {"p": {"anyOf": 5}}}, "properties.p.anyOf"),
+    "top-level anyOf 5": ({"anyOf": 5}, "parameters.anyOf"),        # (found by `qwen36 fuzz --hostile`: a 200)
 }
 
 
