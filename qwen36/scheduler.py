@@ -212,8 +212,13 @@ class Scheduler:
             if not seq.prefilling and seq.num_computed < seq.num_tokens:
                 work.append(Scheduled(seq, 1 + len(seq.drafts), True))
                 budget -= 1 + len(seq.drafts)
-        for seq in self.running:                             # then prompt chunks, oldest first
-            if seq.prefilling and budget > 0:
+        # then prompt chunks, the fewest tokens left first (oldest first among equals; background prefill last):
+        # a short prompt is not held behind a long one's chunks (an agent's tool turn behind a 50k-token
+        # prompt, or a chat behind a large image); a long one still gets whatever budget the short leave
+        prefilling = sorted((q for q in self.running if q.prefilling),
+                            key=lambda q: (q.background, q.prompt_len - q.num_computed))
+        for seq in prefilling:
+            if budget > 0:
                 n = min(seq.prompt_len - seq.num_computed, budget, self.background_chunk if seq.background else budget)
                 work.append(Scheduled(seq, n, seq.num_computed + n == seq.prompt_len and not seq.background))
                 budget -= n

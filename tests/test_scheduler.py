@@ -37,6 +37,20 @@ def test_prefill_chunks_within_budget_then_decode():
     assert [(w.num_new, w.samples) for w in work] == [(1, True)]
 
 
+def test_short_prompt_is_not_held_behind_a_long_prompts_chunks():
+    """A long prompt arrives first; a short one arriving during its prefill takes its whole chunk at the next
+    step (fewest tokens left first), and the long one keeps the rest of the budget."""
+    s = Scheduler(num_slots=2, num_blocks=64, block_size=4, token_budget=10, max_model_len=128)
+    long, short = seq(0, 100, 2), seq(1, 4, 2)
+    s.add(long)
+    (w,), _ = s.schedule()
+    assert w.seq is long and w.num_new == 10
+    long.num_computed += 10
+    s.add(short)
+    work, _ = s.schedule()
+    assert [(w.seq, w.num_new, w.samples) for w in work] == [(short, 4, True), (long, 6, False)]
+
+
 def test_decodes_first_and_share_budget():
     s = Scheduler(num_slots=3, num_blocks=64, block_size=4, token_budget=8, max_model_len=64)
     a, b = seq(0, 2, 4), seq(1, 30, 4)
