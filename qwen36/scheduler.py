@@ -94,6 +94,7 @@ class Scheduler:
                  snapshot_slots: int = 0, background_chunk: int = 128, lookahead: int = 1):
         self.block_size, self.token_budget, self.max_model_len = block_size, token_budget, max_model_len
         self.num_blocks, self.background_chunk = num_blocks, background_chunk
+        self.busy_prefill = max(16, token_budget // 4)   # prompt tokens per step while others decode
         self.lookahead = lookahead            # KV rows a step may write past a sequence's known tokens
         self.num_preemptions = 0
         self.blocks = BlockAllocator(num_blocks)
@@ -208,10 +209,14 @@ class Scheduler:
         admitted = self._admit()
         budget = self.token_budget
         work = []
+        decoding = False
         for seq in self.running:                             # decodes first: one token each
             if not seq.prefilling and seq.num_computed < seq.num_tokens:
                 work.append(Scheduled(seq, 1 + len(seq.drafts), True))
                 budget -= 1 + len(seq.drafts)
+                decoding |= not seq.background
+        if decoding:            # someone waits for each step's token: keep the step short (vLLM's long-prefill
+            budget = min(budget, self.busy_prefill)           # threshold does the same); a lone prompt gets all
         # then prompt chunks, the fewest tokens left first (oldest first among equals; background prefill last):
         # a short prompt is not held behind a long one's chunks (an agent's tool turn behind a 50k-token
         # prompt, or a chat behind a large image); a long one still gets whatever budget the short leave

@@ -51,6 +51,23 @@ def test_short_prompt_is_not_held_behind_a_long_prompts_chunks():
     assert [(w.seq, w.num_new, w.samples) for w in work] == [(short, 4, True), (long, 6, False)]
 
 
+def test_prompt_chunks_shrink_while_others_decode():
+    """While a sequence decodes (someone waits for each step), a prompt gets a quarter of the budget per step,
+    so that step stays short; alone it gets the whole budget."""
+    s = Scheduler(num_slots=2, num_blocks=64, block_size=4, token_budget=64, max_model_len=256)
+    a, b = seq(0, 4, 8), seq(1, 200, 2)
+    s.add(a)
+    s.schedule()
+    a.num_computed, a.num_tokens = 4, 5                  # a's prompt is done and its first token sampled
+    s.add(b)
+    work, _ = s.schedule()
+    assert [(w.seq, w.num_new) for w in work] == [(a, 1), (b, 16)]
+    s.finish(a)
+    b.num_computed += 16
+    (w,), _ = s.schedule()
+    assert (w.seq, w.num_new) == (b, 64)
+
+
 def test_decodes_first_and_share_budget():
     s = Scheduler(num_slots=3, num_blocks=64, block_size=4, token_budget=8, max_model_len=64)
     a, b = seq(0, 2, 4), seq(1, 30, 4)
