@@ -172,6 +172,16 @@ def _url(value: Any) -> Any:
     return value.get("url") if isinstance(value, dict) else value
 
 
+@dataclass
+class PlannedPrompt:
+    """A prompt whose media are planned from their headers and checked, not yet decoded (see plan_prompt)."""
+    text: str
+    ids: list[int]
+    plans: list
+    max_len: int | None
+    escaped: bool
+
+
 class MediaInputs:
     """Turns chat messages or placeholder prompts with media into PromptInputs for one checkpoint."""
 
@@ -328,14 +338,27 @@ class MediaInputs:
     def inputs_for(self, text: str, parts: list[tuple[str, str, dict]], policy: MediaPolicy = MediaPolicy(),
                    max_len: int | None = None, escaped: bool = False, cancel=None) -> PromptInputs:
         """prompt_inputs for (where, kind, part) triples (e.g. vLLM-style multi_modal_data)."""
+        return self.realize(self.plan_prompt(text, parts, policy, max_len, escaped, cancel), cancel)
+
+    def plan_prompt(self, text: str, parts: list[tuple[str, str, dict]], policy: MediaPolicy = MediaPolicy(),
+                    max_len: int | None = None, escaped: bool = False, cancel=None) -> "PlannedPrompt":
+        """The cheap half of inputs_for: headers read, every limit and the context checked, token ids made;
+        nothing decoded (a server runs this where refusals are quick, and `realize` where media work waits)."""
         plans = self.plan(parts, policy, max_len, cancel)
         ids = self._ids(text, plans, max_len, escaped)
         if plans and self.tower is None:
             raise MediaError("this checkpoint has no vision tower (no model.visual.* weights): it cannot take "
                              "images or videos")
-        media = [self.decode(p, cancel) for p in plans]
-        if any(_layout(m) != _layout(p) for m, p in zip(media, plans)):   # a video stream unlike its header
-            ids = self._ids(text, media, max_len, escaped)
+        return PlannedPrompt(text, ids, plans, max_len, escaped)
+
+    def realize(self, planned: "PlannedPrompt", cancel=None) -> PromptInputs:
+        """The costly half: decode the planned media (sampled frames only) and run the vision tower."""
+        if not planned.plans:
+            return PromptInputs(planned.ids)
+        ids = planned.ids
+        media = [self.decode(p, cancel) for p in planned.plans]
+        if any(_layout(m) != _layout(p) for m, p in zip(media, planned.plans)):   # a video stream unlike its header
+            ids = self._ids(planned.text, media, planned.max_len, planned.escaped)
         return self._assemble(ids, media, cancel)
 
     def count_tokens(self, text: str, messages: list[dict], policy: MediaPolicy, escaped: bool = True) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
-from ..chat import ChatTemplate, ChatTemplateError, media_kind, merge_system_messages
+from ..chat import ChatTemplate, ChatTemplateError, merge_system_messages
 from ..engine import StepOutput
 from ..image import ContextTooLong, MediaCancelled
 from ..inputs import MediaPolicy
@@ -53,12 +54,22 @@ class ServerConfig:
     host: str = "127.0.0.1"                       # the address the server listens on
 
 
+def _lower_priority() -> None:
+    """This thread (and the compute threads it starts, which inherit it) at nice 10: when media work and the
+    engine want the same cores, the engine's steps (everyone's tokens) go first (Linux nice is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):                     # not Linux, or not permitted: same priority
+        pass
+
+
 class MediaPool:
     """Where media work runs: its own threads (decoding, resizing, the vision tower), so a slow or hostile
     medium never holds the threads that render everyone else's prompts, with a bounded line (429 past it)."""
 
     def __init__(self, workers: int, queue: int):
-        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="qwen36-media")
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="qwen36-media",
+                                       initializer=_lower_priority)
         self.limit, self.in_flight = max(1, queue), 0
 
     async def run(self, fn):
@@ -258,15 +269,11 @@ class ChatJob(_Job):
                              clamp=True, limit_images=c.limit_images, limit_videos=c.limit_videos)
         return prompt, messages, policy
 
-    def _has_media(self) -> bool:
-        return any(isinstance(m.content, list) and any(media_kind(p) is not None or "video_url" in p
-                                                       for p in m.content) for m in self.req.messages)
-
-    async def _off_loop(self, fn):
-        """Run fn off the event loop: in the media pool when the request carries images or videos (decoding
-        and the tower), else on the default executor (rendering and tokenizing scale with the request)."""
+    async def _off_loop(self, fn, media: bool = False):
+        """Run fn off the event loop: media work (decoding and the tower) in the media pool, the rest
+        (rendering, tokenizing, reading media headers: it scales with the request) on the default executor."""
         try:
-            if self.media_pool is not None and self._has_media():
+            if media and self.media_pool is not None:
                 return await self.media_pool.run(fn)
             return await asyncio.to_thread(fn)
         except asyncio.CancelledError:                          # the client left: the media work stops too
@@ -281,14 +288,16 @@ class ChatJob(_Job):
 
     async def build_inputs(self):
         """Render the conversation and build its prompt inputs: media sized from their headers and checked
-        against the context and the per-request limits before any pixel is decoded, then decoded and run
-        through the vision tower; all of it off the event loop, stopped when the client leaves."""
+        against the context and the per-request limits before any pixel is decoded (quick, so refusals never
+        wait for media work), then decoded and run through the vision tower in the media pool; all of it off
+        the event loop, stopped when the client leaves."""
         media, limit = self.llm.media, self.runner.engine.max_model_len
 
-        def work():
+        def plan():
             prompt, messages, policy = self._render()
-            return media.prompt_inputs(prompt, messages, policy, limit, escaped=True, cancel=self.cancel)
-        inputs = await self._off_loop(work)
+            return media.plan_prompt(prompt, media.parts(messages), policy, limit, escaped=True, cancel=self.cancel)
+        planned = await self._off_loop(plan)
+        inputs = await self._off_loop(lambda: media.realize(planned, self.cancel), media=bool(planned.plans))
         self.has_media = inputs.mm is not None
         return inputs
 
