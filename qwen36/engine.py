@@ -168,9 +168,11 @@ class Engine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    force: tuple[int | None, list[int]] | None = None, mm: MultimodalPrompt | None = None) -> str:
+                    force: tuple[int | None, list[int]] | None = None, mm: MultimodalPrompt | None = None,
+                    cache_salt: str = "") -> str:
         """force = (trigger token or None, token ids): emit these tokens right after the trigger is sampled
-        (or first of all when the trigger is None) instead of sampling them. mm: the prompt's images/videos."""
+        (or first of all when the trigger is None) instead of sampling them. mm: the prompt's images/videos.
+        cache_salt: prefix-cache entries are shared only between requests with the same salt."""
         if not prompt_ids:
             raise ValueError("the prompt has no tokens: give at least one")
         if mm is not None and mm.positions.shape[1] != len(prompt_ids):
@@ -190,7 +192,7 @@ class Engine:
         stops = StopMatcher(params.stop) if params.stop else None
         guide = self._guide(prompt_ids, params)
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-        seq = self._seq(n, prompt_ids, params.max_tokens, mm)
+        seq = self._seq(n, prompt_ids, params.max_tokens, mm, salt=cache_salt)
         self.scheduler.add(seq)                       # raises ValueError naming the lengths if it can never fit
         self._preempt_background()
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos))
@@ -224,26 +226,26 @@ class Engine:
                      tk.encode("\n\n"))
 
     def _seq(self, n: int, prompt_ids: list[int], max_tokens: int, mm: MultimodalPrompt | None,
-             background: bool = False) -> SeqState:
+             background: bool = False, salt: str = "") -> SeqState:
         seq = SeqState(seq_id=n, prompt_len=len(prompt_ids), max_tokens=max_tokens, background=background)
         if self.prefix is not None:
-            seq.key = PrefixKey(tuple(prompt_ids), mm.spans if mm is not None else ())
+            seq.key = PrefixKey(tuple(prompt_ids), mm.spans if mm is not None else (), salt)
             seq.snap_points = tuple(snapshot_points(prompt_ids, 0, self.boundary_id, self.snapshot_every,
                                                     min_gap=BOUNDARY_GAP, max_boundaries=MAX_BOUNDARIES))
         return seq
 
-    def warm(self, prompt_ids: list[int]) -> str | None:
+    def warm(self, prompt_ids: list[int], cache_salt: str = "") -> str | None:
         """Prefill prompt_ids in the background (no output) so that a later request starting with them hits
         the prefix cache. Replaces any earlier background prefill; None if there is nothing to do."""
         if self.prefix is None or not prompt_ids:
             return None
         for rid in [r.request_id for r in self.requests.values() if r.seq.background]:
             self.abort(rid)
-        key = PrefixKey(tuple(prompt_ids))
+        key = PrefixKey(tuple(prompt_ids), salt=cache_salt)
         if len(prompt_ids) + 1 > self.max_model_len or self.prefix.has(key, len(prompt_ids)):
             return None
         n = next(self._ids)
-        seq = self._seq(n, prompt_ids, 0, None, background=True)
+        seq = self._seq(n, prompt_ids, 0, None, background=True, salt=cache_salt)
         try:
             self.scheduler.add(seq)
         except ValueError:
@@ -265,7 +267,7 @@ class Engine:
     def _snapshot(self, r: Request, pos: int) -> None:
         """Save the state of r's slot, which covers its first `pos` tokens, in the prefix cache."""
         seq = r.seq
-        key = PrefixKey(tuple((r.prompt_ids + r.output_ids)[:pos]), seq.key.media)
+        key = PrefixKey(tuple((r.prompt_ids + r.output_ids)[:pos]), seq.key.media, seq.key.salt)
         if self.prefix.has(key, pos):
             return
         slot = self.prefix.reserve_slot()

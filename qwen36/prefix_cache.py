@@ -31,15 +31,19 @@ ROOT = b"qwen36-prefix-v1"
 
 @dataclass(frozen=True)
 class PrefixKey:
-    """What a cached prefix must match: token ids and the media (start, end, digest) spans among them."""
+    """What a cached prefix must match: token ids, the media (start, end, digest) spans among them, and the
+    cache salt (vLLM's `cache_salt`: prefixes are shared only between requests with the same salt, so one
+    tenant cannot learn from cached_tokens what another sent)."""
     ids: tuple[int, ...]
     media: tuple[tuple[int, int, str], ...] = ()
+    salt: str = ""
 
     def chain(self, block_size: int):
         """Yield (j, key of blocks 0..j-1) for j = 0, 1, ...: the hash chain over full blocks, each hash
         computed once per key (lookups, `has` and `add` walk the same prompt several times)."""
-        hashes = self.__dict__.setdefault("_chain", {}).setdefault(block_size, [ROOT])  # frozen: bypass setattr
-        yield 0, ROOT
+        root = ROOT if not self.salt else hashlib.blake2b(ROOT + self.salt.encode(), digest_size=16).digest()
+        hashes = self.__dict__.setdefault("_chain", {}).setdefault(block_size, [root])  # frozen: bypass setattr
+        yield 0, root
         for j in range(len(self.ids) // block_size):
             if j + 1 == len(hashes):
                 hashes.append(_digest(hashes[j], self, j * block_size, (j + 1) * block_size))
@@ -136,7 +140,7 @@ class PrefixCache:
         """Register the snapshot written into `slot`: key.ids[:pos], whose KV is in seq_blocks (the
         sequence's block table). Its full blocks are shared with equal cached ones where they exist."""
         B = self.block_size
-        blocks, h = [], ROOT
+        blocks, h = [], next(key.chain(B))[1]             # the chain's root (salted per cache_salt)
         for j, h in itertools.islice(key.chain(B), 1, pos // B + 1):
             b = self.by_hash.get(h)
             if b is None:
@@ -145,7 +149,7 @@ class PrefixCache:
                     raise RuntimeError("a KV block is cached under two keys")   # blocks are never rewritten
                 self.by_hash[h], self.hash_of[b] = b, h
             blocks.append(b)
-        group = h if pos >= B else ROOT
+        group = h                                    # the deepest full block's chain key (the root below B)
         for b in blocks:
             if self.cache_refs.get(b, 0) == 0:
                 self.blocks.ref([b])

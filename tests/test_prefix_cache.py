@@ -48,6 +48,19 @@ def test_media_digest_is_part_of_the_key():
     assert pc.lookup(PrefixKey(tuple(ids))) is None
 
 
+def test_cache_salt_separates_tenants():
+    """vLLM's cache_salt: the same tokens under another salt (or none) share no snapshot and no block."""
+    blocks, pc = cache()
+    ids = list(range(100, 111))
+    pc.add(pc.reserve_slot(), PrefixKey(tuple(ids), salt="tenant-a"), 10, blocks.allocate(3))
+    pc.add(pc.reserve_slot(), PrefixKey(tuple(ids), salt="tenant-a"), 3, blocks.allocate(3))   # inside block 0
+    assert pc.lookup(PrefixKey(tuple(ids), salt="tenant-a")).pos == 10
+    assert pc.lookup(PrefixKey(tuple(ids[:4]), salt="tenant-a")).pos == 3
+    for other in ("tenant-b", ""):
+        assert pc.lookup(PrefixKey(tuple(ids), salt=other)) is None
+        assert pc.lookup(PrefixKey(tuple(ids[:4]), salt=other)) is None
+
+
 def test_blocks_shared_by_content_and_released_on_eviction():
     blocks, pc = cache(num_blocks=8, slots=2)
     ids = list(range(12))
@@ -206,6 +219,26 @@ def test_cache_on_equals_cache_off_at_every_kind_of_boundary(llm):
         same(got, want)
         assert got[2] == cached
     assert on.stats.prompt_tokens_computed < off.stats.prompt_tokens_computed / 2
+
+
+def test_cache_salt_hits_only_its_own_prefixes(llm):
+    """Through the engine: a repeat with the same salt hits the cache, with another salt it computes everything,
+    and the tokens are the same either way."""
+    e = engine(llm, token_budget=48, snapshot_every=40)
+    prompt = rand(100, 7)
+
+    def go(salt):
+        rid = e.add_request(prompt, SamplingParams(temperature=0, max_tokens=4), cache_salt=salt)
+        toks, cached = [], 0
+        while e.has_work():
+            for o in e.step():
+                if o.request_id == rid:
+                    toks += o.token_ids
+                    cached = o.cached_tokens
+        return toks, cached
+    first, again, other, none = go("a"), go("a"), go("b"), go("")
+    assert first[1] == 0 and again[1] > 0 and other[1] == 0 and none[1] == 0
+    assert first[0] == again[0] == other[0] == none[0]
 
 
 def test_concurrent_sharing_abort_and_batching(llm):

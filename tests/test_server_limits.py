@@ -141,3 +141,17 @@ def test_others_answer_promptly_while_a_large_request_is_prepared(server):
     t.join()
     assert result["r"].status_code in (200, 400), result["r"].text          # 400: longer than the context
     assert server["proc"].poll() is None and "Traceback" not in server["log"].read_text()
+
+
+def test_cache_salt_keeps_tenants_apart(server):
+    """vLLM's cache_salt: cached_tokens cannot confirm another tenant's prompt; the same tenant still hits."""
+    messages = [{"role": "user", "content": "A prompt long enough to be cached across two requests: " + "x " * 80}]
+
+    def cached(salt):
+        r = chat(server, messages=messages, cache_salt=salt, max_tokens=1)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached("tenant-a") == 0 and cached("tenant-a") > 0
+    assert cached("tenant-b") == 0
+    r = chat(server, cache_salt="")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"

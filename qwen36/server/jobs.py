@@ -149,7 +149,7 @@ class _Job:
         self.prompts = prompts
         self.prompt_of = [i for i in range(len(prompts)) for _ in range(self.req.n)]   # per choice: its prompt
         subs = [Submission(p, sampling_params(self.req, self.llm, len(p), max_tokens, logprobs, c, constraint),
-                           force, mm)
+                           force, mm, self.req.cache_salt or "")
                 for p in prompts for c in range(self.req.n)]   # validate everything before queueing anything
         self.t0 = now()
         self.queue = asyncio.Queue()
@@ -412,7 +412,8 @@ class ChatJob(_Job):
             except (ChatTemplateError, ValueError):   # a history the template refuses: nothing to warm
                 return
             # escaped form: the last <|im_start|>user found is the template's, not one quoted in a message
-            self.runner.warm(self.tokenizer.encode_escaped(text[:text.rfind("<|im_start|>user")]))
+            self.runner.warm(self.tokenizer.encode_escaped(text[:text.rfind("<|im_start|>user")]),
+                             self.req.cache_salt or "")
 
         asyncio.get_running_loop().run_in_executor(None, work)
 

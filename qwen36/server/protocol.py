@@ -71,7 +71,7 @@ IGNORED_FIELDS = frozenset({
     # llama.cpp's server: prompt caching is always on here, slots are ours to pick, progress/timing extras
     "cache_prompt", "slot_id", "id_slot", "timings_per_token", "return_progress",
     # vLLM's: scheduling priority, a prefix-cache namespace, a client-chosen request id
-    "priority", "cache_salt", "request_id",
+    "priority", "request_id",
 })
 # accepted only at the value that changes nothing (llama.cpp's n_probs = 0: no probabilities returned)
 NOOP_VALUES = {"n_probs": (0,)}
@@ -158,6 +158,8 @@ class SamplingFields(_Model):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False                   # vLLM's extension (benchmark clients send it)
+    # vLLM's: the prefix cache is shared only between requests with the same salt (one per tenant)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -62,6 +62,7 @@ class Submission:
     params: SamplingParams
     force: tuple[int | None, list[int]] | None = None
     mm: object = None
+    cache_salt: str = ""
 
 
 class EngineRunner:
@@ -100,7 +101,8 @@ class EngineRunner:
             rids = []
             try:
                 for s in subs:
-                    rids.append(self.engine.add_request(s.prompt_ids, s.params, force=s.force, mm=s.mm))
+                    rids.append(self.engine.add_request(s.prompt_ids, s.params, force=s.force, mm=s.mm,
+                                                        cache_salt=s.cache_salt))
             except Exception as e:  # noqa: BLE001 - handed to the handler (ValueError: a 400)
                 for rid in rids:
                     self.engine.abort(rid)
@@ -139,9 +141,9 @@ class EngineRunner:
                 t.log(rid, "abort (client gone)")
         self._post(drop)
 
-    def warm(self, prompt_ids: list[int]) -> None:
+    def warm(self, prompt_ids: list[int], cache_salt: str = "") -> None:
         """Prefill prompt_ids in the background while the server is idle (see Engine.warm); any thread."""
-        self._post(lambda: self.engine.warm(prompt_ids))
+        self._post(lambda: self.engine.warm(prompt_ids, cache_salt))
 
     def load(self) -> dict[str, float]:
         """The engine's numbers as of its last step (no waiting)."""
