@@ -58,7 +58,7 @@ class LLM:
                  max_ram: int | None = None, enable_prefix_caching: bool = True,
                  prefix_cache_memory: int | None = None, speculative_config: dict | str | None = None,
                  cpu_experts: int | str | None = None, cuda_graphs: bool = False, convert_cache: bool = True,
-                 progress: bool = False):
+                 progress: bool = False, max_num_batched_tokens: int = 512):
         """dtype "auto": float32 on a CPU, bfloat16 on a GPU. quantization "auto": int4 for a float or FP8
         checkpoint on a CPU, as stored for one stored int8/int4, none on a GPU (plan.py); None: unquantized.
         The weights' size in that form is held against the machine's memory before anything is read
@@ -66,6 +66,9 @@ class LLM:
         (export.cached_conversion) and map that on later starts. kv_cache_bytes / max_model_len /
         prefix_cache_memory None: sized from the memory left (plan.plan_caches). progress: bars on stderr."""
         self.device = torch.device(device)
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {max_num_batched_tokens}")
+        self.max_num_batched_tokens = max_num_batched_tokens   # tokens per step (a quarter of it while others decode)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, not device={device!r}")
         self.cuda_graphs = cuda_graphs          # plain decode steps replay CUDA graphs (cuda_graphs.py)
@@ -213,7 +216,8 @@ class LLM:
                                   enable_prefix_caching=self.enable_prefix_caching,
                                   prefix_cache_bytes=self.caches.prefix_cache_bytes, grammar=grammar,
                                   num_speculative_tokens=self.num_speculative_tokens,
-                                  draft_vocab_size=self.draft_vocab_size, cuda_graphs=self.cuda_graphs)
+                                  draft_vocab_size=self.draft_vocab_size, cuda_graphs=self.cuda_graphs,
+                                  token_budget=self.max_num_batched_tokens)
         return self._engine
 
     @property

@@ -146,3 +146,17 @@ def test_chat_tool_calls_typed(checkpoint, monkeypatch):
     (call,) = r.tool_calls
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "days": 2}
+
+
+def test_max_num_batched_tokens_sets_the_step_budget(checkpoint):
+    """The step's token budget (vLLM's max_num_batched_tokens), a quarter of it for prompts while others
+    decode; outputs do not depend on it."""
+    path = checkpoint("ratio2", seed=9)
+    small = LLM(path, quantization=None, max_num_batched_tokens=32)
+    s = small.engine().scheduler
+    assert (s.token_budget, s.busy_prefill) == (32, 16)
+    prompt = list(range(3, 100))
+    params = SamplingParams(temperature=0, max_tokens=6)
+    assert small.generate(prompt, params).token_ids == LLM(path, quantization=None).generate(prompt, params).token_ids
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        LLM(path, max_num_batched_tokens=0)
