@@ -831,14 +831,8 @@ class Target:
 
 def proc_status(pid: int, field_: str) -> int | None:
     """A kB field of /proc/PID/status (VmRSS, VmHWM) in bytes."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field_ + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from .hugepages import proc_kb
+    return proc_kb(f"/proc/{pid}/status", field_)
 
 
 def metric_value(text: str, name: str) -> float | None:

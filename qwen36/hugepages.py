@@ -81,8 +81,13 @@ def available_bytes() -> int | None:
 
 def meminfo(key: str) -> int | None:
     """A /proc/meminfo field in bytes (MemTotal, MemAvailable, ...), or None."""
+    return proc_kb("/proc/meminfo", key)
+
+
+def proc_kb(path: str, key: str) -> int | None:
+    """A "Key:  N kB" field of a /proc file (meminfo, PID/status) in bytes, or None."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
