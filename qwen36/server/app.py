@@ -201,19 +201,21 @@ class Guard:
                 status = message["status"]
             await send(message)
 
-        route = self._route(scope)
         try:
-            self._check(scope, route)
+            self._check(scope)
         except APIError as e:
             await error_response(e, scope["path"])(scope, receive, send_status)
+            route = self._route(scope)                 # refused before routing: match it here for the label
         else:
             try:
                 await self.app(scope, receive, send_status)
             except Exception:  # noqa: BLE001 - a route's uncaught error: a JSON 500 in its shape if not started
-                log.exception("%s failed", route)
+                log.exception("%s failed", scope["path"])
                 if status == 0:
                     await error_response(APIError("internal error", 500, type_="server_error"),
                                          scope["path"])(scope, receive, send_status)
+            matched = scope.get("route")               # FastAPI's router records the route it matched
+            route = matched.path if matched is not None else "unmatched"
         self.metrics.requests.labels(route, str(status)).inc()
 
     def _route(self, scope) -> str:
@@ -222,7 +224,7 @@ class Guard:
                 return r.path
         return "unmatched"
 
-    def _check(self, scope, route: str) -> None:
+    def _check(self, scope) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.check_host:
             host = headers.get("host", "")
@@ -237,7 +239,7 @@ class Guard:
                 if o.scheme not in ("http", "https") or (o.hostname or "").lower() not in self.hosts:
                     raise APIError(f"Origin {origin!r} is not allowed (a web page from another site cannot call "
                                    "this server)", 403, type_="permission_error", code="origin_not_allowed")
-        if self.key is not None and route != "/health":
+        if self.key is not None and scope["path"] != "/health":
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             bearer = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)
