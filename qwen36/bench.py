@@ -419,7 +419,7 @@ def llamacpp_bench(gguf: str, prompt_len: int, decode_tokens: int, threads: int)
 
 def run_bench(args) -> int:
     quantization = None if args.quantization == "none" else args.quantization
-    from .cli import parse_size
+    from .plan import parse_size
 
     if args.per_layer:
         a, b = (int(x) for x in args.per_layer.split(","))

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .plan import parse_size
+
 DEMO_VERSION = 3  # bumped when the demo checkpoint's files change (v3: preprocessor configs)
 DEMO_MESSAGES = [{"role": "user", "content": "Name the three primary colours."}]
 DEMO_MARK = ".qwen36-demo"   # in every directory make-demo writes: the only kind it will replace
@@ -262,16 +264,6 @@ def _served_name(model: str, path: Path) -> str:
 def _size(value: str | None) -> int | None:
     """A size flag: None for unset or "auto", else bytes."""
     return None if value in (None, "auto") else parse_size(value)
-
-
-def parse_size(text: str) -> int:
-    """'512M', '2G', '1048576' -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
 
 
 def cmd_quantize(args) -> int:

@@ -43,6 +43,16 @@ def size(n: int) -> str:
     return f"{n / GiB:.1f} GB" if n >= GiB // 10 else f"{n / 2**20:.0f} MB"
 
 
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
+
+
 def stored_form(cfg, ckpt) -> str:
     """The form the checkpoint's decoder weights are stored in."""
     q = cfg.quantization
