@@ -3,7 +3,8 @@
 Three ways to turn a conversation into the prompt string, all with the same output:
 
 * `render_chat` -- our own Python implementation of the template's algorithm (the built-in renderer);
-* `CHAT_TEMPLATE` -- our own Jinja text for the same format, saved into checkpoints as `chat_template.jinja`;
+* `CHAT_TEMPLATE` -- our own Jinja text for the same format (the package file `templates/chat_template.jinja`),
+  saved into checkpoints as `chat_template.jinja`;
 * `ChatTemplate` -- renders a checkpoint's template (or `CHAT_TEMPLATE`) in a sandbox set up like
   transformers' (`make_sandbox`), falling back to `render_chat` when the checkpoint has none.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from importlib import resources
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -350,134 +352,12 @@ class _Renderer:
 # Our Jinja template for the same format
 # ----------------------------------------------------------------------------------------------------------
 
-# Written for this engine from the format notes; `render_chat` is its Python twin and the tests hold the
-# two byte-identical. The long tool instructions are spliced in from the constants above as JSON string
-# literals (a valid Jinja string literal), so the text exists once.
-_CHAT_TEMPLATE_SOURCE = r"""{#- The Qwen3.6 chat format, written for qwen36 (Python twin: qwen36.chat.render_chat).
-    Variables: messages, tools, add_generation_prompt, enable_thinking (only `false` turns thinking off),
-    preserve_thinking (only `true` keeps every past think block), add_vision_id (numbers media).
-    Tool-call arguments must be mappings: parse JSON-string arguments before rendering. -#}
-{%- set media = namespace(images=0, videos=0) %}
-{%- macro render_part(part, counting, in_system) %}
-    {%- if 'image' in part or 'image_url' in part or part.type == 'image' %}
-        {%- if in_system %}
-            {{- raise_exception('System message cannot contain images.') }}
-        {%- endif %}
-        {%- if counting %}
-            {%- set media.images = media.images + 1 %}
-        {%- endif %}
-        {{- ('Picture ' ~ media.images ~ ': ' if add_vision_id else '') ~ @IMAGE@ }}
-    {%- elif 'video' in part or part.type == 'video' %}
-        {%- if in_system %}
-            {{- raise_exception('System message cannot contain videos.') }}
-        {%- endif %}
-        {%- if counting %}
-            {%- set media.videos = media.videos + 1 %}
-        {%- endif %}
-        {{- ('Video ' ~ media.videos ~ ': ' if add_vision_id else '') ~ @VIDEO@ }}
-    {%- elif 'text' in part %}
-        {{- part.text }}
-    {%- else %}
-        {{- raise_exception('Unexpected item type in content.') }}
-    {%- endif %}
-{%- endmacro %}
-{%- macro render_content(content, counting, in_system=false) %}
-    {%- if content is string %}
-        {{- content }}
-    {%- elif content is iterable and content is not mapping %}
-        {%- for part in content %}
-            {{- render_part(part, counting, in_system) }}
-        {%- endfor %}
-    {%- elif content is not none and content is defined %}
-        {{- raise_exception('Unexpected content type.') }}
-    {%- endif %}
-{%- endmacro %}
-{%- macro render_tool_call(function) %}
-    {{- '<tool_call>\n<function=' ~ function.name ~ '>\n' }}
-    {%- for name, value in function.arguments | items %}
-        {{- '<parameter=' ~ name ~ '>\n' ~ (value if value is string else value | tojson) ~ '\n</parameter>\n' }}
-    {%- endfor %}
-    {{- '</function>\n</tool_call>' }}
-{%- endmacro %}
-{%- macro render_assistant(message, content, show_thinking) %}
-    {%- set reasoning = '' %}
-    {%- if message.reasoning_content is string %}
-        {%- set reasoning = message.reasoning_content %}
-    {%- elif '</think>' in content %}
-        {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
-        {%- set content = content.split('</think>')[-1].lstrip('\n') %}
-    {%- endif %}
-    {%- if show_thinking %}
-        {{- '<|im_start|>assistant\n<think>\n' ~ (reasoning | trim) ~ '\n</think>\n\n' ~ content }}
-    {%- else %}
-        {{- '<|im_start|>assistant\n' ~ content }}
-    {%- endif %}
-    {%- for call in message.tool_calls or [] %}
-        {%- if not loop.first %}
-            {{- '\n' }}
-        {%- elif content | trim %}
-            {{- '\n\n' }}
-        {%- endif %}
-        {{- render_tool_call(call.function if call.function is defined else call) }}
-    {%- endfor %}
-    {{- '<|im_end|>\n' }}
-{%- endmacro %}
-{#- System block: the tool list and/or the system prompt (a system message is only allowed first). #}
-{%- if not messages %}
-    {{- raise_exception('No messages provided.') }}
-{%- endif %}
-{%- set has_system = messages[0].role == 'system' %}
-{%- if tools %}
-    {{- '<|im_start|>system\n' ~ @TOOLS_HEADER@ }}
-    {%- for tool in tools %}
-        {{- '\n' ~ (tool | tojson) }}
-    {%- endfor %}
-    {{- @TOOLS_FOOTER@ }}
-    {%- set system_prompt = render_content(messages[0].content, false, true) | trim if has_system else '' %}
-    {{- ('\n\n' ~ system_prompt if system_prompt else '') ~ '<|im_end|>\n' }}
-{%- elif has_system %}
-    {{- '<|im_start|>system\n' ~ (render_content(messages[0].content, false, true) | trim) ~ '<|im_end|>\n' }}
-{%- endif %}
-{#- The last real user query: tool output sent back as a user message does not count. #}
-{%- set query = namespace(index=none) %}
-{%- for message in messages | reverse %}
-    {%- if query.index is none and message.role == 'user' %}
-        {%- set text = render_content(message.content, false) | trim %}
-        {%- if not (text.startswith('<tool_response>') and text.endswith('</tool_response>')) %}
-            {%- set query.index = (messages | length) - loop.index %}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if query.index is none %}
-    {{- raise_exception('No user query found in messages.') }}
-{%- endif %}
-{#- One turn per message; consecutive tool results share one user turn. #}
-{%- for message in messages %}
-    {%- set content = render_content(message.content, true) | trim %}
-    {%- if message.role == 'system' %}
-        {%- if not loop.first %}
-            {{- raise_exception('System message must be at the beginning.') }}
-        {%- endif %}
-    {%- elif message.role == 'user' %}
-        {{- '<|im_start|>user\n' ~ content ~ '<|im_end|>\n' }}
-    {%- elif message.role == 'assistant' %}
-        {{- render_assistant(message, content, preserve_thinking is true or loop.index0 > query.index) }}
-    {%- elif message.role == 'tool' %}
-        {%- if not loop.first and loop.previtem.role != 'tool' %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' ~ content ~ '\n</tool_response>' }}
-        {%- if loop.last or loop.nextitem.role != 'tool' %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- else %}
-        {{- raise_exception('Unexpected message role.') }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n<think>\n' ~ ('\n</think>\n\n' if enable_thinking is false else '') }}
-{%- endif %}
-"""
+# Written for this engine from the format notes (the package file templates/chat_template.jinja);
+# `render_chat` is its Python twin and the tests hold the two byte-identical. The file names the long tool
+# instructions and the media placeholders by @NAME@; they are spliced in from the constants above as JSON
+# string literals (a valid Jinja string literal), so the text exists once.
+_CHAT_TEMPLATE_SOURCE = resources.files(__package__).joinpath("templates", "chat_template.jinja").read_text(
+    encoding="utf-8")
 CHAT_TEMPLATE: str = (_CHAT_TEMPLATE_SOURCE
                       .replace("@IMAGE@", json.dumps(IMAGE)).replace("@VIDEO@", json.dumps(VIDEO))
                       .replace("@TOOLS_HEADER@", json.dumps(TOOLS_HEADER))
