@@ -16,10 +16,13 @@ import math
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .model import KEEP_FP32
 
 # Text geometries, written as config.json's text_config keys.
 DEMO = dict(
@@ -94,70 +97,113 @@ class _Rand:
         return lo + (hi - lo) * torch.rand(shape, generator=self.g)
 
 
-def _moe(r: _Rand, p: str, tc: dict, fused: bool) -> dict[str, torch.Tensor]:
+def spread(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
+    """How a random text-model weight is drawn, by its name (ours, or the checkpoint's under any prefix) and
+    shape: ("normal", std), ("one_plus", std) for 1 + normal(std) (the gated norm's plain weight), or
+    ("uniform", hi) for [0, hi). Projections get std 1/sqrt(fan_in) so activations stay O(1), routers four times
+    that (spread router logits), norms stay near their identity."""
+    module = name.rsplit(".", 2)[-2] if "." in name else ""
+    if name.endswith("A_log"):
+        return "uniform", 2.5
+    if name.endswith("linear_attn.norm.weight"):
+        return "one_plus", 0.1
+    if "norm" in module:
+        return "normal", 0.1
+    if name.endswith(("conv1d.weight", "dt_bias")):
+        return "normal", 0.5
+    if name.endswith("embed_tokens.weight"):
+        return "normal", 1.0
+    if name == "lm_head.weight":
+        return "normal", 2.0 / math.sqrt(shape[-1])
+    if name.endswith("mlp.gate.weight"):
+        return "normal", 4.0 / math.sqrt(shape[-1])
+    return "normal", 1.0 / math.sqrt(shape[-1])
+
+
+def random_weight(name: str, shape: tuple[int, ...], g: torch.Generator, device=None) -> torch.Tensor:
+    """One fp32 weight drawn from g (on `device`, g's) as `spread` says."""
+    kind, std = spread(name, shape)
+    if kind == "uniform":
+        return torch.rand(shape, generator=g, device=device).mul_(std)
+    t = torch.randn(shape, generator=g, device=device).mul_(std)
+    return t.add_(1.0) if kind == "one_plus" else t
+
+
+def _layer_layout(p: str, tc: dict, kind: str) -> dict[str, tuple[int, ...]]:
+    """A decoder layer's tensors (fused experts), name -> shape, in the order they are drawn."""
     H, E, I, S = tc["hidden_size"], tc["num_experts"], tc["moe_intermediate_size"], tc["shared_expert_intermediate_size"]
-    t = {f"{p}.gate.weight": r.proj(E, H) * 4}                              # spread router logits
-    gate_up, down = r.normal((E, 2 * I, H), 1 / math.sqrt(H)), r.normal((E, H, I), 1 / math.sqrt(I))
-    if fused:
-        t[f"{p}.experts.gate_up_proj"], t[f"{p}.experts.down_proj"] = gate_up, down
-    else:  # the same weights, one tensor per expert and projection
-        for e in range(E):
-            t[f"{p}.experts.{e}.gate_proj.weight"] = gate_up[e, :I].clone()
-            t[f"{p}.experts.{e}.up_proj.weight"] = gate_up[e, I:].clone()
-            t[f"{p}.experts.{e}.down_proj.weight"] = down[e].clone()
-    t[f"{p}.shared_expert.gate_proj.weight"] = r.proj(S, H)
-    t[f"{p}.shared_expert.up_proj.weight"] = r.proj(S, H)
-    t[f"{p}.shared_expert.down_proj.weight"] = r.proj(H, S)
-    t[f"{p}.shared_expert_gate.weight"] = r.proj(1, H)
+    t = {f"{p}.input_layernorm.weight": (H,), f"{p}.post_attention_layernorm.weight": (H,)}
+    if kind == "full_attention":
+        nq, nkv, d = tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
+        a = f"{p}.self_attn"
+        t.update({f"{a}.q_proj.weight": (nq * d * 2, H), f"{a}.k_proj.weight": (nkv * d, H),
+                  f"{a}.v_proj.weight": (nkv * d, H), f"{a}.o_proj.weight": (H, nq * d),
+                  f"{a}.q_norm.weight": (d,), f"{a}.k_norm.weight": (d,)})
+    else:
+        nk, dk, nv, dv = (tc[k] for k in ("linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads",
+                                          "linear_value_head_dim"))
+        conv, a = 2 * nk * dk + nv * dv, f"{p}.linear_attn"
+        t.update({f"{a}.in_proj_qkv.weight": (conv, H), f"{a}.in_proj_z.weight": (nv * dv, H),
+                  f"{a}.in_proj_b.weight": (nv, H), f"{a}.in_proj_a.weight": (nv, H),
+                  f"{a}.conv1d.weight": (conv, 1, tc["linear_conv_kernel_dim"]), f"{a}.dt_bias": (nv,),
+                  f"{a}.A_log": (nv,), f"{a}.norm.weight": (dv,), f"{a}.out_proj.weight": (H, nv * dv)})
+    m = f"{p}.mlp"
+    t.update({f"{m}.gate.weight": (E, H), f"{m}.experts.gate_up_proj": (E, 2 * I, H),
+              f"{m}.experts.down_proj": (E, H, I), f"{m}.shared_expert.gate_proj.weight": (S, H),
+              f"{m}.shared_expert.up_proj.weight": (S, H), f"{m}.shared_expert.down_proj.weight": (H, S),
+              f"{m}.shared_expert_gate.weight": (1, H)})
     return t
 
 
-def _attention(r: _Rand, p: str, tc: dict) -> dict[str, torch.Tensor]:
-    H, nq, nkv, d = tc["hidden_size"], tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
-    return {
-        f"{p}.q_proj.weight": r.proj(nq * d * 2, H), f"{p}.k_proj.weight": r.proj(nkv * d, H),
-        f"{p}.v_proj.weight": r.proj(nkv * d, H), f"{p}.o_proj.weight": r.proj(H, nq * d),
-        f"{p}.q_norm.weight": r.normal(d, 0.1), f"{p}.k_norm.weight": r.normal(d, 0.1),
-    }
+def text_layout(tc: dict, prefix: str, mtp: bool) -> Iterator[tuple[str, dict[str, tuple[int, ...]]]]:
+    """The text model's tensors in the official layout, name -> shape, as (part, group) in the order they are
+    drawn and written: ("embed", the embedding), ("layer", each decoder layer), ("head", the final norm and
+    lm_head), and with the MTP head ("mtp_fc", its fc) and ("mtp", its norms and its full-attention layer,
+    whose experts the official checkpoint stores per expert). Experts are named fused here."""
+    H, V = tc["hidden_size"], tc["vocab_size"]
+    yield "embed", {f"{prefix}embed_tokens.weight": (V, H)}
+    for i, kind in enumerate(tc["layer_types"]):
+        yield "layer", _layer_layout(f"{prefix}layers.{i}", tc, kind)
+    yield "head", {f"{prefix}norm.weight": (H,), "lm_head.weight": (V, H)}
+    if mtp:
+        yield "mtp_fc", {"mtp.fc.weight": (H, 2 * H)}
+        norms = {f"mtp.{n}.weight": (H,) for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
+        yield "mtp", {**norms, **_layer_layout("mtp.layers.0", tc, "full_attention")}
 
 
-def _deltanet(r: _Rand, p: str, tc: dict) -> dict[str, torch.Tensor]:
-    H = tc["hidden_size"]
-    nk, dk, nv, dv = (tc[k] for k in ("linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads",
-                                      "linear_value_head_dim"))
-    conv = 2 * nk * dk + nv * dv
-    return {
-        f"{p}.in_proj_qkv.weight": r.proj(conv, H), f"{p}.in_proj_z.weight": r.proj(nv * dv, H),
-        f"{p}.in_proj_b.weight": r.proj(nv, H), f"{p}.in_proj_a.weight": r.proj(nv, H),
-        f"{p}.conv1d.weight": r.normal((conv, 1, tc["linear_conv_kernel_dim"]), 0.5),
-        f"{p}.dt_bias": r.normal(nv, 0.5),
-        f"{p}.A_log": r.uniform(nv, 0.0, 2.5).float(),                          # fp32 on disk
-        f"{p}.norm.weight": (1.0 + r.normal(dv, 0.1)).float(),                  # fp32 on disk, plain w
-        f"{p}.out_proj.weight": r.proj(H, nv * dv),
-    }
+# drawn quantized by the quantized writer: only their shapes are needed as floats (the largest tensors)
+_SHAPE_ONLY = (".experts.gate_up_proj", ".experts.down_proj", "lm_head.weight", "mtp.fc.weight")
+
+
+def _draw(group: dict[str, tuple[int, ...]], g: torch.Generator, shape_only: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    return {n: torch.empty(s, device="meta") if n.endswith(shape_only) else random_weight(n, s, g)
+            for n, s in group.items()}
+
+
+def _per_expert(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fused experts as one tensor per expert and projection (the same weights), where the fused ones were."""
+    out = {}
+    for n, v in t.items():
+        if n.endswith(".experts.gate_up_proj"):
+            p, I = n.removesuffix(".gate_up_proj"), v.shape[1] // 2
+            down = t[f"{p}.down_proj"]
+            for e in range(v.shape[0]):
+                out[f"{p}.{e}.gate_proj.weight"] = v[e, :I].clone()
+                out[f"{p}.{e}.up_proj.weight"] = v[e, I:].clone()
+                out[f"{p}.{e}.down_proj.weight"] = down[e].clone()
+        elif not n.endswith(".experts.down_proj"):
+            out[n] = v
+    return out
 
 
 def text_tensors(tc: dict, seed: int, fused_experts: bool = True, prefix: str = "model.language_model.",
                  mtp: bool = True) -> dict[str, torch.Tensor]:
-    r = _Rand(seed)
-    H, V = tc["hidden_size"], tc["vocab_size"]
-    t = {f"{prefix}embed_tokens.weight": r.normal((V, H), 1.0)}
-    for i, kind in enumerate(tc["layer_types"]):
-        p = f"{prefix}layers.{i}"
-        t[f"{p}.input_layernorm.weight"] = r.normal(H, 0.1)
-        t[f"{p}.post_attention_layernorm.weight"] = r.normal(H, 0.1)
-        t.update(_attention(r, f"{p}.self_attn", tc) if kind == "full_attention" else _deltanet(r, f"{p}.linear_attn", tc))
-        t.update(_moe(r, f"{p}.mlp", tc, fused_experts))
-    t[f"{prefix}norm.weight"] = r.normal(H, 0.1)
-    t["lm_head.weight"] = r.normal((V, H), 2.0 / math.sqrt(H))
-    if mtp:  # as in the official checkpoint: one full-attention layer with per-expert MoE
-        t["mtp.fc.weight"] = r.proj(H, 2 * H)
-        for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-            t[f"mtp.{n}.weight"] = r.normal(H, 0.1)
-        t["mtp.layers.0.input_layernorm.weight"] = r.normal(H, 0.1)
-        t["mtp.layers.0.post_attention_layernorm.weight"] = r.normal(H, 0.1)
-        t.update(_attention(r, "mtp.layers.0.self_attn", tc))
-        t.update(_moe(r, "mtp.layers.0.mlp", tc, fused=False))
+    """The text model's (and the MTP head's) random fp32 weights in the official layout, all in memory."""
+    g = torch.Generator().manual_seed(seed)
+    t: dict[str, torch.Tensor] = {}
+    for part, group in text_layout(tc, prefix, mtp):
+        drawn = _draw(group, g)
+        t.update(drawn if fused_experts and part != "mtp" else _per_expert(drawn))
     return t
 
 
@@ -232,8 +278,7 @@ def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_exper
                                mtp and not text_only)
         if vision is not None and not text_only:
             tensors.update(vision_tensors(vision, tc["hidden_size"], seed))
-        tensors = {n: (t if t.dtype == torch.float32 and n.endswith(("A_log", "linear_attn.norm.weight"))
-                       else t.to(dtype)) for n, t in tensors.items()}
+        tensors = {n: t if n.endswith(KEEP_FP32) else t.to(dtype) for n, t in tensors.items()}
         write_safetensors(tensors, out, shards)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = dict(bos_token_id=248044, eos_token_id=[248046, 248044], pad_token_id=248044, do_sample=True,
@@ -285,58 +330,29 @@ def write_streamed_text(out: Path, tc: dict, seed: int, qcfg, prefix: str, shard
     tensors in the official layout (per-expert MTP experts), which llama.cpp's converter reads."""
     from .quant import is_quantized
 
-    r = _Rand(seed)
-    H, V = tc["hidden_size"], tc["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
     writer = _ShardWriter(out, shard_bytes)
 
     def put(name: str, t: torch.Tensor) -> None:
         ours = name[len(prefix):] if name.startswith(prefix) else name
         if qcfg is not None and (is_quantized(ours) or name == "mtp.fc.weight"):
-            for part, v in random_quantized(tuple(t.shape), qcfg, r.g).items():
+            for part, v in random_quantized(tuple(t.shape), qcfg, g).items():
                 writer.add(name + part, v)
         else:
-            keep = t.dtype == torch.float32 and name.endswith(("A_log", "linear_attn.norm.weight"))
-            writer.add(name, t if keep else t.to(dtype))
+            writer.add(name, t if name.endswith(KEEP_FP32) else t.to(dtype))
 
-    def moe(p: str) -> dict[str, torch.Tensor]:
-        return _moe_shapes(r, p, tc) if qcfg is not None else _moe(r, p, tc, fused=True)
-
-    put(f"{prefix}embed_tokens.weight", r.normal((V, H), 1.0))
     from tqdm import tqdm
 
-    for i, kind in tqdm(list(enumerate(tc["layer_types"])), desc="writing layers", unit=" layers",
-                        disable=not progress, file=sys.stderr, dynamic_ncols=True):
-        p = f"{prefix}layers.{i}"
-        layer = {f"{p}.input_layernorm.weight": r.normal(H, 0.1), f"{p}.post_attention_layernorm.weight": r.normal(H, 0.1)}
-        layer.update(_attention(r, f"{p}.self_attn", tc) if kind == "full_attention" else _deltanet(r, f"{p}.linear_attn", tc))
-        layer.update(moe(f"{p}.mlp"))
-        for name, t in layer.items():
+    bar = tqdm(total=len(tc["layer_types"]), desc="writing layers", unit=" layers", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    for part, group in text_layout(tc, prefix, mtp):
+        # a group's float weights are drawn before its quantized codes (one layer in memory at a time)
+        tensors = _draw(group, g, _SHAPE_ONLY if qcfg is not None else ())
+        for name, t in (_per_expert(tensors) if part == "mtp" and qcfg is None else tensors).items():
             put(name, t)
-        del layer
-    put(f"{prefix}norm.weight", r.normal(H, 0.1))
-    put("lm_head.weight", torch.empty(V, H, device="meta") if qcfg is not None else r.normal((V, H), 2.0 / math.sqrt(H)))
-    if mtp:
-        put("mtp.fc.weight", torch.empty(H, 2 * H, device="meta") if qcfg is not None else r.proj(H, 2 * H))
-        for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-            put(f"mtp.{n}.weight", r.normal(H, 0.1))
-        layer = {"mtp.layers.0.input_layernorm.weight": r.normal(H, 0.1),
-                 "mtp.layers.0.post_attention_layernorm.weight": r.normal(H, 0.1)}
-        layer.update(_attention(r, "mtp.layers.0.self_attn", tc))
-        layer.update(_moe_shapes(r, "mtp.layers.0.mlp", tc) if qcfg is not None
-                     else _moe(r, "mtp.layers.0.mlp", tc, fused=False))
-        for name, t in layer.items():
-            put(name, t)
+        bar.update(part == "layer")
+    bar.close()
     writer.close()
-
-
-def _moe_shapes(r: _Rand, p: str, tc: dict) -> dict[str, torch.Tensor]:
-    """The MoE block with the (large) experts as meta tensors: only their shapes are needed."""
-    H, E, I, S = tc["hidden_size"], tc["num_experts"], tc["moe_intermediate_size"], tc["shared_expert_intermediate_size"]
-    return {f"{p}.gate.weight": r.proj(E, H) * 4,
-            f"{p}.experts.gate_up_proj": torch.empty(E, 2 * I, H, device="meta"),
-            f"{p}.experts.down_proj": torch.empty(E, H, I, device="meta"),
-            f"{p}.shared_expert.gate_proj.weight": r.proj(S, H), f"{p}.shared_expert.up_proj.weight": r.proj(S, H),
-            f"{p}.shared_expert.down_proj.weight": r.proj(H, S), f"{p}.shared_expert_gate.weight": r.proj(1, H)}
 
 
 class _ShardWriter:
