@@ -3,62 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from .demo import demo_checkpoint, demo_image, make_demo
 from .plan import parse_size
 
-DEMO_VERSION = 3  # bumped when the demo checkpoint's files change (v3: preprocessor configs)
 DEMO_MESSAGES = [{"role": "user", "content": "Name the three primary colours."}]
-DEMO_MARK = ".qwen36-demo"   # in every directory make-demo writes: the only kind it will replace
-
-
-def make_demo(out: Path, seed: int = 0, geometry: str = "demo", layers: int | None = None,
-              quantization: str | None = None, dtype: str | None = None, mtp: bool = True) -> Path:
-    """Write a demo checkpoint (official layout, real vocabulary, random weights) atomically. The "real"
-    geometry is Qwen3.6-35B-A3B's, written directly in quantized form (int4 unless told otherwise), or with
-    dtype="bfloat16" as plain bf16 tensors one layer at a time (what llama.cpp's converter reads)."""
-    import torch
-
-    from .synth import DEMO, REAL, write_checkpoint
-
-    out = Path(out)
-    if out.exists() and not (out / DEMO_MARK).exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and was not made by make-demo: give a new or empty directory "
-                         "(make-demo replaces only a demo checkpoint it wrote itself)")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists() and not (tmp / DEMO_MARK).exists():
-        raise ValueError(f"{tmp} exists and was not made by make-demo: move it away first")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / DEMO_MARK).write_text("written by qwen36 make-demo (random weights); make-demo may replace it\n")
-    geo = dict(REAL if geometry == "real" else DEMO)
-    if layers:
-        geo["num_hidden_layers"] = layers
-    if dtype is not None and quantization is not None:
-        raise ValueError("give --dtype or --quantization, not both")
-    if geometry == "real" and dtype is None:
-        quantization = quantization or "int4"
-    write_checkpoint(tmp, geo, seed=seed, tokenizer=True, quantization=quantization, mtp=mtp,
-                     shards=2 if quantization is None else 1, streamed=dtype is not None, progress=sys.stderr.isatty(),
-                     dtype={"bfloat16": torch.bfloat16, "float32": torch.float32, None: torch.bfloat16}[dtype])
-    if out.exists():
-        shutil.rmtree(out) if (out / DEMO_MARK).exists() else out.rmdir()    # ours, or empty
-    tmp.rename(out)
-    return out
-
-
-def demo_checkpoint(seed: int = 0) -> Path:
-    """The cached demo checkpoint, made on first use."""
-    from .paths import cache_dir
-
-    path = cache_dir() / f"demo-v{DEMO_VERSION}-seed{seed}"
-    if not (path / "config.json").exists():
-        print(f"making the demo checkpoint in {path} (once) ...", file=sys.stderr)
-        make_demo(path, seed)
-    return path
 
 
 def cmd_make_demo(args) -> int:
@@ -103,18 +55,6 @@ def cmd_demo(args) -> int:
         print(f"answer (raw): {result.text!r}")
         print(f"image turn {t4 - t3:.2f} s")
     return 0
-
-
-def demo_image():
-    """A small synthetic picture for the demo: a sky-to-grass gradient with a sun."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (96, 64))
-    draw = ImageDraw.Draw(img)
-    for y in range(64):
-        draw.line([(0, y), (95, y)], fill=(90, 160, 230) if y < 40 else (70, 150, 60))
-    draw.ellipse([66, 6, 86, 26], fill=(250, 210, 40))
-    return img
 
 
 def cmd_generate(args) -> int:
@@ -278,7 +218,7 @@ def cmd_fuzz(args) -> int:
     import dataclasses
     import json
 
-    from . import fuzz
+    from .tools import fuzz
 
     key = args.api_key or os.environ.get("QWEN36_API_KEY")
     if not (args.soak or args.hostile):
@@ -317,14 +257,26 @@ def cmd_bench(args) -> int:
     if args.agent:
         return _bench_agent(args)
     if args.serve:
-        from .bench_serve import run
+        from .tools.bench_serve import run
         result = run(args.model or str(demo_checkpoint()), args.clients, args.duration, args.max_tokens or 32)
         print(json.dumps(result, indent=None if args.json else 2))
         return 0 if result["errors"] == 0 else 1
     if args.model is None and not args.synthetic:
         raise ValueError("bench needs MODEL, --synthetic, or --serve")
-    from .bench import run_bench
-    return run_bench(args)
+    from .tools.bench import BenchOptions, run_bench
+
+    per_layer = tuple(int(x) for x in args.per_layer.split(",")) if args.per_layer else None
+    if per_layer is not None and len(per_layer) != 2:
+        raise ValueError(f"--per-layer: expected two depths A,B, not {args.per_layer!r}")
+    result = run_bench(BenchOptions(
+        model=args.model, layers=args.layers, experts=args.experts,
+        quantization=None if args.quantization == "none" else args.quantization, prompt_len=args.prompt_len,
+        decode_tokens=args.decode_tokens, max_ram=parse_size(args.max_ram) if args.max_ram else None,
+        image=not args.no_image, structured=args.structured, speculative=args.speculative,
+        draft_vocab=args.draft_vocab, vs_transformers=args.vs_transformers, vs_llamacpp=args.vs_llamacpp,
+        per_layer=per_layer))
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
 
 
 def _bench_agent(args) -> int:
@@ -333,8 +285,8 @@ def _bench_agent(args) -> int:
     import json
     import shlex
 
-    from . import bench_agent
-    from .bench_serve import start_server, stop_server
+    from .tools import bench_agent
+    from .tools.bench_serve import start_server, stop_server
 
     preserve = {"on": (True,), "off": (False,), "both": (True, False)}[args.preserve_thinking]
     session = {"tasks": args.tasks, "turns_per_task": args.turns_per_task, "file_lines": args.file_lines}
@@ -343,7 +295,7 @@ def _bench_agent(args) -> int:
     if url is None:
         if args.model is None and not args.synthetic:
             raise ValueError("bench --agent needs --url, MODEL or --synthetic")
-        from .bench import synthetic_checkpoint
+        from .tools.checkpoints import synthetic_checkpoint
         model = args.model or str(synthetic_checkpoint(args.layers, None if args.quantization == "none"
                                                        else args.quantization))
         server, port = start_server(model, ["--max-model-len", "32768", *shlex.split(args.server_args)])
@@ -367,7 +319,7 @@ def _bench_agent(args) -> int:
 def cmd_device_bench(args) -> int:
     import json
 
-    from .device_bench import run
+    from .tools.device_bench import run
 
     res = run(args.device, args.dtype, args.dry_run, tuple(p for p in args.parts.split(",") if p),
               graphs=not args.no_graphs, out=args.out)
@@ -506,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="let requests name images/videos as file:// URLs inside DIR (off by default)")
     s.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
-                   help="cap each image's pixel budget (default: the checkpoint's, 16.8 M for Qwen3.6; on a "
-                        "2-core CPU the full tower takes ~25 s for 1024x768 and grows faster than the pixel count)")
+                   help="cap each image's pixel budget (default: the checkpoint's, 16.8 M for Qwen3.6; the vision "
+                        "tower's time grows faster than the pixel count: docs/performance.md)")
     s.add_argument("--max-video-pixels", type=int, default=None, metavar="N",
                    help="cap each video's pixel budget over all its frames")
     s.add_argument("--limit-mm-per-prompt", default="image=32,video=4", metavar="LIMITS",
@@ -596,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --speculative: draft among the first N token ids (speculative_config's "
                         "draft_vocab_size)")
     b.add_argument("--agent", action="store_true",
-                   help="replay a coding-agent session (see bench_agent.py) against --url or a server started here")
+                   help="replay a coding-agent session (see qwen36/tools/bench_agent.py) against --url or a server started here")
     b.add_argument("--url", default=None, help="--agent: an OpenAI-compatible server (ours, llama.cpp's, ...)")
     b.add_argument("--preserve-thinking", default="both", choices=["on", "off", "both"])
     b.add_argument("--idle-tool", type=float, default=0.0, help="--agent: seconds idle after each tool result")

@@ -13,7 +13,7 @@ import time
 import torch
 
 from qwen36 import hugepages, kernels
-from qwen36.bench import synthetic_checkpoint
+from qwen36.tools.checkpoints import synthetic_checkpoint
 from qwen36.checkpoint import Checkpoint
 
 

@@ -55,7 +55,7 @@ def test_bench_runs_on_a_checkpoint(checkpoint):
 def test_bench_against_transformers_on_a_checkpoint(checkpoint):
     """--vs-transformers times transformers, ours in fp32 and ours in int4 on the same checkpoint and prompt,
     decode timed from the first new token to the last (prefill apart), and reports the ratios."""
-    from qwen36.bench import run
+    from qwen36.tools.bench import run
 
     r = run(str(checkpoint("ratio2")), quantization=None, prompt_len=24, decode_tokens=5, vs_transformers=True,
             image=False)

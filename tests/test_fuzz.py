@@ -1,4 +1,4 @@
-"""qwen36.fuzz's hostile request classes, its soak and verdict, without a model: the generators' requests are
+"""qwen36.tools.fuzz's hostile request classes, its soak and verdict, without a model: the generators' requests are
 well-formed HTTP of the stated sizes, and the soak / hostile runner judge a small fake server correctly."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from qwen36 import fuzz
-from qwen36.fuzz import HOSTILE, Conn, Probe, Sizes
+from qwen36.tools import fuzz
+from qwen36.tools.fuzz import HOSTILE, Conn, Probe, Sizes
 
 SMALL_BODY_LIMIT = 4 * 2 ** 20          # "a few MB at most" per request at the default sizes
 

@@ -4,111 +4,44 @@ Reports prefill tok/s (one prompt, after a warm-up on it: median of three), time
 at batch 1 and batch 8, peak RSS, weight bytes read per decoded token and the bandwidth that implies, next to the machine's measured
 memory read bandwidth, and the time to preprocess and encode one 1024x768 image (the checkpoint's vision
 tower, or a random one at the published geometry when it has none); with --vs-transformers the same
-prompt through HF transformers (fp32).
+prompt through HF transformers (fp32), with --vs-llamacpp llama.cpp's llama-bench (peers.py). --structured and
+--speculative add constrained and speculative decoding; --per-layer times one decode layer against its
+weights' read time.
 """
 from __future__ import annotations
 
 import gc
-import json
-import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from .paths import cache_dir
-
-BENCH_GEOMETRY = dict(  # the real per-layer widths (hidden 2048, 256 experts of 512); layers chosen by --layers
-    vocab_size=248320, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
-    linear_num_key_heads=16, linear_key_head_dim=128, linear_num_value_heads=32, linear_value_head_dim=128,
-    linear_conv_kernel_dim=4, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
-    shared_expert_intermediate_size=512, full_attention_interval=4)
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
-
-
-def memory_bandwidth_gbs(size_bytes: int = 1 << 30, reps: int = 5) -> float:
-    """Read bandwidth with torch's threads: sum over a buffer larger than every cache, in huge-page memory
-    where the machine gives it, as the weights are (hugepages.py): the fastest read the machine allows."""
-    from . import hugepages
-    x = hugepages.empty((size_bytes // 4,), torch.float32) if hugepages.enabled() else torch.empty(size_bytes // 4)
-    x.fill_(1.0)
-    x.sum()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return size_bytes / best / 1e9
-
-
-def weight_bytes_per_token(model, batch: int = 1) -> int:
-    """Bytes of weights a decode step reads per token: everything but the unused experts and the
-    embedding table (one row)."""
-    from .quant import QuantExperts
-
-    total = 0
-    cfg = model.cfg
-    for name, module in model.named_modules():
-        if name == "embed_tokens":
-            total += module.weight[0].numel() * module.weight.element_size()
-            continue
-        if isinstance(module, QuantExperts) or name.endswith("mlp.experts"):
-            per_expert = _module_bytes(module) // cfg.num_experts
-            used = min(cfg.num_experts, cfg.num_experts_per_tok * batch)   # upper bound for batch > 1
-            total += per_expert * used
-            continue
-        total += _module_bytes(module)          # its own parameters (a layer's A_log, dt_bias too)
-    return total // batch
-
-
-def _module_bytes(module) -> int:
-    from .quant import QuantExperts, QuantLinear
-
-    if isinstance(module, (QuantLinear, QuantExperts)):
-        parts = module.parts() if isinstance(module, QuantLinear) else {
-            f"{a}{k}": v for a in ("gate_up_proj", "down_proj") for k, v in module.parts(a).items()}
-        extra = sum(p.numel() * p.element_size() for p in module.parameters())
-        return sum(t.numel() * t.element_size() for t in parts.values()) + extra
-    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-
-
-def synthetic_checkpoint(layers: int, quantization: str | None, experts: int = 256, mtp: bool = False) -> Path:
-    """A cached random checkpoint at the real widths with `layers` layers and `experts` experts
-    (written directly in quantized form if asked; with the MTP head if asked)."""
-    from .synth import write_checkpoint
-
-    tag = f"synthetic-real-L{layers}-E{experts}-{quantization or 'bf16'}" + ("-mtp" if mtp else "")
-    path = cache_dir() / tag
-    if not (path / "config.json").exists():
-        geo = {**BENCH_GEOMETRY, "num_hidden_layers": layers, "num_experts": experts}
-        write_checkpoint(path.with_name(tag + ".partial"), geo, seed=0, quantization=quantization, tokenizer=True,
-                         mtp=mtp, vision=None, shards=max(1, layers // 4))
-        path.with_name(tag + ".partial").rename(path)
-    return path
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
+from ..config import parse_vision_config
+from ..image import VisionPreprocess, preprocess_images
+from ..llm import LLM
+from ..sampling import SamplingParams
+from ..structured import Guide, json_grammar
+from ..synth import REAL_VISION
+from ..vision import VisionTower
+from .checkpoints import synthetic_checkpoint
+from .measure import decode_rate, memory_bandwidth_gbs, peak_rss_gb, timed, weight_bytes_per_token
+from .peers import llamacpp_bench, transformers_bench
 
 
 def run(model: str | None, layers: int = 40, quantization: str | None = "int4", prompt_len: int = 512,
         decode_tokens: int = 128, vs_transformers: bool = False, experts: int = 256,
         max_ram: int | None = None, image: bool = True, structured: bool = False, speculative: int = 0,
         draft_vocab: int | None = None) -> dict:
-    from . import LLM, SamplingParams
-
     torch.manual_seed(0)
     path = Path(model) if model else synthetic_checkpoint(layers, quantization, experts, mtp=speculative > 0)
     bandwidth = memory_bandwidth_gbs()
     spec = {"method": "mtp", "num_speculative_tokens": speculative} if speculative else None
     if spec and draft_vocab:
         spec["draft_vocab_size"] = draft_vocab
-    llm, load_s = _timed(lambda: LLM(path, dtype="bfloat16", quantization=None if model is None else quantization,
+    llm, load_s = timed(lambda: LLM(path, dtype="bfloat16", quantization=None if model is None else quantization,
                                     max_model_len=prompt_len + decode_tokens + 8, max_num_seqs=8,
                                     max_ram=max_ram, enable_prefix_caching=False,   # repeated prompts
                                     speculative_config=spec))
@@ -121,14 +54,14 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
     # warm-up on the same prompt (first touch of every expert's pages and of the prefill buffers, as
     # llama-bench warms up), then the median of three
     llm.generate(prompt, p1)
-    ttft = sorted(_timed(lambda: llm.generate(prompt, p1))[1] for _ in range(3))[1]
+    ttft = sorted(timed(lambda: llm.generate(prompt, p1))[1] for _ in range(3))[1]
     pd = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
     short = prompt[:16]
-    out, t_all = _timed(lambda: llm.generate(short, pd))
-    _, t_first = _timed(lambda: llm.generate(short, p1))
+    out, t_all = timed(lambda: llm.generate(short, pd))
+    _, t_first = timed(lambda: llm.generate(short, p1))
     decode_1 = (decode_tokens - 1) / max(t_all - t_first, 1e-9)
     batch = torch.randint(0, min(V, 200000), (8, 16), generator=g).tolist()
-    outs, t8 = _timed(lambda: llm.generate(batch, pd))
+    outs, t8 = timed(lambda: llm.generate(batch, pd))
     decode_8 = sum(len(o.token_ids) for o in outs) / t8
     bytes_tok = weight_bytes_per_token(llm.model)
     result = {
@@ -150,11 +83,11 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
     if vs_transformers:  # one model in memory at a time
         del llm, out, outs
         gc.collect()
-        result["transformers"] = _vs_transformers(path, prompt, decode_tokens)
+        result["transformers"] = transformers_bench(path, prompt, decode_tokens)
         hf = result["transformers"]
         for q in (None, "int4"):  # ours on the same checkpoint and prompt: fp32, then int4 quantized at load
             gc.collect()
-            ours = _ours(path, prompt, decode_tokens, q)
+            ours = ours_bench(path, prompt, decode_tokens, q)
             tag = "fp32" if q is None else q
             result[f"ours_{tag}"] = ours
             result[f"speedup_prefill_{tag}"] = round(hf["prefill_s"] / ours["prefill_s"], 2)
@@ -169,9 +102,6 @@ LONG_SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "maxL
 def structured_decode_bench(llm, short: list[int], batch: list[list[int]], n: int, rounds: int = 3) -> dict:
     """Generation tok/s (a 16-token prompt, then n tokens) with and without a JSON schema, batch 1 and 8,
     alternated in the same run; schema compile time."""
-    from . import SamplingParams
-    from .structured import json_grammar
-
     engine = llm.engine()
     if engine.grammar is None:
         return {"error": "the checkpoint has no tokenizer.json"}
@@ -183,17 +113,15 @@ def structured_decode_bench(llm, short: list[int], batch: list[list[int]], n: in
     # a grammar's first masks build its lexer tables; an agent repeats its schemas, so that is not timed
     llm.generate(short, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, json_schema=LONG_SCHEMA))
     runs: dict[str, list[float]] = {}
-    for _ in range(rounds):      # alternated, medians: this machine's speed drifts within a minute
+    for _ in range(rounds):      # alternated, medians: a machine's speed can drift within a minute
         for label, extra in (("plain", {}), ("schema", {"json_schema": LONG_SCHEMA})):
             p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **extra)
-            o, t1 = _timed(lambda: llm.generate(short, p))
+            o, t1 = timed(lambda: llm.generate(short, p))
             runs.setdefault(f"decode_tok_s_batch1_{label}", []).append(len(o.token_ids) / t1)
-            outs, t8 = _timed(lambda: llm.generate(batch, p))
+            outs, t8 = timed(lambda: llm.generate(batch, p))
             runs.setdefault(f"decode_tok_s_batch8_{label}", []).append(sum(len(x.token_ids) for x in outs) / t8)
     out.update({k: round(sorted(v)[len(v) // 2], 2) for k, v in runs.items()})
     # the grammar's own cost, free of the machine's drift: replay the last constrained answer's tokens
-    from .structured import Guide
-
     tokens = o.token_ids
     matcher = engine.grammar.matcher(json_grammar(LONG_SCHEMA))
     t0 = time.perf_counter()
@@ -217,8 +145,6 @@ def speculative_decode_bench(llm, short: list[int], n: int, k: int, rounds: int 
     drafts right, alternated in one run (medians); every speculative run's tokens must equal the plain
     run's. From the oracle runs: the time of a step as a function of the drafts accepted, hence an
     estimate (labelled so) at the accepted length peers publish for this model."""
-    from . import SamplingParams
-
     engine = llm.engine()
     p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     engine.spec_k = 0
@@ -256,7 +182,7 @@ def speculative_decode_bench(llm, short: list[int], n: int, k: int, rounds: int 
             for label, (spec_k, override) in modes.items():
                 engine.spec_k, engine.draft_override = spec_k, override
                 before = (engine.stats.spec_steps, engine.stats.draft_tokens, engine.stats.accepted_tokens)
-                out, t = _timed(lambda: llm.generate(short, p))
+                out, t = timed(lambda: llm.generate(short, p))
                 steps, drafted, accepted = (a - b for a, b in zip(
                     (engine.stats.spec_steps, engine.stats.draft_tokens, engine.stats.accepted_tokens), before))
                 runs.setdefault(label, []).append(len(out.token_ids) / t)
@@ -286,14 +212,6 @@ def speculative_decode_bench(llm, short: list[int], n: int, k: int, rounds: int 
 
 def image_encode_bench(llm, width: int = 1024, height: int = 768) -> dict:
     """Preprocess + vision tower time for one random width x height image."""
-    import numpy as np
-    from PIL import Image
-
-    from .config import parse_vision_config
-    from .image import VisionPreprocess, preprocess_images
-    from .synth import REAL_VISION
-    from .vision import VisionTower
-
     tower, source = llm.vision, "checkpoint"
     if tower is None:
         cfg = parse_vision_config({**REAL_VISION, "out_hidden_size": llm.config.text.hidden_size})
@@ -307,68 +225,31 @@ def image_encode_bench(llm, width: int = 1024, height: int = 768) -> dict:
         pp = llm.media.pp
     pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     img = Image.fromarray(pixels)
-    (values, grid), pre_s = _timed(lambda: preprocess_images([img], pp))
+    (values, grid), pre_s = timed(lambda: preprocess_images([img], pp))
     with torch.inference_mode():
         small, small_grid = preprocess_images([img.resize((64, 64))], pp)
         tower(small.to(tower.compute_dtype), small_grid)                      # warm-up
-        out, enc_s = _timed(lambda: tower(values.to(tower.compute_dtype), grid))
+        out, enc_s = timed(lambda: tower(values.to(tower.compute_dtype), grid))
     return {"size": f"{width}x{height}", "tower": source, "patches": int(values.shape[0]),
             "tokens": int(out.shape[0]), "preprocess_s": round(pre_s, 3), "encode_s": round(enc_s, 2)}
 
 
-def _decode_rate(stamps: list[float]) -> float:
-    """Tokens per second between the first new token and the last (prefill excluded, timed apart)."""
-    return round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 2)
-
-
-def _ours(path: Path, prompt: list[int], n: int, quantization: str | None) -> dict:
-    from . import LLM, SamplingParams
-
+def ours_bench(path: Path, prompt: list[int], n: int, quantization: str | None) -> dict:
+    """transformers_bench's workload through our engine (fp32 compute, weights as `quantization` says)."""
     llm = LLM(path, dtype="float32", quantization=quantization, enable_prefix_caching=False)
     p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(prompt, p1)                                                   # warm-up, same shapes
-    _, prefill = _timed(lambda: llm.generate(prompt, p1))
+    _, prefill = timed(lambda: llm.generate(prompt, p1))
     pn = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     stamps = [time.perf_counter() for _ in llm.generate_stream(prompt, pn)]   # one step per new token
-    return {"prefill_s": round(prefill, 3), "decode_tok_s": _decode_rate(stamps)}
-
-
-class _Stamps:
-    """A transformers streamer that notes when each new token arrives (its first call is the prompt)."""
-
-    def __init__(self):
-        self.stamps, self.prompt_seen = [], False
-
-    def put(self, value):
-        if self.prompt_seen:
-            self.stamps.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self):
-        pass
-
-
-def _vs_transformers(path: Path, prompt: list[int], n: int) -> dict:
-    from .reference import reference_classes
-
-    hf = reference_classes()[1].from_pretrained(path, dtype=torch.float32).eval()
-    x = torch.tensor([prompt])
-    kw = dict(attention_mask=torch.ones_like(x), do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        hf.generate(x, max_new_tokens=1, **kw)                                 # warm-up, same shapes
-        _, prefill = _timed(lambda: hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw))
-        streamer = _Stamps()
-        hf.generate(x, max_new_tokens=n, min_new_tokens=n, streamer=streamer, **kw)
-    return {"prefill_s": round(prefill, 3), "decode_tok_s": _decode_rate(streamer.stamps)}
+    return {"prefill_s": round(prefill, 3), "decode_tok_s": decode_rate(stamps)}
 
 
 def per_layer_cost(depths: tuple[int, int], quantization: str | None = "int4", n: int = 64, rounds: int = 7) -> dict:
     """A decode layer's cost against the time its weights take to read: batch-1 decode at two depths (same
     widths) back to back in each round; a round's ms per layer = the difference of its ms per token / the
-    difference of depths (pairing cancels this VM's slow drifts); the median over rounds, set beside the
+    difference of depths (pairing cancels a machine's slow drifts); the median over rounds, set beside the
     weight bytes a layer reads per token at the read bandwidth measured in the same rounds (median)."""
-    from . import LLM, SamplingParams
-
     llms = {d: LLM(synthetic_checkpoint(d, quantization, mtp=True), dtype="bfloat16", max_model_len=n + 32,
                    enable_prefix_caching=False) for d in depths}
     prompt = list(range(1000, 1016))
@@ -381,8 +262,8 @@ def per_layer_cost(depths: tuple[int, int], quantization: str | None = "int4", n
     for _ in range(rounds):
         bandwidth.append(memory_bandwidth_gbs())
         for d, llm in llms.items():
-            _, t1 = _timed(lambda: llm.generate(prompt, p1))
-            _, tn = _timed(lambda: llm.generate(prompt, p))
+            _, t1 = timed(lambda: llm.generate(prompt, p1))
+            _, tn = timed(lambda: llm.generate(prompt, p))
             ms[d].append((tn - t1) / (n - 1) * 1000)
     a, b = depths
     per_round = [(y - x) / (b - a) for x, y in zip(ms[a], ms[b])]
@@ -396,43 +277,37 @@ def per_layer_cost(depths: tuple[int, int], quantization: str | None = "int4", n
             "weight_read_ms_per_layer": round(read_ms, 3), "ratio_to_weight_read": round(layer_ms / read_ms, 2)}
 
 
-def llamacpp_bench(gguf: str, prompt_len: int, decode_tokens: int, threads: int) -> dict:
-    """llama.cpp's llama-bench on a GGUF of the same model, same prompt and decode lengths and threads (the
-    binary from $LLAMA_BENCH, else ~/.cache/llamacpp-anchor/build/bin/llama-bench; docs/performance.md says how
-    to build it)."""
-    import os
-    import subprocess
+@dataclass
+class BenchOptions:
+    """What `qwen36 bench` runs: the model workloads of `run` on `model` (None: a synthetic checkpoint of
+    `layers` layers and `experts` experts at the real widths), then the peers asked for; or, with per_layer
+    (A, B), only `per_layer_cost` at those two depths."""
+    model: str | None = None
+    layers: int = 40
+    experts: int = 256
+    quantization: str | None = "int4"
+    prompt_len: int = 512
+    decode_tokens: int = 128
+    max_ram: int | None = None                  # bytes
+    image: bool = True
+    structured: bool = False
+    speculative: int = 0                        # drafts per step; 0: no speculation
+    draft_vocab: int | None = None
+    vs_transformers: bool = False
+    vs_llamacpp: str | None = None              # a GGUF of the same model for llama-bench
+    per_layer: tuple[int, int] | None = None
 
-    exe = os.environ.get("LLAMA_BENCH") or str(Path(os.environ.get("ANCHOR", Path.home() / ".cache/llamacpp-anchor"))
-                                               / "build/bin/llama-bench")
-    if not Path(exe).exists():
-        raise FileNotFoundError(f"{exe}: no llama-bench; build llama.cpp (docs/performance.md) and set "
-                                "LLAMA_BENCH to its build/bin/llama-bench")
-    cmd = [exe, "-m", gguf, "-t", str(threads), "-p", str(prompt_len), "-n", str(decode_tokens), "-r", "2", "-o", "json"]
-    runs = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    out = {"command": " ".join(cmd)}
-    for r in runs:
-        key = "prefill_tok_s" if r.get("n_prompt") else "decode_tok_s_batch1"
-        out[key] = round(float(r["avg_ts"]), 2)
-    return out
 
-
-def run_bench(args) -> int:
-    quantization = None if args.quantization == "none" else args.quantization
-    from .plan import parse_size
-
-    if args.per_layer:
-        a, b = (int(x) for x in args.per_layer.split(","))
-        print(json.dumps(per_layer_cost((a, b), quantization, args.decode_tokens), indent=None if args.json else 2))
-        return 0
-    result = run(args.model, args.layers, quantization, args.prompt_len, args.decode_tokens,
-                 args.vs_transformers, args.experts, parse_size(args.max_ram) if args.max_ram else None,
-                 not args.no_image, args.structured, args.speculative, args.draft_vocab)
-    if args.vs_llamacpp:       # the peer on the same model geometry, right after ours (same machine state)
-        peer = llamacpp_bench(args.vs_llamacpp, args.prompt_len, args.decode_tokens, torch.get_num_threads())
+def run_bench(o: BenchOptions) -> dict:
+    """The figures `qwen36 bench` prints."""
+    if o.per_layer:
+        return per_layer_cost(o.per_layer, o.quantization, o.decode_tokens)
+    result = run(o.model, o.layers, o.quantization, o.prompt_len, o.decode_tokens, o.vs_transformers, o.experts,
+                 o.max_ram, o.image, o.structured, o.speculative, o.draft_vocab)
+    if o.vs_llamacpp:       # the peer on the same model geometry, right after ours (same machine state)
+        peer = llamacpp_bench(o.vs_llamacpp, o.prompt_len, o.decode_tokens, torch.get_num_threads())
         result["llamacpp"] = peer
         for key in ("prefill_tok_s", "decode_tok_s_batch1"):
             if key in peer:
                 result[f"ratio_{key}"] = round(result[key] / peer[key], 2)
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
+    return result

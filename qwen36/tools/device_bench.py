@@ -13,43 +13,23 @@ Each part records its own error and the others still run.
 from __future__ import annotations
 
 import json
-import math
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-from . import kernels
-from .bench import _decode_rate, weight_bytes_per_token
-from .config import parse_text_config
-from .engine import Engine
-from .layers.moe import Experts
-from .model import TextModel, prepare
-from .quant import QuantConfig, offload_experts
-from .sampling import SamplingParams
-from .synth import DEMO, REAL, random_quantized, text_config
+from .. import kernels
+from ..config import parse_text_config
+from ..engine import Engine
+from ..layers.moe import Experts
+from ..model import KEEP_FP32, TextModel, prepare
+from ..quant import QuantConfig, offload_experts
+from ..sampling import SamplingParams
+from ..synth import DEMO, REAL, random_quantized, random_weight, text_config
+from .measure import copy_bandwidth_gbs, decode_rate, synchronize, weight_bytes_per_token
 
 DRY = {**DEMO, "vocab_size": 4096}          # --dry-run: the real structure, tiny widths
-
-
-def _std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
-    """How synth.py draws each weight (the same spreads: routers spread, norms near their identity)."""
-    if name.endswith("A_log"):
-        return "uniform", 2.5
-    if name.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) or name == "norm.weight":
-        return "normal", 0.1
-    if name.endswith("linear_attn.norm.weight"):
-        return "one_plus", 0.1
-    if name.endswith(("conv1d.weight", "dt_bias")):
-        return "normal", 0.5
-    if name == "embed_tokens.weight":
-        return "normal", 1.0
-    if name == "lm_head.weight":
-        return "normal", 2.0 / math.sqrt(shape[-1])
-    if name.endswith("mlp.gate.weight"):
-        return "normal", 4.0 / math.sqrt(shape[-1])
-    return "normal", 1.0 / math.sqrt(shape[-1])
 
 
 def random_model(geometry: dict, dtype: torch.dtype, device, cpu_experts: int = 0, seed: int = 0) -> TextModel:
@@ -69,36 +49,12 @@ def random_model(geometry: dict, dtype: torch.dtype, device, cpu_experts: int = 
         module.load(part, {k[1:]: v for k, v in random_quantized(shape, qcfg, g).items()})
     g = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
-    for name, p in model.state_dict().items():
-        kind, s = _std(name, tuple(p.shape))
-        t_dtype = torch.float32 if name.endswith(("A_log", "linear_attn.norm.weight")) else dtype
-        if kind == "uniform":
-            t = torch.rand(p.shape, generator=g, device=device, dtype=torch.float32).mul_(s).to(t_dtype)
-        else:
-            t = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(s)
-            t = (t.add_(1.0) if kind == "one_plus" else t).to(t_dtype)
-        tensors[name] = t
+    for name, p in model.state_dict().items():          # drawn as synth.py draws a checkpoint's weights
+        t = random_weight(name, tuple(p.shape), g, device)
+        tensors[name] = t if name.endswith(KEEP_FP32) else t.to(dtype)
     model.load_state_dict(tensors, strict=True, assign=True)
     prepare(model, device, dtype, dtype)        # computes in `dtype` on the CPU too (a dry run mimics the GPU)
     return model
-
-
-def copy_bandwidth_gbs(device, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Bytes read plus written per second by a device-to-device copy (the GPU's usable memory bandwidth)."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        b.copy_(a)
-    _sync(device)
-    return 2 * nbytes * reps / (time.perf_counter() - t) / 1e9
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -117,7 +73,7 @@ def serve(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
         out = engine.step()
         n = sum(len(o.token_ids) for o in out)
         if n:
-            _sync(engine.device)
+            synchronize(engine.device)
             stamps.append(time.perf_counter())
             tokens += n
     return {"wall_s": time.perf_counter() - t0, "stamps": stamps, "tokens": tokens, "t0": t0}
@@ -133,7 +89,7 @@ def decode_b1(model, graphs: bool, n: int = 128) -> dict:
     ids = _prompts(1, 128, model.cfg.vocab_size, 1)
     serve(engine, ids, 8)                                                      # warm-up (graphs recorded)
     s = serve(engine, ids, n)["stamps"]
-    return {"decode_tok_s": _decode_rate(s), "graphs": graphs,
+    return {"decode_tok_s": decode_rate(s), "graphs": graphs,
             "graph_steps": engine.graphs.replays if engine.graphs is not None else 0}
 
 
@@ -153,7 +109,7 @@ def profile_decode(model, steps: int = 4) -> dict:
     with profile(activities=acts) as prof:
         while engine.has_work():
             engine.step()
-        _sync(engine.device)
+        synchronize(engine.device)
     events = prof.key_averages()
     key = "device_time_total" if cuda else "cpu_time_total"
     rows = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
