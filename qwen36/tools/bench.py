@@ -35,6 +35,8 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
         decode_tokens: int = 128, vs_transformers: bool = False, experts: int = 256,
         max_ram: int | None = None, image: bool = True, structured: bool = False, speculative: int = 0,
         draft_vocab: int | None = None) -> dict:
+    """The model workloads on `model` (None: the cached synthetic checkpoint of `layers` layers and `experts`
+    experts at the real widths, quantized as asked): the figures listed at the top, and what the flags add."""
     torch.manual_seed(0)
     path = Path(model) if model else synthetic_checkpoint(layers, quantization, experts, mtp=speculative > 0)
     bandwidth = memory_bandwidth_gbs()
