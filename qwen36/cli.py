@@ -548,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --speculative: draft among the first N token ids (speculative_config's "
                         "draft_vocab_size)")
     b.add_argument("--agent", action="store_true",
-                   help="replay a coding-agent session (see qwen36/tools/bench_agent.py) against --url or a server started here")
+                   help="replay a coding-agent session (see qwen36/tools/bench_agent.py) against --url or a "
+                        "server started here")
     b.add_argument("--url", default=None, help="--agent: an OpenAI-compatible server (ours, llama.cpp's, ...)")
     b.add_argument("--preserve-thinking", default="both", choices=["on", "off", "both"])
     b.add_argument("--idle-tool", type=float, default=0.0, help="--agent: seconds idle after each tool result")

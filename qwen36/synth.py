@@ -175,7 +175,8 @@ def text_layout(tc: dict, prefix: str, mtp: bool) -> Iterator[tuple[str, dict[st
 _SHAPE_ONLY = (".experts.gate_up_proj", ".experts.down_proj", "lm_head.weight", "mtp.fc.weight")
 
 
-def _draw(group: dict[str, tuple[int, ...]], g: torch.Generator, shape_only: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def _draw(group: dict[str, tuple[int, ...]], g: torch.Generator,
+          shape_only: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     return {n: torch.empty(s, device="meta") if n.endswith(shape_only) else random_weight(n, s, g)
             for n, s in group.items()}
 
