@@ -15,6 +15,11 @@ Order of work (`MediaInputs.prompt_inputs`), so a request's cost is known and bo
   4. only then decode: each image, and each video's sampled frames only (each resized as it is decoded);
   5. the vision tower. A `cancel` event stops the work between items, frames and before the tower.
 `count_tokens` stops after step 3: no pixel is decoded, the tower never runs.
+
+`render_chat_prompt` is the one chat -> prompt pipeline of `LLM.chat` and the server: media parts
+normalized, late system messages merged (the server's policy, `merge_system`), the template rendered in
+escaped form; its `ChatPrompt` then goes through the steps above (`MediaInputs.prompt_inputs`, or
+`plan_prompt` and `realize` where a server runs the cheap and the costly half in different places).
 """
 from __future__ import annotations
 
@@ -27,14 +32,14 @@ from typing import Any
 
 import torch
 
-from .chat import media_kind
+from .chat import ChatTemplate, media_kind, merge_system_messages
 from .config import ModelConfig
 from .image import (ContextTooLong, ImageHeader, MediaCancelled, MediaError, VideoPlan,
                     VisionPreprocess, check_cancel, decode_image, expand_vision_tokens, image_grid, load_video,
                     plan_video, preprocess_images, probe_image, video_pixels)
 
-__all__ = ["MediaCancelled", "MediaError", "ContextTooLong", "MediaInputs", "MediaPolicy", "MediumPlan",
-           "PromptInputs", "DECODE_PIXELS_BUDGET"]
+__all__ = ["MediaCancelled", "MediaError", "ContextTooLong", "ChatPrompt", "MediaInputs", "MediaPolicy", "MediumPlan",
+           "PromptInputs", "DECODE_PIXELS_BUDGET", "normalize_media_parts", "render_chat_prompt"]
 
 # Pixels a request's media may decode in all (a video file: every frame up to the last one sampled) when the
 # server clamps and sets no budget of its own: about 80 minutes of 1080p video sampled over 40 s of CPU.
@@ -172,6 +177,44 @@ def _url(value: Any) -> Any:
     return value.get("url") if isinstance(value, dict) else value
 
 
+def normalize_media_parts(messages: list[dict]) -> list[dict]:
+    """`video_url` parts -> `video` parts, so the chat template renders them as videos."""
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and "video_url" in p for p in content):
+            content = [{"type": "video", "video": _url(p["video_url"]), **{k: v for k, v in p.items()
+                        if k not in ("type", "video_url")}} if isinstance(p, dict) and "video_url" in p else p
+                       for p in content]
+            m = {**m, "content": content}
+        out.append(m)
+    return out
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation rendered for generation: the prompt text in escaped form (`Tokenizer.encode_escaped`:
+    message text never becomes control tokens) and the messages it was rendered from (media parts
+    normalized, system messages merged when asked), whose media parts `MediaInputs.parts` walks."""
+    text: str
+    messages: list[dict]
+
+
+def render_chat_prompt(template: ChatTemplate, escape, messages: list[dict], tools: list[dict] | None = None, *,
+                       enable_thinking: bool = True, preserve_thinking: bool = False,
+                       merge_system: bool = False) -> ChatPrompt:
+    """The chat -> prompt pipeline: media parts normalized, late system (and developer) messages joined to
+    the leading one when `merge_system` (a server's policy: agents send reminders that way; the Python API
+    renders messages as given), the generation prompt rendered with `escape` (the tokenizer's ContentEscape).
+    Raises ChatTemplateError for a conversation the template cannot render."""
+    messages = normalize_media_parts(messages)
+    if merge_system:
+        messages = merge_system_messages(messages)
+    text = template.render(messages, tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking,
+                           preserve_thinking=preserve_thinking, escape=escape)
+    return ChatPrompt(text, messages)
+
+
 @dataclass
 class PlannedPrompt:
     """A prompt whose media are planned from their headers and checked, not yet decoded (see plan_prompt)."""
@@ -193,17 +236,8 @@ class MediaInputs:
 
     # -------------------------------------------------------------------- media from messages
     def normalize(self, messages: list[dict]) -> list[dict]:
-        """`video_url` parts -> `video` parts, so the chat template renders them as videos."""
-        out = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list) and any(isinstance(p, dict) and "video_url" in p for p in content):
-                content = [{"type": "video", "video": _url(p["video_url"]), **{k: v for k, v in p.items()
-                            if k not in ("type", "video_url")}} if isinstance(p, dict) and "video_url" in p else p
-                           for p in content]
-                m = {**m, "content": content}
-            out.append(m)
-        return out
+        """`video_url` parts -> `video` parts (see normalize_media_parts)."""
+        return normalize_media_parts(messages)
 
     @staticmethod
     def parts(messages: list[dict]) -> list[tuple[str, str, dict]]:

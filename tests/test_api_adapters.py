@@ -469,15 +469,20 @@ def test_codex_requests_translate(name):
 
 
 def chat_job(body: dict, defaults: dict | None = None):
-    """A ChatJob of a parsed /v1/chat/completions body, without an engine (thinking and constraints only)."""
+    """The chat turn of a parsed /v1/chat/completions body, without an engine (thinking and constraints only)."""
     from types import SimpleNamespace
 
-    from qwen36.server.jobs import ChatJob, ServerConfig
+    from qwen36.server.chat import ChatTurn
+    from qwen36.server.config import ServerConfig
+    from qwen36.server.openai import to_call
     from qwen36.server.protocol import ChatCompletionRequest, parse
 
     req = parse(ChatCompletionRequest, json.dumps({"messages": MSG, **body}).encode())
-    runner = SimpleNamespace(engine=SimpleNamespace(grammar=None))
-    return ChatJob(req, ServerConfig("m", default_chat_template_kwargs=defaults), None, None, None, runner)
+    ctx = SimpleNamespace(config=ServerConfig("m", default_chat_template_kwargs=defaults), grammar=None,
+                          runner=SimpleNamespace(), vocab_size=1000)
+    turn = ChatTurn(to_call(req, ctx.vocab_size), ctx)
+    turn.req = req
+    return turn
 
 
 @pytest.mark.parametrize("body, thinking, budget", [
@@ -492,7 +497,7 @@ def chat_job(body: dict, defaults: dict | None = None):
 def test_reasoning_effort_sets_thinking_and_budget(body, thinking, budget):
     job = chat_job(body)
     assert job.thinking is thinking
-    assert job._constraint(job.req).get("thinking_token_budget") == budget
+    assert job.constraint().get("thinking_token_budget") == budget
 
 
 def test_reasoning_effort_overrides_server_default():
@@ -596,7 +601,6 @@ def test_responses_namespace_tools_are_served_and_calls_name_their_namespace():
     in the input is read back under the name the model saw."""
     from qwen36.parsers import ChatResult
     from qwen36.server import responses as rm
-    from qwen36.server.jobs import Choice
 
     fn = {"type": "function", "parameters": {"type": "object", "properties": {}}}
     tools = [{**fn, "name": "close"}, {"type": "namespace", "name": "agents", "description": "Sub-agents.",
@@ -610,7 +614,7 @@ def test_responses_namespace_tools_are_served_and_calls_name_their_namespace():
     spaces = rm.namespaces(req.tools)
     calls = [{"id": "c2", "type": "function", "function": {"name": n, "arguments": "{}"}}
              for n in ("agents.close", "close", "spawn")]
-    items = rm._items(Choice(0, ChatResult(None, None, calls), "tool_calls"), spaces)
+    items = rm._items(ChatResult(None, None, calls), spaces)
     assert [(i["name"], i.get("namespace")) for i in items] == [("close", "agents"), ("close", None),
                                                                 ("spawn", "agents")]
     w = rm._ItemWriter(spaces)

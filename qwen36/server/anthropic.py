@@ -6,10 +6,10 @@ blocks as OpenAI messages: `tool_use` blocks as tool calls, `tool_result` blocks
 `messages` (Claude Code sends its environment that way) as late system messages, which the chat path merges
 into the leading one; `tools` with `input_schema`, a `defer_loading` tool only once a `tool_reference`
 block has loaded it; `tool_choice` auto / any / tool / none; `thinking` enabled / adaptive / disabled as
-`enable_thinking`, `budget_tokens` and `output_config.effort` as the thinking budget), runs as a `ChatJob`,
-and its choice or deltas are written back as Anthropic content blocks (`thinking` with an empty signature,
-`text`, `tool_use`), stop reasons and usage (prompt tokens taken from the prefix cache are
-`cache_read_input_tokens`), or as the event stream the SDK consumes.
+`enable_thinking`, `budget_tokens` and `output_config.effort` as the thinking budget), runs as a chat turn
+(`chat.ChatTurn`), and its answer or events are written back as Anthropic content blocks (`thinking` with
+an empty signature, `text`, `tool_use`), stop reasons and usage from the turn's `Done` (prompt tokens taken
+from the prefix cache are `cache_read_input_tokens`), or as the event stream the SDK consumes.
 
 Fields that cannot change the answer (`metadata`, `context_management`, `service_tier`, `thinking.display`,
 cache_control marks, ...) are accepted and logged at debug; a field that would change it and is not
@@ -27,7 +27,8 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from .jobs import ChatJob, Choice
+from ..parsers import ChatResult
+from .chat import ChatTurn, Done, Event, ReasoningDelta, TextDelta, ToolCallDelta, Usage, delta_events
 from .protocol import APIError, ChatCompletionRequest, ContextLengthError, effort_thinking, function_tool, validate
 
 log = logging.getLogger("qwen36.server")
@@ -318,11 +319,9 @@ def _tool_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
 
 
-def _usage(job: ChatJob, output_tokens: int) -> dict:
-    usage = job.usage()
-    cached = usage["prompt_tokens_details"]["cached_tokens"]
-    return {"input_tokens": usage["prompt_tokens"] - cached, "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": cached, "output_tokens": output_tokens}
+def _usage(u: Usage) -> dict:
+    return {"input_tokens": u.prompt_tokens - u.cached_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": u.cached_tokens, "output_tokens": u.completion_tokens}
 
 
 def _stop(choice_reason: str, stop_sequence: str | None) -> tuple[str, str | None]:
@@ -332,59 +331,60 @@ def _stop(choice_reason: str, stop_sequence: str | None) -> tuple[str, str | Non
 
 
 class MessagesJob:
-    """One /v1/messages request: the chat job inside, Anthropic's shapes outside."""
+    """One /v1/messages request: a chat turn inside (`make_turn`: a chat request -> ChatTurn), Anthropic's
+    shapes outside."""
 
-    def __init__(self, req: MessagesRequest, make_chat_job):
+    def __init__(self, req: MessagesRequest, make_turn):
         self.req = req
-        self.chat: ChatJob = make_chat_job(to_chat(req))
+        self.turn: ChatTurn = make_turn(to_chat(req))
         self.id = "msg_" + uuid.uuid4().hex[:24]
-        self.model = self.chat.config.served_model_name
+        self.model = self.turn.ctx.config.served_model_name
+
+    @property
+    def started(self) -> bool:
+        return self.turn.started
 
     async def prepare(self) -> None:
-        await self.chat.prepare()
+        await self.turn.prepare()
 
     def _message(self, content: list, stop_reason, stop_sequence, usage: dict) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
                 "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
 
     async def complete(self, request: Request) -> dict:
-        [c] = await self.chat.choices(request)
-        return self._message(_blocks(c), *_stop(c.finish_reason, c.stop_sequence),
-                             _usage(self.chat, sum(self.chat.generated.values())))
+        [a] = await self.turn.answers()
+        return self._message(_blocks(a.result), *_stop(a.done.finish_reason, a.done.stop_sequence), _usage(a.done.usage))
 
     async def stream(self, request: Request) -> AsyncIterator[str]:
-        usage = {"input_tokens": sum(len(p) for p in self.chat.prompts), "cache_creation_input_tokens": 0,
+        usage = {"input_tokens": len(self.turn.prompt_ids), "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 0, "output_tokens": 0}
         yield _event({"type": "message_start", "message": self._message([], None, None, usage)})
         yield _event({"type": "ping"})
         blocks = _BlockWriter()
-        async for _, d, out in self.chat.deltas(request):
-            if d:
-                for event in blocks.delta(d):
+        async for e in self.turn.events():
+            if not isinstance(e, Done):
+                for event in blocks.write(e):
                     yield _event(event)
                 continue
-            if d is None:
-                for event in blocks.close():
-                    yield _event(event)
-                reason = self.chat.finish_reasons[0]
-                if reason == "error":
-                    yield _event({"type": "error", "error": {"type": "api_error", "message":
-                                  "the engine failed while generating; the request was dropped"}})
-                    return
-                stop_reason, stop_sequence = _stop(reason, self.chat.stops[0])
-                yield _event({"type": "message_delta", "delta": {"stop_reason": stop_reason,
-                                                                 "stop_sequence": stop_sequence},
-                              "usage": _usage(self.chat, sum(self.chat.generated.values()))})
-                yield _event({"type": "message_stop"})
+            for event in blocks.close():
+                yield _event(event)
+            if e.finish_reason == "error":
+                yield _event({"type": "error", "error": {"type": "api_error", "message":
+                              "the engine failed while generating; the request was dropped"}})
+                return
+            stop_reason, stop_sequence = _stop(e.finish_reason, e.stop_sequence)
+            yield _event({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                          "usage": _usage(e.usage)})
+            yield _event({"type": "message_stop"})
 
 
-def _blocks(c: Choice) -> list[dict]:
+def _blocks(result: ChatResult) -> list[dict]:
     out = []
-    if c.result.reasoning_content:
-        out.append({"type": "thinking", "thinking": c.result.reasoning_content, "signature": ""})
-    if c.result.content:
-        out.append({"type": "text", "text": c.result.content})
-    for call in c.result.tool_calls:
+    if result.reasoning_content:
+        out.append({"type": "thinking", "thinking": result.reasoning_content, "signature": ""})
+    if result.content:
+        out.append({"type": "text", "text": result.content})
+    for call in result.tool_calls:
         out.append({"type": "tool_use", "id": _tool_id(call["id"]), "name": call["function"]["name"],
                     "input": json.loads(call["function"]["arguments"])})
     return out
@@ -413,33 +413,38 @@ class _BlockWriter:
         self.open = None
         return events
 
-    def delta(self, d: dict) -> list[dict]:
+    def write(self, e: Event) -> list[dict]:
+        """One chat event -> Anthropic's events (logprobs have no place here)."""
         events = []
-        if "reasoning_content" in d:
+        if isinstance(e, ReasoningDelta):
             if self.open != "thinking":
                 events += self.close() + self._start({"type": "thinking", "thinking": "", "signature": ""})
             events.append({"type": "content_block_delta", "index": self.index,
-                           "delta": {"type": "thinking_delta", "thinking": d["reasoning_content"]}})
-        elif "content" in d:
+                           "delta": {"type": "thinking_delta", "thinking": e.text}})
+        elif isinstance(e, TextDelta):
             if self.open != "text":
                 events += self.close() + self._start({"type": "text", "text": ""})
             events.append({"type": "content_block_delta", "index": self.index,
-                           "delta": {"type": "text_delta", "text": d["content"]}})
-        for call in d.get("tool_calls", ()):
-            events += self.close() + self._start({"type": "tool_use", "id": _tool_id(call["id"]),
-                                                  "name": call["function"]["name"], "input": {}})
+                           "delta": {"type": "text_delta", "text": e.text}})
+        elif isinstance(e, ToolCallDelta):
+            events += self.close() + self._start({"type": "tool_use", "id": _tool_id(e.id), "name": e.name,
+                                                  "input": {}})
             events.append({"type": "content_block_delta", "index": self.index,
-                           "delta": {"type": "input_json_delta", "partial_json": call["function"]["arguments"]}})
+                           "delta": {"type": "input_json_delta", "partial_json": e.arguments}})
             events += self.close()
         return events
+
+    def delta(self, d: dict) -> list[dict]:
+        """A parser delta (`reasoning_content`, `content` or `tool_calls`) -> Anthropic's events."""
+        return [x for e in delta_events(0, d) for x in self.write(e)]
 
 
 def _event(data: dict) -> str:
     return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def count_tokens(raw: bytes, make_chat_job) -> dict:
+async def count_tokens(raw: bytes, make_turn) -> dict:
     """POST /v1/messages/count_tokens: the prompt's token count, as /v1/messages would render it (media
     counted from their headers: nothing is decoded and the vision tower does not run)."""
-    chat = await asyncio.to_thread(lambda: make_chat_job(to_chat(parse_request(raw, count_only=True))))
+    chat = await asyncio.to_thread(lambda: make_turn(to_chat(parse_request(raw, count_only=True))))
     return {"input_tokens": await chat.count_tokens()}                # (parsing scales with the body: a thread)

@@ -1,4 +1,9 @@
-"""The OpenAI-compatible HTTP server (FastAPI): routes, SSE streaming, auth, limits, metrics."""
+"""The HTTP server (FastAPI): routes, SSE streaming, auth, limits, metrics.
+
+`create_app` builds the `ServingContext` once (context.py); each route parses its API's request and runs a
+job of its adapter: OpenAI chat completions and completions (openai.py), Anthropic Messages (anthropic.py)
+and Responses (responses.py), the three chat APIs on one chat core (chat.py).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -12,13 +17,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match
 
-from ..chat import ChatTemplate
 from ..llm import LLM
 from . import anthropic, responses
-from .jobs import ChatJob, CompletionJob, MediaPool, ServerConfig
+from .chat import ChatTurn
+from .config import ServerConfig
+from .context import ServingContext
 from .metrics import CONTENT_TYPE
+from .openai import ChatCompletionJob, CompletionJob, to_call
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from .runner import EngineRunner
+
+__all__ = ["Booting", "ServerConfig", "create_app", "header_timeout_protocol"]
 
 log = logging.getLogger("qwen36.server")
 
@@ -26,9 +35,7 @@ log = logging.getLogger("qwen36.server")
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="qwen36", docs_url=None, redoc_url=None)
     runner = EngineRunner(llm.engine(), max_waiting=config.max_waiting)
-    template = ChatTemplate.from_checkpoint(llm.path)
-    tokenizer = llm.tokenizer
-    media_pool = MediaPool(config.media_workers, config.media_queue)
+    ctx = ServingContext.build(llm, config, runner)
     app.state.runner = runner
     created = int(time.time())
     app.add_middleware(Guard, config=config, metrics=runner.metrics, routes=app.router.routes)
@@ -55,7 +62,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": config.served_model_name, "object": "model", "created": created,
-                                            "owned_by": "qwen36", "max_model_len": runner.engine.max_model_len}]}
+                                            "owned_by": "qwen36", "max_model_len": ctx.max_model_len}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -81,7 +88,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         except ClientGone:
             return Response(status_code=499)                   # nobody reads it (nginx's "client closed")
         except Exception as e:  # noqa: BLE001 - the catch-all: one request fails, in its route's shape
-            started = bool(getattr(getattr(job, "chat", job), "rids", None))
+            started = bool(getattr(job, "started", False))
             log.error("%s failed (%s): %s: %s", route, "during generation" if started else "before generation",
                       type(e).__name__, e, exc_info=True)
             if started:
@@ -90,31 +97,31 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             return error_response(APIError(f"the request could not be processed ({type(e).__name__}); "
                                            "check its fields' types and sizes", 400), route)
 
-    def chat_job(req: ChatCompletionRequest) -> ChatJob:
-        return ChatJob(req, config, template, tokenizer, llm, runner, media_pool)
+    def chat_turn(req: ChatCompletionRequest) -> ChatTurn:
+        """The chat turn of another API's request, translated into a chat completions request."""
+        return ChatTurn(to_call(req, ctx.vocab_size), ctx)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await run(request, lambda raw: chat_job(parse(ChatCompletionRequest, raw)))
+        return await run(request, lambda raw: ChatCompletionJob(parse(ChatCompletionRequest, raw), ctx))
 
     @app.post("/v1/messages")
     async def messages(request: Request):
-        return await run(request, lambda raw: anthropic.MessagesJob(anthropic.parse_request(raw), chat_job))
+        return await run(request, lambda raw: anthropic.MessagesJob(anthropic.parse_request(raw), chat_turn))
 
     stored = responses.ResponseStore(config.responses_store_size, max_bytes=config.responses_store_bytes)
 
     @app.post("/v1/responses")
     async def create_response(request: Request):
-        return await run(request, lambda raw: responses.ResponsesJob(responses.parse_request(raw), chat_job, stored))
+        return await run(request, lambda raw: responses.ResponsesJob(responses.parse_request(raw), chat_turn, stored))
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request):
-        return await run(request, lambda raw: raw, lambda raw: anthropic.count_tokens(raw, chat_job))
+        return await run(request, lambda raw: raw, lambda raw: anthropic.count_tokens(raw, chat_turn))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await run(request, lambda raw: CompletionJob(parse(CompletionRequest, raw), config, tokenizer,
-                                                            llm, runner))
+        return await run(request, lambda raw: CompletionJob(parse(CompletionRequest, raw), ctx))
 
     @app.on_event("shutdown")
     def _shutdown():

@@ -16,7 +16,7 @@ import sys
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 log = logging.getLogger("qwen36.server")
 
@@ -176,6 +176,26 @@ class ChatCompletionRequest(SamplingFields):
     thinking_token_budget: int | None = Field(default=None, ge=0)   # vLLM's name
     reasoning_effort: str | None = None        # EFFORTS: thinking on/off and a thinking-token budget
     modalities: list[str] | None = None
+    # read from the fields above once, when the request is validated (a 400 naming the field)
+    _response_schema: Any = PrivateAttr(default=None)
+    _effort: tuple[bool | None, int | None] = PrivateAttr(default=(None, None))
+
+    @model_validator(mode="after")
+    def _read_schema_and_effort(self):
+        self._response_schema = response_schema(self.response_format)
+        if self.reasoning_effort is not None:
+            self._effort = effort_thinking(self.reasoning_effort, "reasoning_effort")
+        return self
+
+    @property
+    def answer_schema(self):
+        """The answer's JSON schema from response_format: None (text), True (any JSON object) or a dict."""
+        return self._response_schema
+
+    @property
+    def thinking_effort(self) -> tuple[bool | None, int | None]:
+        """reasoning_effort as (enable_thinking, thinking budget); (None, None) when not given."""
+        return self._effort
 
 
 class CompletionRequest(SamplingFields):
@@ -353,13 +373,8 @@ def parse(model: type[_Model], raw: bytes) -> Any:
         raise APIError(f"unsupported field {name!r}: {why}", param=name)
     if ignored:
         log.debug("ignoring fields %s (they do not change the output)", sorted(ignored))
-    req = validate(model, data)
-    if getattr(req, "reasoning_effort", None) is not None:
-        effort_thinking(req.reasoning_effort, "reasoning_effort")   # a 400 naming it
+    req = validate(model, data)             # (reasoning_effort and response_format: read as it validates)
     # values of supported fields that ask for something we do not do
-    fmt = getattr(req, "response_format", None)
-    if fmt is not None:
-        response_schema(fmt)                                   # a 400 naming what is wrong
     if getattr(req, "modalities", None) not in (None, ["text"]):
         raise APIError(f"unsupported field 'modalities': {_UNSUPPORTED['modalities']}", param="modalities")
     if getattr(req, "best_of", None) not in (None, 1):

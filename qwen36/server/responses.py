@@ -5,8 +5,9 @@ Only translation lives here. `instructions` + `input` (a string, or items: messa
 tools, also those grouped in `namespace` tools (`namespaces`), and `tool_choice` map over (other tool types,
 e.g. Codex's `web_search`, are skipped with a warning); `reasoning.effort` is chat's `reasoning_effort`
 (protocol.EFFORTS: "none" / "minimal" turn thinking off, "low" / "medium" cap the reasoning, higher efforts
-leave it to the model); `max_output_tokens` is `max_tokens`. The chat job's choice comes back as output
-items (`reasoning`, `message`, `function_call`) with usage, or as the event stream the SDK consumes.
+leave it to the model); `max_output_tokens` is `max_tokens`. The chat turn's answer comes back as output
+items (`reasoning`, `message`, `function_call`) with usage (reasoning tokens as the engine counted them), or
+as the event stream the SDK consumes.
 Responses with `store` (the default) are kept in an in-memory LRU bounded by count and by bytes so that
 `previous_response_id` continues them; images are not kept (a text marker stands in their place), so a
 continued conversation keeps its text, and one request's media cannot fill the server's memory.
@@ -25,8 +26,8 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..parsers import ChatResult
-from .jobs import ChatJob, Choice
-from .protocol import APIError, ChatCompletionRequest, effort_thinking, function_tool, response_schema, validate
+from .chat import ChatTurn, Done, Event, ReasoningDelta, TextDelta, ToolCallDelta, Usage, delta_events, tool_call_dict
+from .protocol import APIError, ChatCompletionRequest, effort_thinking, function_tool, validate
 
 log = logging.getLogger("qwen36.server")
 
@@ -290,16 +291,17 @@ def to_chat(req: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionR
             raise APIError("text.format: expected an object", param="text.format")
         if fmt.get("type") == "json_schema":
             fmt = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
-        try:
-            response_schema(fmt)
-        except APIError as e:
-            raise APIError(e.message.replace("response_format.json_schema", "text.format").replace(
-                "response_format", "text.format"), param="text.format") from None
         body["response_format"] = fmt
     for name in ("temperature", "top_p"):
         if getattr(req, name) is not None:
             body[name] = getattr(req, name)
-    return validate(ChatCompletionRequest, body), conversation
+    try:
+        return validate(ChatCompletionRequest, body), conversation
+    except APIError as e:                        # the schema, read once as the request validates: in our words
+        if e.param != "response_format":
+            raise
+        raise APIError(e.message.replace("response_format.json_schema", "text.format").replace(
+            "response_format", "text.format"), param="text.format") from None
 
 
 # ---- chat results -> Responses ---------------------------------------------------------------------------
@@ -309,25 +311,30 @@ def _new_id(prefix: str) -> str:
 
 
 class ResponsesJob:
-    """One /v1/responses request: the chat job inside, Responses shapes outside."""
+    """One /v1/responses request: a chat turn inside (`make_turn`: a chat request -> ChatTurn), Responses
+    shapes outside."""
 
-    def __init__(self, req: ResponsesRequest, make_chat_job, store: ResponseStore):
+    def __init__(self, req: ResponsesRequest, make_turn, store: ResponseStore):
         self.req, self.store = req, store
         history = store.get(req.previous_response_id) if req.previous_response_id else []
         chat_req, self.conversation = to_chat(req, history)
         self.spaces = namespaces(req.tools)
-        self.chat: ChatJob = make_chat_job(chat_req)
+        self.turn: ChatTurn = make_turn(chat_req)
         self.id = _new_id("resp")
         self.created = int(time.time())
         self.seq = 0
 
+    @property
+    def started(self) -> bool:
+        return self.turn.started
+
     async def prepare(self) -> None:
-        await self.chat.prepare()
+        await self.turn.prepare()
 
     def _response(self, status: str, output: list[dict], usage: dict | None, reason: str | None = None) -> dict:
         req = self.req
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
-                "model": self.chat.config.served_model_name, "output": output, "usage": usage, "error": None,
+                "model": self.turn.ctx.config.served_model_name, "output": output, "usage": usage, "error": None,
                 "incomplete_details": {"reason": reason} if reason else None, "instructions": req.instructions,
                 "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
                 "parallel_tool_calls": req.parallel_tool_calls is not False, "temperature": req.temperature,
@@ -336,35 +343,24 @@ class ResponsesJob:
                 "text": {"format": {"type": "text"}}, "store": req.store, "metadata": req.metadata or {},
                 "truncation": "disabled"}
 
-    def _usage(self, reasoning: str | None) -> dict:
-        u = self.chat.usage()
-        thought = len(self.chat.tokenizer.encode_text(reasoning)) if reasoning else 0
-        return {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens":
-                u["prompt_tokens_details"]["cached_tokens"]}, "output_tokens": u["completion_tokens"],
-                "output_tokens_details": {"reasoning_tokens": min(thought, u["completion_tokens"])},
-                "total_tokens": u["total_tokens"]}
-
-    def _remember(self, c: Choice) -> None:
+    def _remember(self, result: ChatResult) -> None:
         if not self.req.store:
             return
-        answer: dict = {"role": "assistant", "content": c.result.content or ""}
-        if c.result.reasoning_content:
-            answer["reasoning_content"] = c.result.reasoning_content
-        if c.result.tool_calls:
-            answer["tool_calls"] = c.result.tool_calls
+        answer: dict = {"role": "assistant", "content": result.content or ""}
+        if result.reasoning_content:
+            answer["reasoning_content"] = result.reasoning_content
+        if result.tool_calls:
+            answer["tool_calls"] = result.tool_calls
         self.store.put(self.id, self.conversation + [answer])
 
-    def _status(self, reason: str) -> tuple[str, str | None]:
-        return ("incomplete", "max_output_tokens") if reason == "length" else ("completed", None)
+    def _final(self, done: Done, output: list[dict]) -> dict:
+        status, reason = ("incomplete", "max_output_tokens") if done.finish_reason == "length" else ("completed", None)
+        return self._response(status, output, _usage(done.usage), reason)
 
     async def complete(self, request: Request) -> dict:
-        [c] = await self.chat.choices(request)
-        self._remember(c)
-        return self._final(c, _items(c, self.spaces))
-
-    def _final(self, c: Choice, output: list[dict]) -> dict:
-        status, reason = self._status(c.finish_reason)
-        return self._response(status, output, self._usage(c.result.reasoning_content), reason)
+        [a] = await self.turn.answers()
+        self._remember(a.result)
+        return self._final(a.done, _items(a.result, self.spaces))
 
     def _event(self, data: dict) -> str:
         data["sequence_number"] = self.seq
@@ -376,29 +372,35 @@ class ResponsesJob:
         yield self._event({"type": "response.in_progress", "response": self._response("in_progress", [], None)})
         items = _ItemWriter(self.spaces)
         reasoning, content, calls = [], [], []
-        async for _, d, out in self.chat.deltas(request):
-            if d:
-                reasoning += [d["reasoning_content"]] if "reasoning_content" in d else []
-                content += [d["content"]] if "content" in d else []
-                calls += d.get("tool_calls", [])
-                for event in items.delta(d):
+        async for e in self.turn.events():
+            if not isinstance(e, Done):
+                if isinstance(e, ReasoningDelta):
+                    reasoning.append(e.text)
+                elif isinstance(e, TextDelta):
+                    content.append(e.text)
+                elif isinstance(e, ToolCallDelta):
+                    calls.append(tool_call_dict(e))
+                for event in items.write(e):
                     yield self._event(event)
                 continue
-            if d is None:
-                for event in items.close():
-                    yield self._event(event)
-                reason = self.chat.finish_reasons[0]
-                if reason == "error":
-                    failed = self._response("failed", items.done, None)
-                    failed["error"] = {"code": "server_error",
-                                       "message": "the engine failed while generating; the request was dropped"}
-                    yield self._event({"type": "response.failed", "response": failed})
-                    return
-                c = Choice(0, ChatResult("".join(content) or None, "".join(reasoning) or None, calls), reason)
-                self._remember(c)
-                final = self._final(c, items.done)
-                kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-                yield self._event({"type": kind, "response": final})
+            for event in items.close():
+                yield self._event(event)
+            if e.finish_reason == "error":
+                failed = self._response("failed", items.done, None)
+                failed["error"] = {"code": "server_error",
+                                   "message": "the engine failed while generating; the request was dropped"}
+                yield self._event({"type": "response.failed", "response": failed})
+                return
+            self._remember(ChatResult("".join(content) or None, "".join(reasoning) or None, calls))
+            final = self._final(e, items.done)
+            kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+            yield self._event({"type": kind, "response": final})
+
+
+def _usage(u: Usage) -> dict:
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+            "total_tokens": u.total_tokens}
 
 
 def _reasoning_item(text: str, item_id: str | None = None) -> dict:
@@ -420,18 +422,18 @@ def _call_item(call: dict, status: str = "completed", spaces: dict | None = None
     return item
 
 
-def _items(c: Choice, spaces: dict | None = None) -> list[dict]:
+def _items(result: ChatResult, spaces: dict | None = None) -> list[dict]:
     out = []
-    if c.result.reasoning_content:
-        out.append(_reasoning_item(c.result.reasoning_content))
-    if c.result.content:
-        out.append(_message_item(c.result.content))
-    out += [_call_item(call, spaces=spaces) for call in c.result.tool_calls]
+    if result.reasoning_content:
+        out.append(_reasoning_item(result.reasoning_content))
+    if result.content:
+        out.append(_message_item(result.content))
+    out += [_call_item(call, spaces=spaces) for call in result.tool_calls]
     return out
 
 
 class _ItemWriter:
-    """Parser deltas -> output item events; finished items collect in `done`."""
+    """Chat events -> output item events; finished items collect in `done`."""
 
     def __init__(self, spaces: dict | None = None):
         self.spaces = spaces
@@ -476,23 +478,23 @@ class _ItemWriter:
                           "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": [],
                                                        "logprobs": []}}]
 
-    def delta(self, d: dict) -> list[dict]:
+    def write(self, e: Event) -> list[dict]:
+        """One chat event -> Responses' events (logprobs are not reported)."""
         events = []
-        if "reasoning_content" in d or "content" in d:
-            kind = "reasoning" if "reasoning_content" in d else "message"
+        if isinstance(e, (ReasoningDelta, TextDelta)):
+            kind = "reasoning" if isinstance(e, ReasoningDelta) else "message"
             if self.open is None or self.open["type"] != kind:
                 events += self._start(kind)
-            text = d.get("reasoning_content", d.get("content"))
-            self.text += text
+            self.text += e.text
             name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
             event = {"type": name, "item_id": self.open["id"], "output_index": self._index(), "content_index": 0,
-                     "delta": text}
+                     "delta": e.text}
             if kind == "message":
                 event["logprobs"] = []
             events.append(event)
-        for call in d.get("tool_calls", ()):
+        elif isinstance(e, ToolCallDelta):
             events += self.close()
-            i, item = self._index(), _call_item(call, "in_progress", self.spaces)
+            i, item = self._index(), _call_item(tool_call_dict(e), "in_progress", self.spaces)
             events.append({"type": "response.output_item.added", "output_index": i,
                            "item": {**item, "arguments": ""}})
             events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"],
@@ -503,3 +505,7 @@ class _ItemWriter:
             events.append({"type": "response.output_item.done", "output_index": i, "item": item})
             self.done.append(item)
         return events
+
+    def delta(self, d: dict) -> list[dict]:
+        """A parser delta (`reasoning_content`, `content` or `tool_calls`) -> Responses' events."""
+        return [x for e in delta_events(0, d) for x in self.write(e)]
