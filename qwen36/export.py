@@ -2,7 +2,7 @@
 
 The output keeps the official layout (`model.language_model.*` names, sharded safetensors + index, the
 same config.json plus `quantization_config`), with each quantized weight `W` stored as `W.q`, `W.scale`
-and (int4) `W.min` (formats in quant.py). Vision tower and MTP tensors are copied through unchanged, as
+and (int4) `W.min` (formats in ops/qformat.py). Vision tower and MTP tensors are copied through unchanged, as
 are the tokenizer, generation config and chat template files.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, map_name
-from .model import load_model
+from .layers.quant import QuantExperts, QuantLinear
+from .loader import load_model
 from .plan import size
-from .quant import QuantExperts, QuantLinear
 
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
               "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json")

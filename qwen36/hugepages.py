@@ -20,23 +20,30 @@ alone: the embedding table (one row is read per token), and experts that must st
 (`max_ram`: residency.py drops their pages). It moves nothing when the copies would not fit in the
 memory the kernel reports available (MemAvailable) less a margin, or when the kernel refuses the mapping:
 then the weights stay as loaded.
-QWEN36_HUGEPAGES=0 turns it off.
+QWEN36_HUGEPAGES=0 (ComputeConfig.hugepages) turns it off: place_weights follows the model's backend, the
+caches (`zeros`) the environment's config.
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
-import os
 
 import torch
 from torch import nn
+
+from .checkpoint import MAPPINGS
+from .layers.quant import QuantExperts, QuantLinear
+from .ops.backend import ComputeConfig
+from .residency import locate
 
 HUGE = 2 << 20                 # the x86 transparent huge page
 ALIGN = 64                     # each weight starts on a cache line
 MARGIN = 1 << 30               # memory left free for caches, activations and the rest of the process
 
 
-def enabled() -> bool:
-    return os.environ.get("QWEN36_HUGEPAGES") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
+def enabled(compute: ComputeConfig | None = None) -> bool:
+    """Whether huge-page memory is asked for (`compute`, None: the environment's config) and Linux offers it."""
+    return (compute or ComputeConfig.from_env()).hugepages and hasattr(mmap, "MADV_HUGEPAGE")
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -66,7 +73,6 @@ def zeros(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
 
 
 def _address(mm: mmap.mmap) -> int:
-    import ctypes
     obj = ctypes.c_char.from_buffer(mm)
     try:
         return ctypes.addressof(obj)
@@ -99,8 +105,6 @@ def proc_kb(path: str, key: str) -> int | None:
 def _weights(model: nn.Module, experts: bool):
     """(owner, key, tensor) for every weight place_weights may move: parameters of any module, the parts of
     quantized linears and, with experts=True, of quantized experts."""
-    from .quant import QuantExperts, QuantLinear
-
     for name, module in model.named_modules():
         if name.endswith("embed_tokens"):
             continue
@@ -121,8 +125,8 @@ def _weights(model: nn.Module, experts: bool):
 def place_weights(model: nn.Module, experts: bool = True) -> int:
     """Copy the model's CPU weights into one huge-page arena (see the module text), each at a 64-byte
     boundary. experts=False leaves routed experts in place; when all of them would not fit, only the other
-    weights move. Returns the bytes moved (0 when off or short of memory)."""
-    if not enabled():
+    weights move. Returns the bytes moved (0 when the model's backend has huge pages off, or short of memory)."""
+    if not model.backend.hugepages:
         return 0
     for with_experts in ((True, False) if experts else (False,)):
         todo = [(owner, key, t) for owner, key, t in _weights(model, with_experts) if t.device.type == "cpu"]
@@ -147,7 +151,6 @@ def place_weights(model: nn.Module, experts: bool = True) -> int:
 
 
 def _mapping_bases():
-    from .checkpoint import MAPPINGS
     return [(_address(mm), len(mm), mm) for mm in MAPPINGS]
 
 
@@ -162,8 +165,7 @@ def _drop_pages(bases, ptr: int, nbytes: int) -> None:
     """A copied weight's pages of the checkpoint's file mapping leave this process (they stay in the page
     cache, reclaimable; if anything reads them again they come back from it): resident memory counts the
     copy once, not twice, from the first weight on."""
-    from .residency import _locate
-    where = _locate(bases, ptr, nbytes)
+    where = locate(bases, ptr, nbytes)
     if where is not None:
         mm, start, length = where
         mm.madvise(mmap.MADV_DONTNEED, start, length)

@@ -15,20 +15,23 @@ position, which the next row needs, is kept per sequence slot ("hidden").
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
 from .batch import ForwardBatch
-from .checkpoint import Checkpoint
-from .config import ModelConfig, TextConfig
+from .config import TextConfig
 from .layers.linear import Linear
 from .layers.norm import RMSNorm
+from .layers.quant import QuantLinear
+from .model import DecoderLayer
+from .ops.linear import linear
 
 
 class MTPHead(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        from .model import DecoderLayer
         H = cfg.hidden_size
         self.fc = Linear(2 * H, H)
         self.pre_fc_norm_embedding = RMSNorm(H, cfg.rms_norm_eps)
@@ -46,28 +49,9 @@ class MTPHead(nn.Module):
 def _fc_target(head: MTPHead, qcfg) -> dict:
     """fc [H, 2H] is the head's largest dense weight: quantize it with the rest (quant.is_quantized does not
     name it, as no decoder weight is called fc)."""
-    from .quant import QuantLinear
     q = QuantLinear(head.fc.weight.shape[1], head.fc.weight.shape[0], qcfg)
     head.fc = q
     return {"fc.weight": (q, "weight")}
-
-
-def load_mtp(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device, qcfg) -> MTPHead:
-    """The checkpoint's `mtp.*` head (per-expert or fused experts), quantized like the decoder."""
-    from .checkpoint import CheckpointError
-    from .model import _read_weights
-    if cfg.text.mtp_num_hidden_layers < 1 or not any(n.startswith("mtp.") for n in ckpt.names()):
-        raise CheckpointError(f"{ckpt.path}: speculative decoding with method 'mtp' needs the checkpoint's "
-                              "mtp.* weights (the multi-token-prediction head), and this checkpoint has none")
-    if cfg.text.mtp_num_hidden_layers != 1:
-        raise CheckpointError(f"{ckpt.path}: mtp_num_hidden_layers={cfg.text.mtp_num_hidden_layers}; "
-                              "only the one-layer MTP head of Qwen3.5/3.6 is supported")
-    with torch.device("meta"):
-        head = MTPHead(cfg.text)
-    tensors, _ = _read_weights(head, ckpt, cfg, qcfg, dtype, device, part="mtp", extra_targets=_fc_target)
-    head.load_state_dict(tensors, strict=True, assign=True)
-    head.requires_grad_(False)
-    return head
 
 
 MAX_SPECULATIVE_TOKENS = 8
@@ -87,31 +71,33 @@ class DraftHead:
         if draft_vocab is not None and draft_vocab < vocab:
             ids = sorted(set(range(draft_vocab)) | {i for i in extra_ids if 0 <= i < vocab})
             self.ids = torch.tensor(ids)
-            from .quant import QuantLinear
-            if isinstance(lm_head, QuantLinear):          # its packed rows, gathered once
-                self.sub = {k: v.index_select(0, self.ids).contiguous() for k, v in lm_head.packed.items()}
-            else:
-                self.sub = lm_head.weight.index_select(0, self.ids)
+            w = lm_head.kernel_weight                     # a QuantLinear's packed rows or a float weight's,
+            self.sub = {k: v.index_select(0, self.ids).contiguous() for k, v in w.items()} \
+                if isinstance(w, dict) else w.index_select(0, self.ids)          # gathered once
 
     def __call__(self, g: torch.Tensor) -> list[int]:
-        from .sampling import greedy
         if self.ids is None:
-            return greedy(self.lm_head(g))
-        from . import kernels
-        logits = kernels.qlinear(g, self.sub) if isinstance(self.sub, dict) else kernels.float_linear(g, self.sub)
-        return self.ids[torch.tensor(greedy(logits))].tolist()
+            return _argmax(self.lm_head(g))
+        return self.ids[torch.tensor(_argmax(linear(g, self.sub, self.lm_head.backend)))].tolist()
+
+
+def _argmax(logits: torch.Tensor):
+    """The first index of the largest logit over the last dim, as sampling.greedy picks it (torch's max
+    along a dim returns argmax's index, faster): an int for one row, else a list."""
+    idx = logits.max(-1).indices
+    return int(idx) if idx.dim() == 0 else idx.tolist()
 
 
 def speculative_tokens(config) -> int:
-    """vLLM's speculative_config ({"method": "mtp", "num_speculative_tokens": k}, a dict or its JSON text;
-    None: off) -> k, the tokens drafted per step (0: off). Raises ValueError naming what is wrong."""
+    # kept until tests/test_speculative.py is re-pointed to parse_speculative_config(config)[0] (no other caller)
     return parse_speculative_config(config)[0]
 
 
 def parse_speculative_config(config) -> tuple[int, int | None]:
-    """speculative_config -> (k, draft vocabulary size or None for the whole vocabulary). Besides vLLM's
-    keys, "draft_vocab_size": N drafts among the first N token ids and the special tokens (DraftHead)."""
-    import json
+    """speculative_config (vLLM's: {"method": "mtp", "num_speculative_tokens": k}, a dict or its JSON text;
+    None: off) -> (k, draft vocabulary size or None for the whole vocabulary); k = 0: off. Besides vLLM's
+    keys, "draft_vocab_size": N drafts among the first N token ids and the special tokens (DraftHead).
+    Raises ValueError naming what is wrong."""
     if config is None:
         return 0, None
     if isinstance(config, str):

@@ -14,6 +14,7 @@ import mmap
 import torch
 
 from .checkpoint import MAPPINGS
+from .layers.quant import QuantExperts
 
 PAGE = mmap.PAGESIZE
 
@@ -25,8 +26,6 @@ def resident_bytes() -> int:
 
 class ExpertResidency:
     def __init__(self, model, limit_bytes: int):
-        from .quant import QuantExperts
-
         self.limit = limit_bytes
         bases = [(ctypes.addressof(ctypes.c_char.from_buffer(mm)), len(mm), mm) for mm in MAPPINGS]
         self.ranges: dict[tuple[int, int], list[tuple[mmap.mmap, int, int]]] = {}
@@ -39,7 +38,7 @@ class ExpertResidency:
                 for t in stacked.tensors.values():
                     per = t[0].numel() * t.element_size()
                     for e in range(t.shape[0]):
-                        where = _locate(bases, t.data_ptr() + e * per, per)
+                        where = locate(bases, t.data_ptr() + e * per, per)
                         if where is not None:
                             self.ranges.setdefault((layer, e), []).append(where)
                             self.last_used.setdefault((layer, e), -1)
@@ -69,7 +68,7 @@ class ExpertResidency:
             self.resident.discard(key)
 
 
-def _locate(bases, ptr: int, size: int):
+def locate(bases, ptr: int, size: int):
     """(mapping, page-aligned offset, length) of the bytes [ptr, ptr+size) inside a file mapping."""
     for base, length, mm in bases:
         if base <= ptr and ptr + size <= base + length:

@@ -13,8 +13,8 @@ import tempfile
 
 import torch
 
-from qwen36 import kernels
-from qwen36.model import load_model
+from qwen36.loader import load_model
+from qwen36.ops.backend import ComputeConfig
 from qwen36.synth import write_checkpoint
 
 GEOMETRY = dict(vocab_size=248320, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -36,12 +36,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5, 6])
     ap.add_argument("--prompts", type=int, default=8)
     args = ap.parse_args()
-    kernels._ext = kernels._ext512 = False                # the tensor-op path a GPU takes
+    tensor_ops = ComputeConfig(native=False)              # the tensor-op path a GPU takes
     for seed in args.seeds:
         path = write_checkpoint(tempfile.mkdtemp(), GEOMETRY, seed=seed, tokenizer=True)
         ref32 = Ref.from_pretrained(path, dtype=torch.float32).eval()
         ref16 = Ref.from_pretrained(path, dtype=torch.bfloat16).eval()
-        _, ours = load_model(path, torch.bfloat16, "cpu", compute_dtype=torch.bfloat16)
+        _, ours = load_model(path, torch.bfloat16, "cpu", compute_dtype=torch.bfloat16, compute=tensor_ops)
         o, t = [], []
         for p in range(args.prompts):
             ids = torch.randint(0, 512, (64,), generator=torch.Generator().manual_seed(100 + p))

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from qwen36.config import ConfigError, FP8Config, GGUFError, load_config, parse_config
-from qwen36.model import _quant_config
-from qwen36.quant import QuantConfig
+from qwen36.loader import quant_config as _quant_config
+from qwen36.ops.qformat import QuantConfig
 from qwen36.synth import DEMO, REAL, model_config
 
 

@@ -20,7 +20,8 @@ from qwen36 import LLM, SamplingParams, kernels
 from qwen36.engine import Engine
 from qwen36.ops.gated_delta import fla_kernels, gated_delta_fla, gated_delta_reference
 from qwen36.ops.moe import grouped_ok, moe_grouped, moe_reference
-from qwen36.quant import dequantize
+from qwen36.ops.backend import ComputeConfig, resolve_backend
+from qwen36.ops.qformat import dequantize
 
 from conftest import assert_bf16_drift_within_transformers_own, load_reference, rel_err
 
@@ -33,8 +34,10 @@ pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(),
 @pytest.fixture(autouse=True)
 def _tensor_ops_on_the_cpu(monkeypatch):
     if DEV == "cpu":
-        monkeypatch.setattr(kernels, "_ext", False)
-        monkeypatch.setattr(kernels, "_ext512", False)
+        # every LLM here loads with ComputeConfig.from_env(): no native kernels (until LLM takes a compute
+        # config), and the graph runner asks the environment's default backend (until it reads model.backend)
+        monkeypatch.setenv("QWEN36_NO_NATIVE", "1")
+        monkeypatch.setattr(kernels, "native", lambda: None)
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -136,10 +139,10 @@ def test_cuda_graphs_equal_the_uncaptured_step_and_eager(checkpoint):
         assert r[0][0] == e[0][0] and abs(r[0][1] - e[0][1]) < 0.05
 
 
-def test_cpu_experts_equal_the_same_weights_on_the_gpu(checkpoint, monkeypatch):
-    monkeypatch.setenv("QWEN36_ACT8", "0")
+def test_cpu_experts_equal_the_same_weights_on_the_gpu(checkpoint):
     path = checkpoint("wide")
     off = LLM(path, device=DEV, cpu_experts="all", enable_prefix_caching=False, quantization=None)
+    off.model.set_backend(resolve_backend(ComputeConfig(act8=False, native=DEV == "cuda"), DEV, cpu_kernels=True))
     ref = LLM(path, device=DEV, enable_prefix_caching=False, quantization=None)
     for a, b in zip(off.model.layers, ref.model.layers):
         e = a.mlp.experts

@@ -10,9 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen36 import LLM, SamplingParams, hugepages, kernels
+from qwen36 import LLM, SamplingParams, hugepages
 from qwen36.batch import ForwardBatch
 from qwen36.engine import Engine
+from qwen36.ops.backend import ComputeConfig, resolve_backend
+from qwen36.ops.linear import multi_linear
+from qwen36.ops.moe import moe_decode
 
 from conftest import rel_err
 from test_quant import vnni_or_skip
@@ -26,8 +29,6 @@ def wide(checkpoint):
 
 
 def test_moe_block_fused_equals_the_plain_path(wide, monkeypatch):
-    import qwen36.layers.moe as moe
-
     layer = wide.model.layers[0].mlp
     e, s = layer.experts, layer.shared_expert
     g = torch.Generator().manual_seed(3)
@@ -35,15 +36,16 @@ def test_moe_block_fused_equals_the_plain_path(wide, monkeypatch):
         x = torch.randn(N, wide.config.text.hidden_size, generator=g)
         fused = layer.fused(x)
         assert fused is not None
-        _, ids, w = kernels.moe_decode(x, layer.gate.weight, layer.top_k, [e.gate_up_proj.tensors, e.down_proj.tensors],
-                                       [s.gate_proj.packed, s.up_proj.packed, s.down_proj.packed],
-                                       layer.shared_expert_gate.weight)
+        _, ids, w = moe_decode(x, layer.gate.weight, layer.top_k, [e.gate_up_proj.tensors, e.down_proj.tensors],
+                               [s.gate_proj.packed, s.up_proj.packed, s.down_proj.packed],
+                               layer.shared_expert_gate.weight, layer.backend)
         want_ids, want_w = layer.route(x)
         assert torch.equal(ids, want_ids)
         torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-7)
-        monkeypatch.setattr(moe, "FUSED", False)
+        fused_backend = layer.backend
+        monkeypatch.setattr(layer, "backend", resolve_backend(ComputeConfig(fused_moe=False), "cpu"))
         plain = layer(x)
-        monkeypatch.setattr(moe, "FUSED", True)
+        monkeypatch.setattr(layer, "backend", fused_backend)
         assert torch.equal(layer(x), fused)
         assert rel_err(fused, plain) < 1e-5
         for i in range(N):       # a row's result does not depend on the rows beside it
@@ -59,16 +61,17 @@ def test_input_projections_in_one_call_equal_separate_calls(wide):
 
     d = wide.model.layers[0].linear_attn
     mods = [d.in_proj_qkv, d.in_proj_z, d.in_proj_a, d.in_proj_b]
-    weights = [m.packed if hasattr(m, "packed") else m.weight for m in mods]
+    weights = [m.kernel_weight for m in mods]
+    backend = d.backend
     g = torch.Generator().manual_seed(4)
     for M in (1, 2, 5, 64):
         x = torch.randn(M, wide.config.text.hidden_size, generator=g)
-        outs = kernels.multi_linear(x, weights)
+        outs = multi_linear(x, weights, backend)
         assert outs is not None
         for got, m in zip(outs, mods):
             assert torch.equal(got, m(x))
         assert all(torch.equal(a, b) for a, b in zip(project(x, *mods), outs))
-    assert kernels.multi_linear(torch.randn(65, wide.config.text.hidden_size), weights) is None   # prefill
+    assert multi_linear(torch.randn(65, wide.config.text.hidden_size), weights, backend) is None   # prefill
     attn = wide.model.layers[3].self_attn
     x = torch.randn(3, wide.config.text.hidden_size, generator=g)
     for got, m in zip(project(x, attn.q_proj, attn.k_proj, attn.v_proj), (attn.q_proj, attn.k_proj, attn.v_proj)):
@@ -138,10 +141,10 @@ def test_weights_in_huge_pages_give_the_same_tokens(checkpoint, monkeypatch):
 def test_layer_plan_equals_the_module_path(wide, monkeypatch):
     """Decode steps through the layers' native plans == through their modules: logits of every step and
     every cache tensor, bit for bit; two sequences decode in one batch."""
-    from qwen36.layers import fastpath
+    from qwen36.layers import decode_plan
 
     layers = wide.model.layers
-    assert all(fastpath.plan_for(layer) is not None for layer in layers)
+    assert all(decode_plan.plan_for(layer, layer.backend) is not None for layer in layers)
     prompts = [list(range(5, 40)), list(range(60, 71))]
     p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=5)
 
@@ -155,12 +158,16 @@ def test_layer_plan_equals_the_module_path(wide, monkeypatch):
         return steps, {i: {k: t.clone() for k, t in c.items()} for i, c in engine.cache.layers.items()}
 
     calls = []
-    real = fastpath.DecodePlan.__call__
-    monkeypatch.setattr(fastpath.DecodePlan, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    real = decode_plan.DecodePlan.__call__
+    monkeypatch.setattr(decode_plan.DecodePlan, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     fused_steps, fused_cache = run()
     assert len(calls) >= 9 * len(layers)                 # every decode step of every layer
-    monkeypatch.setattr(fastpath, "FUSED_LAYERS", False)
-    plain_steps, plain_cache = run()
+    planned = wide.model.backend
+    wide.model.set_backend(resolve_backend(ComputeConfig(decode_plan=False), "cpu"))
+    try:
+        plain_steps, plain_cache = run()
+    finally:
+        wide.model.set_backend(planned)
     assert fused_steps == plain_steps
     for i in plain_cache:
         for k in plain_cache[i]:
@@ -170,8 +177,6 @@ def test_layer_plan_equals_the_module_path(wide, monkeypatch):
 def test_short_chunk_attention_equals_the_tensor_path(wide, monkeypatch):
     """gated_attention_short (norms, rotary, cache writes, each query alone, gate) against the tensor-op
     path of the same layer: outputs and cache rows; a decode step and a 3-token chunk in one step."""
-    import qwen36.layers.attention as at
-
     layer = wide.model.layers[3].self_attn
     cfg = wide.config.text
     g = torch.Generator().manual_seed(6)
@@ -188,7 +193,7 @@ def test_short_chunk_attention_equals_the_tensor_path(wide, monkeypatch):
     alone = ForwardBatch.build([0], [9], [1], [[0]], 64)
     y3 = layer(x[:1], wide.model.rotary.cos_sin(alone.positions, torch.float32), alone, {"k": kc.clone(), "v": vc.clone()})
     assert torch.equal(y3[0], y1[0])
-    monkeypatch.setattr(at, "native", lambda: None)
+    monkeypatch.setattr(layer, "backend", resolve_backend(ComputeConfig(native=False), "cpu"))
     y2 = layer(x, rope, batch, plain)
     assert rel_err(y1, y2) < 1e-5
     torch.testing.assert_close(fused["k"], plain["k"], rtol=1e-6, atol=1e-6)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen36 import LLM, CheckpointError, SamplingParams
 from qwen36.checkpoint import Checkpoint, dequantize_fp8
-from qwen36.model import load_model
+from qwen36.loader import load_model
 from qwen36.export import quantized_tensors
 from qwen36.synth import quantize_fp8, to_fp8_checkpoint, write_dequantized
 

@@ -14,15 +14,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import qwen36.layers.moe as moe_layer
+import qwen36.ops.moe as moe_ops
 from qwen36 import LLM, SamplingParams, kernels
 from qwen36.engine import Engine
 from qwen36.layers.rotary import MRotary
-from qwen36.model import load_model
+from qwen36.loader import load_model
 from qwen36.ops.attention import attention, decode_attention
 from qwen36.ops.moe import grouped_ok, moe_grouped, moe_reference
-from qwen36.quant import QuantExperts, QuantLinear, dequantize
 from qwen36.layers.moe import Experts
+from qwen36.layers.quant import QuantExperts, QuantLinear
+from qwen36.ops.backend import ComputeConfig, resolve_backend
+from qwen36.ops.qformat import dequantize
 
 from conftest import rel_err
 
@@ -67,17 +69,17 @@ def test_a_whole_step_runs_on_the_meta_device(checkpoint):
 
 def test_the_meta_device_catches_a_host_read(checkpoint, monkeypatch):
     """The check above can fail: the per-expert loop (which reads the expert counts on the host) fails there."""
-    monkeypatch.setattr(moe_layer, "grouped_ok", lambda x, w: False)
+    monkeypatch.setattr(moe_ops, "grouped_ok", lambda x, w: False)
     with pytest.raises((RuntimeError, NotImplementedError)):
         _steps(_on_meta(checkpoint("ratio2")))
 
 
 @pytest.mark.parametrize("n", ["all", 2])
-def test_cpu_experts_equal_the_same_weights_on_the_device(checkpoint, monkeypatch, n):
-    # fp32 activations in the int4 kernels: with int8-rounded ones the values differ by that rounding
-    monkeypatch.setenv("QWEN36_ACT8", "0")
+def test_cpu_experts_equal_the_same_weights_on_the_device(checkpoint, n):
     path = checkpoint("wide")
     off = LLM(path, cpu_experts=n, enable_prefix_caching=False, quantization=None)
+    # fp32 activations in the int4 kernels: with int8-rounded ones the values differ by that rounding
+    off.model.set_backend(resolve_backend(ComputeConfig(act8=False), "cpu"))
     ref = LLM(path, enable_prefix_caching=False, quantization=None)
     L = off.config.text.num_hidden_layers
     chosen = list(range(L)) if n == "all" else list(range(L - n, L))
@@ -122,9 +124,11 @@ def test_decode_attention_equals_each_sequence_alone():
 
 @pytest.fixture
 def torch_ops_only(monkeypatch):
-    """No native CPU kernels: every layer takes the tensor-op path a GPU takes."""
-    monkeypatch.setattr(kernels, "_ext", False)
-    monkeypatch.setattr(kernels, "_ext512", False)
+    """No native CPU kernels: every layer takes the tensor-op path a GPU takes (set the returned backend on
+    the model)."""
+    # (until the graph runner reads model.backend: it asks the environment's default backend)
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    return resolve_backend(ComputeConfig(native=False), "cpu")
 
 
 def _decode_all(engine, prompts, n):
@@ -141,6 +145,7 @@ def test_the_graph_runner_equals_plain_decode_steps(checkpoint, torch_ops_only):
     """The static-buffer decode step that CUDA graphs record (cuda_graphs.py), run without capture here:
     padded to a batch size of SIZES and a KV bucket, it gives the plain steps' tokens and logprobs."""
     llm = LLM(checkpoint("ratio2"), enable_prefix_caching=False, quantization=None)
+    llm.model.set_backend(torch_ops_only)
     prompts = [list(range(5, 40)), list(range(60, 71)), list(range(3, 250))]   # the last crosses 256 rows
     plain = _decode_all(Engine(llm.model, None, num_slots=3, max_model_len=512, enable_prefix_caching=False),
                         prompts, 12)

@@ -7,10 +7,14 @@ import torch.nn.functional as F
 
 from qwen36.ops.attention import attention, attention_reference
 from qwen36.ops.conv1d import causal_conv1d, causal_conv1d_reference
-from qwen36.kernels import native
+from qwen36.ops.backend import ComputeConfig, resolve_backend
+from qwen36.ops.linear import float_linear
 from qwen36.ops.gated_delta import (gated_delta_chunked, gated_delta_recurrent, gated_delta_reference,
                                     gated_delta_steps, gated_delta_steps_reference)
 from qwen36.ops.moe import moe, moe_reference
+
+NATIVE = resolve_backend(ComputeConfig(), "cpu")                   # the native CPU kernels (where they build)
+TENSOR_OPS = resolve_backend(ComputeConfig(native=False), "cpu")   # every op as tensor ops
 
 
 def delta_inputs(B, H, T, K, V, seed):
@@ -50,7 +54,7 @@ def test_gated_delta_does_not_write_inputs():
 def test_gated_delta_steps_fused_keeps_every_state(B, T, Hk, rep, K, V, slots, nkeep):
     """Several tokens per sequence in one call (speculative verification): the outputs and final states
     equal the plain recurrence, and the states after each of the first nkeep tokens are kept exactly."""
-    assert native() is not None
+    assert NATIVE.native is not None
     H = Hk * rep
     gen = torch.Generator().manual_seed(T * K)
     q = F.normalize(torch.randn(B, T, Hk, K, generator=gen), dim=-1) * K ** -0.5
@@ -63,7 +67,7 @@ def test_gated_delta_steps_fused_keeps_every_state(B, T, Hk, rep, K, V, slots, n
     idx, nk = torch.tensor(slots), torch.tensor(nkeep)
     want_table = table.clone()
     want = gated_delta_steps_reference(want_table, idx, q, k, v, g, beta, want_keep, nk)
-    got = gated_delta_steps(table, idx, q, k, v, g, beta, keep, nk)
+    got = gated_delta_steps(table, idx, q, k, v, g, beta, NATIVE, keep, nk)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(table, want_table, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(keep, want_keep, rtol=1e-5, atol=1e-5)   # untouched rows stay 7
@@ -117,21 +121,24 @@ def test_moe(N, E, k, H, I, wdtype):
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
     w = torch.rand(N, k, generator=g)
     gu, dn = torch.randn(E, 2 * I, H, generator=g).to(wdtype), torch.randn(E, H, I, generator=g).to(wdtype)
-    torch.testing.assert_close(moe(x, ids, w, gu, dn), moe_reference(x, ids, w, gu, dn), rtol=1e-4, atol=1e-4)
+    linear = lambda x, w: float_linear(x, w, NATIVE)          # noqa: E731
+    torch.testing.assert_close(moe(x, ids, w, gu, dn, linear), moe_reference(x, ids, w, gu, dn), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- decode glue, fused (csrc: rms_norm, ...)
 def test_fused_norms_equal_their_references():
     from qwen36.layers.norm import GatedRMSNorm, RMSNorm
 
-    assert native() is not None
+    assert NATIVE.native is not None
     g = torch.Generator().manual_seed(5)
     for shape in [(1, 2048), (7, 3, 40), (2, 256)]:
         norm = RMSNorm(shape[-1], 1e-6)
+        norm.backend = NATIVE
         norm.weight.data = torch.randn(shape[-1], generator=g) * 0.1
         x = torch.randn(*shape, generator=g) * 3
         torch.testing.assert_close(norm(x), norm.reference(x), rtol=1e-5, atol=1e-6)
     gated = GatedRMSNorm(24, 1e-6)
+    gated.backend = NATIVE
     gated.weight.data = torch.randn(24, generator=g)
     x, z = torch.randn(5, 4, 24, generator=g), torch.randn(5, 4, 24, generator=g)
     torch.testing.assert_close(gated(x, z), gated.reference(x, z), rtol=1e-5, atol=1e-6)
@@ -149,6 +156,7 @@ def test_deltanet_fused_steps_equal_the_plain_path(monkeypatch, T, members, keep
 
     cfg = parse_text_config(text_config({**BASE, "linear_num_key_heads": 2, "linear_num_value_heads": 4}))
     layer = dn.GatedDeltaNet(cfg)
+    layer.backend = NATIVE
     gen = torch.Generator().manual_seed(T)
     for p in layer.parameters():
         p.data = torch.randn(p.shape, generator=gen) * 0.3
@@ -166,7 +174,7 @@ def test_deltanet_fused_steps_equal_the_plain_path(monkeypatch, T, members, keep
     fused, plain = fresh(), fresh()
     o1, o2 = torch.zeros(N, 4, 24), torch.zeros(N, 4, 24)
     layer._steps(m, a, b, fused, batch, members, T, o1)
-    monkeypatch.setattr(dn, "native", lambda: None)
+    layer.backend = TENSOR_OPS
     layer._steps(m, a, b, plain, batch, members, T, o2)
     for name in fused:
         torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-5)

@@ -2,19 +2,21 @@
 sigmoid output gate, o_proj."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
-from ..kernels import native
-from ..ops.attention import attention, decode_attention
-from .linear import Linear, project
+from ..ops.attention import attention, decode_attention, gated_attention_short, short_native
+from ..ops.backend import UsesBackend
+from .linear import Linear, int4_parts, project
 from .norm import RMSNorm
 from .rotary import apply_rotary
 
 
-class GatedAttention(nn.Module):
+class GatedAttention(UsesBackend, nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.n_q, self.n_kv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -31,16 +33,16 @@ class GatedAttention(nn.Module):
         N = x.shape[0]
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         kc, vc = cache["k"], cache["v"]                                        # [rows, Hkv, D]
-        ext = native() if x.dtype == kc.dtype == torch.float32 and x.device.type == "cpu" else None
-        short = [i for i, n in enumerate(batch.lens) if n <= SHORT] if ext is not None else []
+        native = short_native(x, kc, self.backend)
+        short = [i for i, n in enumerate(batch.lens) if n <= SHORT] if native is not None else []
         if len(short) == len(batch.lens):      # decode or verification only: every query in the native call
-            return self.o_proj(self._short(ext, q, k, v, rope, batch, cache, short, None))
-        if ext is None and batch.is_decode:    # (no native kernels: GPU) every sequence in one call
+            return self.o_proj(self._short(q, k, v, rope, batch, cache, short, None))
+        if native is None and batch.is_decode:     # (no native kernels: GPU) every sequence in one call
             return self.o_proj(self._decode(q, k, v, rope, batch, cache))
         out = torch.empty(N, self.n_q * self.d, dtype=x.dtype, device=x.device)
         if short:
             idx = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1]) for i in short])
-            out[idx] = self._short(ext, q, k, v, rope, batch, cache, short, idx)
+            out[idx] = self._short(q, k, v, rope, batch, cache, short, idx)
         long = [i for i in range(len(batch.lens)) if i not in short]
         idx = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1]) for i in long]) if short else None
         sub = (lambda t: t if idx is None else t[idx])
@@ -87,17 +89,41 @@ class GatedAttention(nn.Module):
         o = decode_attention(ql, cache["k"], cache["v"], table, lens, self.scale)
         return o.reshape(B, -1) * torch.sigmoid(gate.reshape(B, -1))
 
-    def _short(self, ext, q, k, v, rope, batch: ForwardBatch, cache, members: list[int], idx) -> torch.Tensor:
+    def _short(self, q, k, v, rope, batch: ForwardBatch, cache, members: list[int], idx) -> torch.Tensor:
         """Sequences `members` (chunks of at most SHORT tokens: decode, speculative verification) through
         `gated_attention_short`: q/k norms, rotary, cache writes, each query alone against its prefix, gate.
         idx: their rows of the step (None: all). Returns [rows, Hq * D]."""
         sub = (lambda t: t if idx is None else t[idx].contiguous())
         n = q.shape[0] if idx is None else len(idx)
         rows, rcu, tcu = batch.kv_rows_flat if idx is None else batch.kv_rows_of(members)
-        return ext.gated_attention_short(sub(q).view(n, self.n_q, 2 * self.d), sub(k).view(n, self.n_kv, self.d),
-                                         sub(v).view(n, self.n_kv, self.d), *self._norm_weights(),
-                                         self.q_norm.eps, sub(rope[0]).contiguous(), sub(rope[1]).contiguous(),
-                                         cache["k"], cache["v"], rows, rcu, tcu, self.scale)
+        return gated_attention_short(sub(q).view(n, self.n_q, 2 * self.d), sub(k).view(n, self.n_kv, self.d),
+                                     sub(v).view(n, self.n_kv, self.d), *self.norm_weights(), self.q_norm.eps,
+                                     sub(rope[0]).contiguous(), sub(rope[1]).contiguous(), cache["k"], cache["v"],
+                                     rows, rcu, tcu, self.scale, self.backend)
 
-    def _norm_weights(self):
+    def norm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q and k norms' weights as the native calls take them (fp32, contiguous)."""
         return self.q_norm.weight.float().contiguous(), self.k_norm.weight.float().contiguous()
+
+    def decode_args(self) -> "AttentionDecodeArgs | None":
+        """What a decode plan (layers/decode_plan.py) runs this layer with; None where a projection is not
+        int4 for the fused kernels or their group sizes differ."""
+        projections = [int4_parts(m) for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)]
+        if any(p is None for p in projections) or len({g for _, g in projections}) != 1:
+            return None
+        qw, kw = self.norm_weights()
+        parts = [p for p, _ in projections]
+        return AttentionDecodeArgs(parts[:3], parts[3], projections[0][1], qw, kw, self.q_norm.eps,
+                                   (self.n_q, self.n_kv, self.d, self.scale),
+                                   [t for p in parts for t in p] + [self.q_norm.weight, self.k_norm.weight])
+
+
+class AttentionDecodeArgs(NamedTuple):
+    qkv: list                  # q, k, v projections' int4 parts (multi_linear)
+    out: list                  # o_proj's int4 parts (q4q8_gemv)
+    group: int
+    q_norm: torch.Tensor       # fp32 norm weights and eps (gated_attention_short)
+    k_norm: torch.Tensor
+    eps: float
+    dims: tuple                # (n_q, n_kv, d, scale)
+    watched: list              # the tensors read: one replaced -> the plan is rebuilt

@@ -7,21 +7,20 @@ gated RMSNorm with z, out_proj.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
+from ..ops.backend import UsesBackend
 from ..ops.conv1d import causal_conv1d
-from ..kernels import PREFILL_ROWS, native
-from ..ops.gated_delta import (fla_kernels, gated_delta_chunked, gated_delta_fla, gated_delta_recurrent,
-                               gated_delta_steps)
-from .linear import Linear, project
+from ..ops.gated_delta import (DECODE_ROWS, delta_decode, delta_prep, gated_delta, gated_delta_steps,
+                               native_for)
+from .linear import Linear, f32_weight, int4_parts, project
 from .norm import GatedRMSNorm
-
-
-_EMPTY = torch.empty(0)
 
 
 class Conv1dWeight(nn.Module):
@@ -36,7 +35,7 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(UsesBackend, nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         H = cfg.hidden_size
@@ -74,13 +73,8 @@ class GatedDeltaNet(nn.Module):
         rep = self.n_v // self.n_k
         q, k = (t.repeat_interleave(rep, dim=2) for t in (q, k))
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))           # [B, Hv, T, D]
-        # fla's Triton kernels for a GPU's prefill in bf16/fp16 (their fp32 dots may round through tf32: an
-        # fp32 model keeps the exact tensor ops)
-        if q.device.type == "cuda" and m.dtype != torch.float32 and not decode and fla_kernels() is not None:
-            o, state = gated_delta_fla(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)   # Triton kernels
-        else:
-            rule = gated_delta_recurrent if decode else gated_delta_chunked
-            o, state = rule(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state)
+        o, state = gated_delta(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), state, self.backend, decode=decode,
+                               low_precision=m.dtype != torch.float32)
         return o.transpose(1, 2), conv, state
 
     def _steps(self, m, a, b, cache: dict[str, torch.Tensor], batch: ForwardBatch, members: list[int], T: int,
@@ -103,11 +97,10 @@ class GatedDeltaNet(nn.Module):
         nkeep = [batch.keep[i] if batch.keep else 0 for i in members]
         nk = torch.tensor(nkeep, dtype=torch.long)
         weight = self.conv1d.weight[:, 0].to(m.dtype)
-        ext = native() if m.dtype == torch.float32 and conv_c.dtype == torch.float32 and dev.type == "cpu" else None
-        if ext is not None:
+        if native_for(m, conv_c, self.backend) is not None:
             keep_conv = cache["spec_conv"] if any(nkeep) else torch.empty(0)
-            q, k, v, g, beta = ext.delta_prep(mi, ai.float(), bi.float(), conv_c, weight, slots, self.A_log.float(),
-                                              self.dt_bias.float(), keep_conv, nk, self.n_k, self.d_k, self.d_v)
+            q, k, v, g, beta = delta_prep(mi, ai, bi, conv_c, weight, slots, self.A_log, self.dt_bias, keep_conv, nk,
+                                          (self.n_k, self.d_k, self.d_v), self.backend)
         else:
             g, beta = self._gates(ai, bi)
             prev = conv_c[slots]
@@ -120,7 +113,8 @@ class GatedDeltaNet(nn.Module):
             conv_c[slots] = conv.to(conv_c.dtype)
             q, k, v = self._qkv(F.silu(y))
         keep = cache.get("spec_state") if any(nkeep) else None
-        out = gated_delta_steps(state_c, slots, q, k, v, g, beta, keep, nk).reshape(B * T, self.n_v, self.d_v)
+        out = gated_delta_steps(state_c, slots, q, k, v, g, beta, self.backend, keep, nk).reshape(B * T, self.n_v,
+                                                                                                   self.d_v)
         if rows is None:
             o.copy_(out)
         else:
@@ -145,18 +139,23 @@ class GatedDeltaNet(nn.Module):
         """A decode step (one token per sequence) from the projections to the output norm in one native call
         (delta_decode: delta_prep, delta_steps, gated_rms_norm; what `_steps` and `norm` compute). Returns
         [B, value_dim], or None where the call does not apply (then the general path runs)."""
-        ext = native() if m.device.type == "cpu" else None
-        conv_c, state_c = cache["conv"], cache["state"]
-        B = m.shape[0]
-        if ext is None or m.dtype != torch.float32 or conv_c.dtype != torch.float32 or B > PREFILL_ROWS:
+        if native_for(m, cache["conv"], self.backend, DECODE_ROWS) is None:
             return None
-        conv_w, A_log, dt_bias, norm_w = self.small_weights()
-        nk = batch.keep_tensor
         keeping = bool(batch.keep) and any(batch.keep)
-        return ext.delta_decode(m.view(B, 1, -1), a.view(B, 1, -1), b.view(B, 1, -1), conv_c, conv_w,
-                                batch.slot_tensor, A_log, dt_bias, cache["spec_conv"] if keeping else _EMPTY, nk,
-                                state_c, cache["spec_state"] if keeping else _EMPTY, z.reshape(B, -1), norm_w,
-                                self.norm.eps, self.n_k, self.d_k, self.d_v)
+        return delta_decode(m, a, b, z, cache, batch.slot_tensor, batch.keep_tensor, keeping, self.small_weights(),
+                            self.norm.eps, (self.n_k, self.d_k, self.d_v), self.backend)
+
+    def decode_args(self) -> "DeltaDecodeArgs | None":
+        """What a decode plan (layers/decode_plan.py) runs this layer with; None where in_proj_qkv, in_proj_z
+        and out_proj are not int4 for the fused kernels (one group size), or in_proj_a/b not fp32."""
+        q4 = [int4_parts(m) for m in (self.in_proj_qkv, self.in_proj_z, self.out_proj)]
+        f32 = [f32_weight(self.in_proj_a), f32_weight(self.in_proj_b)]
+        if any(p is None for p in (*q4, *f32)) or len({g for _, g in q4}) != 1:
+            return None
+        small = (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight)
+        return DeltaDecodeArgs([q4[0][0], q4[1][0]], f32, q4[2][0], q4[0][1], self.small_weights(), self.norm.eps,
+                               (self.n_k, self.d_k, self.d_v),
+                               [t for p, _ in q4 for t in p] + f32 + list(small))
 
     @staticmethod
     def _capture(cache: dict[str, torch.Tensor], snap: int, conv: torch.Tensor, state: torch.Tensor) -> None:
@@ -206,3 +205,14 @@ class GatedDeltaNet(nn.Module):
                 self._steps(m, a, b, cache, batch, members, T, o)
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(N, self.value_dim))
+
+
+class DeltaDecodeArgs(NamedTuple):
+    in_q4: list                # in_proj_qkv, in_proj_z: int4 parts (multi_linear)
+    in_f32: list               # in_proj_a, in_proj_b: fp32 weights (multi_linear)
+    out: list                  # out_proj's int4 parts (q4q8_gemv)
+    group: int
+    small: tuple               # fp32 (conv weight [C, W], A_log, dt_bias, norm weight) (delta_decode)
+    eps: float                 # the output norm's
+    dims: tuple                # (n_k, d_k, d_v)
+    watched: list              # the tensors read: one replaced -> the plan is rebuilt

@@ -1,12 +1,14 @@
-"""RMS norms of qwen3_5_moe. Both normalise in fp32 and return the input dtype."""
+"""RMS norms of qwen3_5_moe (ops/norm.py). Both normalise in fp32 and return the input dtype."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops.backend import UsesBackend
+from ..ops.norm import gated_rms_norm, gated_rms_norm_reference, rms_norm, rms_norm_reference
 
-class RMSNorm(nn.Module):
+
+class RMSNorm(UsesBackend, nn.Module):
     """Zero-centred RMSNorm: the stored weight w is applied as (1 + w)."""
 
     def __init__(self, dim: int, eps: float):
@@ -15,18 +17,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = _fused(x)
-        if ext is not None:      # one call instead of eight tensor ops (csrc/qkernels.cpp rms_norm)
-            return ext.rms_norm(x.reshape(-1, x.shape[-1]), self.weight.float(), self.eps).view(x.shape)
-        return self.reference(x)
+        return rms_norm(x, self.weight, self.eps, self.backend)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
-class GatedRMSNorm(nn.Module):
+class GatedRMSNorm(UsesBackend, nn.Module):
     """DeltaNet output norm: plain weight w (not 1 + w), then a SiLU(z) gate ("norm before gate")."""
 
     def __init__(self, dim: int, eps: float):
@@ -36,23 +33,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x [N, heads, D], z [N, heads, D] (or [N, heads * D])."""
-        ext = _fused(x)
-        if ext is not None and z.dtype == torch.float32:
-            return ext.gated_rms_norm(x, z, self.weight.float(), self.eps).view(x.shape)
-        return self.reference(x, z.view(x.shape))
+        return gated_rms_norm(x, z, self.weight, self.eps, self.backend)
 
     def reference(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return ((self.weight * n) * F.silu(z.float())).to(x.dtype)
-
-
-def _fused(x: torch.Tensor):
-    """The native kernels for a decode-sized step (up to PREFILL_ROWS tokens) in fp32 on the CPU, else None:
-    large steps keep the tensor ops, whose rounding transformers' shares (a last-bit difference can flip a
-    near-tied expert choice of a random router and move a prefill's logits by ~1e-4)."""
-    from ..kernels import PREFILL_ROWS, native
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > PREFILL_ROWS * x.shape[-1] * (
-            1 if x.dim() == 2 else x.shape[-2]):
-        return None
-    return native()
+        return gated_rms_norm_reference(x, z, self.weight, self.eps)

@@ -5,17 +5,25 @@ Shapes (B batch, H value heads, T tokens, K key dim, V value dim):
   v      [B, H, T, V]  fp32
   g      [B, H, T]     fp32 log-decay (<= 0);  beta [B, H, T] fp32 in (0, 1)
   state  [B, H, K, V]  fp32 recurrent state S; o_t = S_t^T q_t
-Every function returns (o [B, H, T, V], new_state [B, H, K, V]) and never writes its inputs.
+Every function returns (o [B, H, T, V], new_state [B, H, K, V]) and never writes its inputs, except the
+*_steps functions and the native decode calls, which update the cache's states in place.
+
+Dispatchers (each beside its reference):
+  gated_delta          a chunk of one sequence: chunked (prefill) or recurrent (decode) tensor ops, or fla-core's
+                       Triton kernels for a GPU's low-precision prefill
+  gated_delta_steps    T tokens of B sequences token by token, states in the cache (native delta_steps)
+  delta_prep           the native glue before the recurrence (conv, SiLU, q/k norms, gates) for short steps;
+  delta_decode         a whole decode step from the projections to the output norm: the tensor-op forms of
+                       both are the layer's own path (layers/deltanet.py), which the tests compare them with
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..kernels import native
+from . import native as native_build
+from .backend import PREFILL_ROWS, Backend
 
-_fla = None         # fla-core's Triton kernels (chunk, fused recurrent), False when not installed
+EMPTY = torch.empty(0)          # "none" for the native calls' optional tensors
 
 
 def gated_delta_reference(q, k, v, g, beta, state):
@@ -107,10 +115,10 @@ def gated_delta_steps_reference(state, slots, q, k, v, g, beta, keep=None, nkeep
     return torch.stack(outs, dim=1)
 
 
-def gated_delta_steps(state, slots, q, k, v, g, beta, keep=None, nkeep=None):
-    """gated_delta_steps_reference, fused (csrc/qkernels.cpp `delta_steps`): each head's state stays in
-    cache across the T tokens."""
-    ext = native() if state.device.type == "cpu" else None
+def gated_delta_steps(state, slots, q, k, v, g, beta, backend: Backend, keep=None, nkeep=None):
+    """gated_delta_steps_reference, fused (csrc/qkernels.cpp `delta_steps`) where the backend has the native
+    kernels: each head's state stays in cache across the T tokens."""
+    ext = backend.native if state.device.type == "cpu" else None
     if ext is None or state.dtype != torch.float32 or (
             keep is not None and (keep.dtype != torch.float32 or not keep.is_contiguous())):
         return gated_delta_steps_reference(state, slots, q, k, v, g, beta, keep, nkeep)
@@ -123,17 +131,8 @@ def gated_delta_steps(state, slots, q, k, v, g, beta, keep=None, nkeep=None):
 
 def fla_kernels():
     """(chunk_gated_delta_rule, fused_recurrent_gated_delta_rule) from fla-core (`pip install 'qwen36[cuda]'`)
-    where it is installed and QWEN36_FLA is not 0; else None."""
-    global _fla
-    if _fla is None:
-        _fla = False
-        if os.environ.get("QWEN36_FLA") != "0":
-            try:
-                from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-                _fla = (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule)
-            except Exception:  # noqa: BLE001 - not installed, or no Triton for this platform
-                _fla = False
-    return _fla or None
+    where it is installed; else None. (Whether a model uses them is its backend's `fla`.)"""
+    return native_build.load_fla()
 
 
 def gated_delta_fla(q, k, v, g, beta, state, recurrent: bool = False):
@@ -146,3 +145,49 @@ def gated_delta_fla(q, k, v, g, beta, state, recurrent: bool = False):
                   beta=beta.transpose(1, 2), scale=1.0, initial_state=state.float(), output_final_state=True,
                   use_qk_l2norm_in_kernel=False)
     return o.transpose(1, 2).to(v.dtype), new
+
+
+def gated_delta(q, k, v, g, beta, state, backend: Backend, decode: bool = False, low_precision: bool = False):
+    """One sequence's chunk: the recurrent form for decode, the chunked form for prefill, or fla-core's Triton
+    kernels for a GPU's prefill of a bf16/fp16 model (their fp32 dots may round through tf32: an fp32 model
+    keeps the exact tensor ops)."""
+    if q.device.type == "cuda" and low_precision and not decode and backend.fla is not None:
+        return gated_delta_fla(q, k, v, g, beta, state)
+    rule = gated_delta_recurrent if decode else gated_delta_chunked
+    return rule(q, k, v, g, beta, state)
+
+
+def native_for(m: torch.Tensor, conv_cache: torch.Tensor, backend: Backend, max_rows: int | None = None):
+    """The native kernels where `delta_prep` / `delta_decode` take this step (fp32 projections and conv
+    states on the CPU; at most max_rows sequences), else None."""
+    if m.dtype != torch.float32 or conv_cache.dtype != torch.float32 or m.device.type != "cpu" \
+            or (max_rows is not None and m.shape[0] > max_rows):
+        return None
+    return backend.native
+
+
+def delta_prep(m, a, b, conv_cache, conv_weight, slots, A_log, dt_bias, keep_conv, nkeep, dims, backend: Backend):
+    """Short steps' glue in one native call (csrc/qkernels.cpp delta_prep; check `native_for` first): the
+    causal conv over the cached inputs (conv states updated in place, the first nkeep[b] ones also kept in
+    keep_conv), SiLU, q/k L2 norms and scale, g and beta. m [B, T, C], a, b [B, T, Hv]; dims (n_k, d_k, d_v).
+    Returns q, k, v, g, beta as `gated_delta_steps` takes them."""
+    return backend.native.delta_prep(m, a.float(), b.float(), conv_cache, conv_weight, slots, A_log.float(),
+                                     dt_bias.float(), keep_conv, nkeep, *dims)
+
+
+def delta_decode(m, a, b, z, cache: dict[str, torch.Tensor], slots, nkeep, keeping: bool, small: tuple, eps: float,
+                 dims, backend: Backend) -> torch.Tensor:
+    """A decode step (one token for each of B sequences) from the projections to the output norm in one native
+    call (delta_decode: delta_prep, delta_steps, gated_rms_norm; check `native_for` with PREFILL_ROWS first).
+    small: fp32 (conv weight [C, W], A_log, dt_bias, norm weight); keeping: the states after the token also go
+    to the cache's spec_* rows. Returns [B, Hv * Dv]."""
+    B = m.shape[0]
+    conv_w, A_log, dt_bias, norm_w = small
+    empty = EMPTY
+    return backend.native.delta_decode(m.view(B, 1, -1), a.view(B, 1, -1), b.view(B, 1, -1), cache["conv"], conv_w,
+                                       slots, A_log, dt_bias, cache["spec_conv"] if keeping else empty, nkeep,
+                                       cache["state"], cache["spec_state"] if keeping else empty, z.reshape(B, -1),
+                                       norm_w, eps, *dims)
+
+
+DECODE_ROWS = PREFILL_ROWS      # delta_decode takes up to this many sequences (a decode-sized step)
