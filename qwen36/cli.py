@@ -5,9 +5,11 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from .demo import demo_checkpoint, demo_image, make_demo
+from .engine.config import EngineConfig
 from .plan import parse_size
 
 DEMO_MESSAGES = [{"role": "user", "content": "Name the three primary colours."}]
@@ -105,6 +107,7 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
+    from . import LLM
     from .server.app import Booting, ServerConfig, create_app
 
     try:
@@ -113,8 +116,7 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--default-chat-template-kwargs is not valid JSON: {e}") from None
     if defaults is not None and not isinstance(defaults, dict):
         raise ValueError("--default-chat-template-kwargs must be a JSON object")
-    for v in (args.max_ram, args.prefix_cache_memory):  # every size checked before the port opens
-        _size(v)
+    engine_config = _engine_config(args)           # every setting checked before the port opens
     path = _resolve(args)
     name = args.served_model_name or _served_name(args.model, path)
     limits = _mm_limits(args.limit_mm_per_prompt)
@@ -125,7 +127,6 @@ def cmd_serve(args) -> int:
                           max_waiting=args.max_waiting_requests, request_timeout=args.request_timeout,
                           allowed_hosts=tuple(h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()),
                           host=args.host)
-    kv_cache_bytes = _size(args.kv_cache_memory)
     sock = _bind(args.host, args.port)                 # a port in use is said now, not after loading
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.getLogger("qwen36").setLevel(args.log_level.upper())   # info: a line per request
@@ -139,8 +140,7 @@ def cmd_serve(args) -> int:
 
     def load():
         try:
-            llm = _llm(args, path=path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                       kv_cache_bytes=kv_cache_bytes, max_num_batched_tokens=args.max_num_batched_tokens)
+            llm = LLM(path, engine_config, progress=sys.stderr.isatty())
             app = create_app(llm, config)
             llm.warm_up()
             boot.ready(app)
@@ -353,15 +353,24 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         '\'{"method": "mtp", "num_speculative_tokens": 2}\' (same output, more tokens per step)')
 
 
-def _llm(args, path: Path | None = None, **kw):
+def _engine_config(args, **settings) -> EngineConfig:
+    """The EngineConfig of a command's flags: each flag is the setting of the same name (--max-num-seqs is
+    max_num_seqs), sizes parsed ("4G"), "auto"/"none" as None; `settings` on top."""
+    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if f.name in vars(args)}
+    for name in ("max_ram", "kv_cache_memory", "prefix_cache_memory"):
+        if name in values:
+            values[name] = _size(values[name])
+    if values.get("quantization") == "none":
+        values["quantization"] = None
+    if "cpu_experts" in values:
+        values["cpu_experts"] = _cpu_experts(values["cpu_experts"])
+    return EngineConfig.build(None, **{**values, **settings})
+
+
+def _llm(args, path: Path | None = None, **settings):
     from . import LLM
 
-    return LLM(path or _resolve(args), dtype=args.dtype, device=args.device,
-               quantization=None if args.quantization == "none" else args.quantization,
-               max_ram=_size(args.max_ram), enable_prefix_caching=args.enable_prefix_caching,
-               prefix_cache_memory=_size(args.prefix_cache_memory), speculative_config=args.speculative_config,
-               cpu_experts=_cpu_experts(args.cpu_experts), cuda_graphs=args.cuda_graphs,
-               convert_cache=args.convert_cache, **{"progress": sys.stderr.isatty(), **kw})
+    return LLM(path or _resolve(args), _engine_config(args, **settings), progress=sys.stderr.isatty())
 
 
 def _cpu_experts(value: str | None) -> int | str | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -15,14 +16,14 @@ from .export import cached_conversion
 from .hub import resolve_model
 from . import hugepages
 from .plan import CachePlan, check_fits, memory_available, plan_caches, plan_weights, size
-from .cuda_graphs import obstacle as graph_obstacle
-from .engine import Engine, StepOutput
+from .engine.cuda_graphs import obstacle as graph_obstacle
+from .engine import Engine, EngineConfig, StepOutput
 from .image import VisionPreprocess
 from .inputs import MediaInputs, MediaPolicy, PromptInputs
-from .model import load_model
-from .mtp import parse_speculative_config
+from .loader import load_model
 from .multimodal import MultimodalPrompt
 from .parsers import ChatResult, parse_assistant
+from .residency import ExpertResidency
 from .sampling import SamplingParams
 from .structured import GrammarBackend
 from .tokenizer import Tokenizer, TokenizerError
@@ -53,87 +54,83 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, path: str | Path, dtype: str = "auto", device: str = "cpu", quantization: str | None = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_bytes: int | None = None,
-                 max_ram: int | None = None, enable_prefix_caching: bool = True,
-                 prefix_cache_memory: int | None = None, speculative_config: dict | str | None = None,
-                 cpu_experts: int | str | None = None, cuda_graphs: bool = False, convert_cache: bool = True,
-                 progress: bool = False, max_num_batched_tokens: int = 512):
-        """dtype "auto": float32 on a CPU, bfloat16 on a GPU. quantization "auto": int4 for a float or FP8
-        checkpoint on a CPU, as stored for one stored int8/int4, none on a GPU (plan.py); None: unquantized.
-        The weights' size in that form is held against the machine's memory before anything is read
-        (plan.InsufficientMemory names the options). convert_cache: on a CPU, quantize once into the cache
-        (export.cached_conversion) and map that on later starts. kv_cache_bytes / max_model_len /
-        prefix_cache_memory None: sized from the memory left (plan.plan_caches). progress: bars on stderr."""
-        self.device = torch.device(device)
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be at least 1, got {max_num_batched_tokens}")
-        self.max_num_batched_tokens = max_num_batched_tokens   # tokens per step (a quarter of it while others decode)
-        if cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a CUDA device, not device={device!r}")
-        self.cuda_graphs = cuda_graphs          # plain decode steps replay CUDA graphs (cuda_graphs.py)
+    def __init__(self, path: str | Path, config: EngineConfig | None = None, *, progress: bool = False,
+                 **settings):
+        """path: a checkpoint directory, or a Hugging Face repo id already in the local cache. config: every
+        setting (EngineConfig); settings= override single ones by their names, e.g.
+        `LLM(path, quantization=None, max_num_seqs=4)`. dtype "auto": float32 on a CPU, bfloat16 on a GPU.
+        quantization "auto": int4 for a float or FP8 checkpoint on a CPU, as stored for one stored int8/int4,
+        none on a GPU (plan.py); None: unquantized. The weights' size in that form is held against the
+        machine's memory before anything is read (plan.InsufficientMemory names the options). convert_cache:
+        on a CPU, quantize once into the cache (export.cached_conversion) and map that on later starts.
+        kv_cache_memory / max_model_len / prefix_cache_memory None: sized from the memory left
+        (plan.plan_caches). progress: bars on stderr."""
+        config = EngineConfig.build(config, **settings)
+        self.device = torch.device(config.device)
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, not device={config.device!r}")
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
-                raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+                raise ValueError(f"device={config.device!r}: CUDA is not available on this machine")
             if self.device.index is None:      # "cuda" -> "cuda:N" of the current device, as tensors report it
                 self.device = torch.device("cuda", torch.cuda.current_device())
         # speculative decoding: {"method": "mtp", "num_speculative_tokens": k} drafts k tokens per step with
         # the checkpoint's MTP head; the output is the same as without it (greedy tokens, sampled distribution)
-        self.num_speculative_tokens, self.draft_vocab_size = parse_speculative_config(speculative_config)
+        k = config.num_speculative_tokens
         self.path = resolve_model(path, progress)       # a local directory, or a repo id from the HF cache
-        config, ckpt = load_config(self.path), Checkpoint(self.path)
-        self.plan = plan_weights(config, ckpt, str(self.device), dtype, quantization,
-                                 mtp=self.num_speculative_tokens > 0, cpu_experts=cpu_experts)
+        model_config, ckpt = load_config(self.path), Checkpoint(self.path)
+        self.plan = plan_weights(model_config, ckpt, str(self.device), config.dtype, config.quantization,
+                                 mtp=k > 0, cpu_experts=config.cpu_experts)
         self.available = memory_available(str(self.device))       # before loading: the budget for everything
-        check_fits(self.plan, str(self.device), self.available, max_ram, cpu_experts)
+        check_fits(self.plan, str(self.device), self.available, config.max_ram, config.cpu_experts)
         source = self.path
-        if (convert_cache and self.device.type == "cpu" and self.plan.quantization
+        if (config.convert_cache and self.device.type == "cpu" and self.plan.quantization
                 and self.plan.stored not in ("int8", "int4")):
             source = cached_conversion(self.path, self.plan.quantization, self.plan.bytes, progress,
                                        dtype=DTYPES[self.plan.dtype]) or self.path
         self.weights_source = source            # what was loaded: the checkpoint, or its converted copy
         self.config, self.model = load_model(source, DTYPES[self.plan.dtype], self.device,
-                                             quantization=self.plan.quantization,
-                                             mtp=self.num_speculative_tokens > 0, cpu_experts=cpu_experts or 0)
-        if cuda_graphs and (why := graph_obstacle(self.model)) is not None:     # said now, not at the first step
+                                             quantization=self.plan.quantization, mtp=k > 0,
+                                             cpu_experts=config.cpu_experts or 0, compute=config.compute)
+        if config.cuda_graphs and (why := graph_obstacle(self.model)) is not None:   # said now, not at a step
             raise ValueError(f"cuda_graphs=True: {why}")
         if self.device.type == "cpu":   # decode reads weights ~1.4x faster from huge pages (hugepages.py)
-            hugepages.place_weights(self.model, experts=max_ram is None)
+            hugepages.place_weights(self.model, experts=config.max_ram is None)
         # on the CPU the vision tower stays as stored (bf16: the memory map itself, no copy at start-up) and
         # upcasts one layer at a time as it runs; elsewhere it takes the model's dtype
         tower_dtype = None if self.device.type == "cpu" else DTYPES[self.plan.dtype]
         self.vision = load_vision_tower(self.model.checkpoint, self.config.vision, tower_dtype, self.device)
         self._media: MediaInputs | None = None
         self.generation_config = _read_optional_json(self.path / "generation_config.json")
-        if max_ram is not None:  # experts beyond the limit leave memory, least recently used first
-            from .residency import ExpertResidency
-            self.residency = ExpertResidency(self.model, max_ram)
+        if config.max_ram is not None:  # experts beyond the limit leave memory, least recently used first
+            self.residency = ExpertResidency(self.model, config.max_ram)
         self._tokenizer: Tokenizer | None = None
-        self.max_num_seqs = max_num_seqs
-        self.caches = self._plan_caches(max_model_len, kv_cache_bytes, prefix_cache_memory, max_ram)
-        # prefix cache: state snapshots of earlier prompts (bounded by prefix_cache_memory) so a prompt that
-        # extends or shares an earlier one prefills only what is new
-        self.enable_prefix_caching = enable_prefix_caching
+        # KV cache, context and prefix cache: as given, else from the memory left; the engine gets the result
+        self.caches = self._plan_caches(config)
+        self.engine_config = replace(config, max_model_len=self.caches.max_model_len,
+                                     kv_cache_memory=self.caches.kv_cache_memory,
+                                     prefix_cache_memory=self.caches.prefix_cache_memory)
         self._engine: Engine | None = None
         self._chat_template: ChatTemplate | None = None
 
-    def _plan_caches(self, max_model_len, kv_cache_bytes, prefix_cache_memory, max_ram) -> CachePlan:
+    def _plan_caches(self, config: EngineConfig) -> CachePlan:
         """KV cache, context and prefix-cache sizes: as given, else from the memory left (plan.plan_caches)."""
-        layout = self.model.cache_layout(mtp=self.num_speculative_tokens > 0)
+        k = config.num_speculative_tokens
+        layout = self.model.cache_layout(mtp=k > 0)
         meta = HybridCache(layout, 1, 1, 64, self.model.compute_dtype, "meta")
-        states = meta.bytes_per_slot() * self.max_num_seqs * (1 + self.num_speculative_tokens)
+        states = meta.bytes_per_slot() * config.max_num_seqs * (1 + k)
         # with max_ram, experts leave memory as needed: what is left cannot be told, the KV cache gets 1 GiB
-        available = self.available if max_ram is None else None
+        available = self.available if config.max_ram is None else None
         return plan_caches(available, self.plan.bytes, str(self.device), meta.bytes_per_block() // 64, states,
-                           self.config.text.max_position_embeddings, self.max_num_seqs, kv_cache_bytes,
-                           max_model_len, prefix_cache_memory)
+                           self.config.text.max_position_embeddings, config.max_num_seqs, config.kv_cache_memory,
+                           config.max_model_len, config.prefix_cache_memory)
 
     def describe(self) -> str:
         """What was chosen for this machine (weights, KV cache, context), for the start-up banner."""
         c = self.caches
-        return (f"{self.plan.describe()}\n  KV cache {size(c.kv_cache_bytes)} ({c.reason}): max context "
-                f"{c.max_model_len} tokens, {self.max_num_seqs} sequence(s) at once; prefix cache "
-                f"{size(c.prefix_cache_bytes)}")
+        return (f"{self.plan.describe()}\n  KV cache {size(c.kv_cache_memory)} ({c.reason}): max context "
+                f"{c.max_model_len} tokens, {self.engine_config.max_num_seqs} sequence(s) at once; prefix cache "
+                f"{size(c.prefix_cache_memory)}")
 
     @property
     def max_model_len(self) -> int:
@@ -211,13 +208,8 @@ class LLM:
             tokenizer_file = Path(self.path) / "tokenizer.json"
             grammar = (GrammarBackend(tokenizer_file, self.config.text.vocab_size, self.eos_token_ids)
                        if tokenizer is not None and tokenizer_file.is_file() else None)
-            self._engine = Engine(self.model, tokenizer, self.eos_token_ids, num_slots=self.max_num_seqs,
-                                  max_model_len=self.caches.max_model_len, kv_cache_bytes=self.caches.kv_cache_bytes,
-                                  enable_prefix_caching=self.enable_prefix_caching,
-                                  prefix_cache_bytes=self.caches.prefix_cache_bytes, grammar=grammar,
-                                  num_speculative_tokens=self.num_speculative_tokens,
-                                  draft_vocab_size=self.draft_vocab_size, cuda_graphs=self.cuda_graphs,
-                                  token_budget=self.max_num_batched_tokens)
+            self._engine = Engine(self.model, tokenizer, self.engine_config, eos_token_ids=self.eos_token_ids,
+                                  grammar=grammar)
         return self._engine
 
     @property

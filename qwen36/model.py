@@ -119,14 +119,3 @@ class TextModel(UsesBackend, nn.Module):
         rope = self.rotary.cos_sin(batch.positions, self.compute_dtype)
         return self.mtp(x, hidden, rope, batch, cache[len(self.layers)])
 
-
-def __getattr__(name: str):
-    # moved to loader.py; kept until importers are re-pointed (a module-level import would be a cycle:
-    # loader builds TextModel)
-    if name in ("load_model", "prepare", "KEEP_FP32"):
-        from . import loader
-        return getattr(loader, name)
-    if name == "_quant_config":
-        from . import loader
-        return loader.quant_config
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ position, which the next row needs, is kept per sequence slot ("hidden").
 """
 from __future__ import annotations
 
-import json
 
 import torch
 from torch import nn
@@ -54,7 +53,6 @@ def _fc_target(head: MTPHead, qcfg) -> dict:
     return {"fc.weight": (q, "weight")}
 
 
-MAX_SPECULATIVE_TOKENS = 8
 METHODS = ("mtp",)
 
 
@@ -88,39 +86,3 @@ def _argmax(logits: torch.Tensor):
     return int(idx) if idx.dim() == 0 else idx.tolist()
 
 
-def speculative_tokens(config) -> int:
-    # kept until tests/test_speculative.py is re-pointed to parse_speculative_config(config)[0] (no other caller)
-    return parse_speculative_config(config)[0]
-
-
-def parse_speculative_config(config) -> tuple[int, int | None]:
-    """speculative_config (vLLM's: {"method": "mtp", "num_speculative_tokens": k}, a dict or its JSON text;
-    None: off) -> (k, draft vocabulary size or None for the whole vocabulary); k = 0: off. Besides vLLM's
-    keys, "draft_vocab_size": N drafts among the first N token ids and the special tokens (DraftHead).
-    Raises ValueError naming what is wrong."""
-    if config is None:
-        return 0, None
-    if isinstance(config, str):
-        try:
-            config = json.loads(config)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"speculative_config is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError("speculative_config must be an object such as "
-                         '{"method": "mtp", "num_speculative_tokens": 2}')
-    unknown = sorted(set(config) - {"method", "num_speculative_tokens", "draft_vocab_size"})
-    if unknown:
-        raise ValueError(f"speculative_config: unsupported field(s) {unknown}; "
-                         "qwen36 takes 'method', 'num_speculative_tokens' and 'draft_vocab_size'")
-    method = config.get("method", "mtp")
-    if method not in METHODS:
-        raise ValueError(f"speculative_config.method={method!r} is not supported; choose one of {list(METHODS)} "
-                         "(the checkpoint's own multi-token-prediction head)")
-    k = config.get("num_speculative_tokens", 1)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
-        raise ValueError(f"speculative_config.num_speculative_tokens={k!r}: must be an integer in "
-                         f"[1, {MAX_SPECULATIVE_TOKENS}]")
-    n = config.get("draft_vocab_size")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 256):
-        raise ValueError(f"speculative_config.draft_vocab_size={n!r}: must be an integer >= 256")
-    return k, n

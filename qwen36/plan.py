@@ -111,7 +111,8 @@ def weight_bytes(cfg, ckpt, quantization: str | None, float_bytes: int, group_si
     from .checkpoint import map_name
     from .model import TextModel
     from .mtp import MTPHead, _fc_target
-    from .quant import QuantConfig, quantize_modules, quantized_shapes
+    from .ops.qformat import QuantConfig, quantized_shapes
+    from .quant import quantize_modules
 
     stored_q = isinstance(cfg.quantization, dict) and cfg.quantization.get("quant_method") == "qwen36"
     qcfg = QuantConfig.from_json(cfg.quantization) if stored_q else \
@@ -201,36 +202,36 @@ def check_fits(plan: WeightsPlan, device: str, available: int | None, max_ram: i
 
 @dataclass(frozen=True)
 class CachePlan:
-    kv_cache_bytes: int
+    kv_cache_memory: int
     max_model_len: int
-    prefix_cache_bytes: int
+    prefix_cache_memory: int
     reason: str
 
 
 def plan_caches(available: int | None, weights: int, device: str, kv_per_token: int, state_bytes: int,
-                native_len: int, max_num_seqs: int, kv_cache_bytes: int | None = None,
-                max_model_len: int | None = None, prefix_cache_bytes: int | None = None,
+                native_len: int, max_num_seqs: int, kv_cache_memory: int | None = None,
+                max_model_len: int | None = None, prefix_cache_memory: int | None = None,
                 block_size: int = 64) -> CachePlan:
     """Size the KV cache (None: what is left after weights, DeltaNet states (state_bytes for all slots), the
     prefix cache and a margin) and the context (None: what that KV cache holds, up to native_len).
-    prefix_cache_bytes None: 1 GiB, or a quarter of what is left if that is less."""
-    if max_model_len is not None and max_model_len < 1 or kv_cache_bytes is not None and kv_cache_bytes < 0:
-        raise ValueError(f"max_model_len={max_model_len}, kv_cache_bytes={kv_cache_bytes}: give positive sizes")
+    prefix_cache_memory None: 1 GiB, or a quarter of what is left if that is less."""
+    if max_model_len is not None and max_model_len < 1 or kv_cache_memory is not None and kv_cache_memory < 0:
+        raise ValueError(f"max_model_len={max_model_len}, kv_cache_memory={kv_cache_memory}: give positive sizes")
     left = None if available is None else available - weights - state_bytes - margin(device)
-    if prefix_cache_bytes is None:
-        prefix_cache_bytes = GiB if left is None else max(0, min(GiB, left // 4))
-    why, auto = "as asked", kv_cache_bytes is None
+    if prefix_cache_memory is None:
+        prefix_cache_memory = GiB if left is None else max(0, min(GiB, left // 4))
+    why, auto = "as asked", kv_cache_memory is None
     if auto:
         want = max_num_seqs * (max_model_len or native_len) * kv_per_token        # more is never used
         if left is None:
-            kv_cache_bytes, why = min(want, GiB), "1 GiB: free memory unknown, or --max-ram"
+            kv_cache_memory, why = min(want, GiB), "1 GiB: free memory unknown, or --max-ram"
         else:
-            kv_cache_bytes, why = max(0, min(want, left - prefix_cache_bytes)), "what is left after the weights"
-    fits = kv_cache_bytes // kv_per_token // block_size * block_size if kv_per_token else native_len
+            kv_cache_memory, why = max(0, min(want, left - prefix_cache_memory)), "what is left after the weights"
+    fits = kv_cache_memory // kv_per_token // block_size * block_size if kv_per_token else native_len
     if max_model_len is not None and max_model_len > fits:
         raise InsufficientMemory(
             f"--max-model-len {max_model_len} needs a KV cache of {max_model_len * kv_per_token / GiB:.2f} GB for one "
-            f"sequence; the KV cache has {kv_cache_bytes / GiB:.2f} GB ({fits} tokens). Raise --kv-cache-memory, "
+            f"sequence; the KV cache has {kv_cache_memory / GiB:.2f} GB ({fits} tokens). Raise --kv-cache-memory, "
             "lower --max-model-len, or leave both out to size them from the memory left")
     if max_model_len is None:
         max_model_len = min(native_len, fits)
@@ -239,4 +240,4 @@ def plan_caches(available: int | None, weights: int, device: str, kv_per_token: 
                 f"after the weights (~{size(weights)}) only {size(max(left or 0, 0))} is left: the "
                 f"KV cache would hold {fits} tokens. Free memory, use a smaller weight form, or set "
                 "--kv-cache-memory and --max-model-len yourself")
-    return CachePlan(kv_cache_bytes, min(max_model_len, native_len), prefix_cache_bytes, why)
+    return CachePlan(kv_cache_memory, min(max_model_len, native_len), prefix_cache_memory, why)

@@ -16,10 +16,6 @@ from .layers.moe import Experts
 from .layers.quant import QuantExperts, QuantLinear
 from .ops.qformat import QuantConfig
 
-# moved to ops/qformat.py, layers/quant.py and ops/linear.py; kept until importers are re-pointed
-from .ops.qformat import (DEFAULT_GROUP, METHODS, StackedQuant, dequantize, group_for,  # noqa: F401
-                          pack_nibbles, quantize, quantize_int4, quantize_int8, quantized_shapes, unpack_nibbles)
-
 # Which weights are quantized: every projection of the decoder and the output head. Kept float: the
 # router, shared-expert gate, DeltaNet in_proj_a/b, conv, norms, embedding (reasons at the top).
 QUANTIZED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .model import KEEP_FP32
+from .loader import KEEP_FP32
 
 # Text geometries, written as config.json's text_config keys.
 DEMO = dict(
@@ -266,7 +266,7 @@ def write_checkpoint(out: str | Path, geometry: dict, seed: int = 0, fused_exper
     cfg = model_config(geometry, None if text_only or quantization or streamed else vision, text_only)
     tc = cfg if text_only else cfg["text_config"]
     if quantization:
-        from .quant import QuantConfig
+        from .ops.qformat import QuantConfig
         qcfg = QuantConfig(quantization)
         cfg["quantization_config"] = qcfg.to_json()
         write_streamed_text(out, tc, seed, qcfg, "model." if text_only else "model.language_model.",
@@ -313,7 +313,7 @@ def write_preprocessor_configs(out: Path, vc: dict) -> None:
 def random_quantized(shape: tuple[int, ...], qcfg, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Random codes and scales whose dequantized weights have std ~ 1/sqrt(fan_in), made directly, in CPU
     memory. The codes are drawn on g's device (a GPU draws gigabytes at once; the CPU's generator is serial)."""
-    from .quant import quantized_shapes
+    from .ops.qformat import quantized_shapes
 
     parts = quantized_shapes(shape, qcfg)
     K = shape[-1]

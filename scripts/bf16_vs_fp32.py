@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from qwen36.model import load_model
+from qwen36.loader import load_model
 from qwen36.synth import DEMO, write_checkpoint
 
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,

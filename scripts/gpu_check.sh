@@ -28,7 +28,7 @@ nvidia-smi -L 2>&1
 python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())" 2>&1
 
 # the CPU kernels (for the offload part) compile in the background while the GPU works
-python3 -c "from qwen36 import kernels; print(kernels.native() is not None, kernels.native512() is not None)" \
+python3 -c "from qwen36.ops import native; print(native.load() is not None, native.load512() is not None)" \
     >/tmp/gpu-check-kernels.log 2>&1 &
 kernels_pid=$!
 

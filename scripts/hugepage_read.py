@@ -12,7 +12,9 @@ import time
 
 import torch
 
-from qwen36 import hugepages, kernels
+from qwen36 import hugepages
+from qwen36.ops.backend import default_backend
+from qwen36.ops.linear import qlinear
 from qwen36.tools.checkpoints import synthetic_checkpoint
 from qwen36.checkpoint import Checkpoint
 
@@ -29,6 +31,7 @@ def main() -> None:
     flush = hugepages.empty((1 << 28,), torch.float32)
     flush.fill_(1.0)
     x = torch.randn(1, mapped["q"].shape[1] * 2)
+    backend = default_backend("cpu")
     gs = mapped["q"].shape[1] * 2 // mapped["scale"].shape[1]
     for name, w in (("file mapping (page cache)", mapped), ("anonymous, 4 KiB pages", plain),
                     ("anonymous, huge pages", huge)):
@@ -36,7 +39,7 @@ def main() -> None:
         for _ in range(7):
             flush.sum()
             t = time.perf_counter()
-            kernels.qlinear(x, w)
+            qlinear(x, w, backend)
             times.append(time.perf_counter() - t)
         ms = sorted(times)[3] * 1e3
         nbytes = sum(v.numel() * v.element_size() for v in w.values())

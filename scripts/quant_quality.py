@@ -3,7 +3,7 @@
     python scripts/quant_quality.py CHECKPOINT [--tokens 256]
 For each method: mean KL(fp32 || quantized) of the next-token distributions and top-1 agreement over a
 fixed random token sequence (seed 0), one forward pass each. On CPUs with AVX-512 VNNI, int4 with groups of
-128 multiplies int8-rounded activations (kernels.py); the last row repeats it with fp32 activations
+128 multiplies int8-rounded activations (ops/linear.py); the last row repeats it with fp32 activations
 (QWEN36_ACT8=0) to show what that rounding adds.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from qwen36.model import load_model
+from qwen36.loader import load_model
 
 
 @torch.inference_mode()

@@ -44,7 +44,7 @@ CHECKPOINTS = {
     # moves logits by ~1e-3 however exact the pipeline is; with k = E routing is continuous
     "vision": {**BASE, "vocab_size": 248320, "num_experts": 4, "num_experts_per_tok": 4},
     # every projection's input width a multiple of 128: int4 groups of 128, which the decode kernels with
-    # int8 activations take (kernels.py)
+    # int8 activations take (ops/linear.py)
     "wide": {**BASE, "hidden_size": 256, "head_dim": 32, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
              "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128},
 }

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from qwen36 import LLM, SamplingParams, kernels
+from qwen36 import LLM, SamplingParams
 from qwen36.engine import Engine
 from qwen36.ops.gated_delta import fla_kernels, gated_delta_fla, gated_delta_reference
 from qwen36.ops.moe import grouped_ok, moe_grouped, moe_reference
@@ -34,10 +34,8 @@ pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(),
 @pytest.fixture(autouse=True)
 def _tensor_ops_on_the_cpu(monkeypatch):
     if DEV == "cpu":
-        # every LLM here loads with ComputeConfig.from_env(): no native kernels (until LLM takes a compute
-        # config), and the graph runner asks the environment's default backend (until it reads model.backend)
+        # every LLM here takes its compute config's defaults from the environment: no native kernels
         monkeypatch.setenv("QWEN36_NO_NATIVE", "1")
-        monkeypatch.setattr(kernels, "native", lambda: None)
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -120,7 +118,7 @@ def test_cuda_graphs_equal_the_uncaptured_step_and_eager(checkpoint):
     prompts = [prompt(35, 1), prompt(11, 2), prompt(250, 3)]
 
     def run(graphs: bool, capture: bool = True):
-        engine = Engine(llm.model, None, num_slots=3, max_model_len=512, enable_prefix_caching=False,
+        engine = Engine(llm.model, None, max_num_seqs=3, max_model_len=512, enable_prefix_caching=False,
                         cuda_graphs=graphs)
         if graphs:
             engine.graphs.capture = capture and DEV == "cuda"

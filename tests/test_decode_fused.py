@@ -111,19 +111,18 @@ def test_hugepage_memory():
     assert hugepages.empty((0, 4), torch.float32).numel() == 0
 
 
-def test_weights_in_huge_pages_give_the_same_tokens(checkpoint, monkeypatch):
-    """LLM places its weights in a huge-page arena (QWEN36_HUGEPAGES=0: where they were loaded); the tokens
+def test_weights_in_huge_pages_give_the_same_tokens(checkpoint):
+    """LLM places its weights in a huge-page arena (with hugepages=False: where they were loaded); the tokens
     and logits are the same, and the weights are out of the checkpoint's file mappings."""
     from qwen36.checkpoint import MAPPINGS
 
     vnni_or_skip()
     p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompt = list(range(5, 30))
-    monkeypatch.setenv("QWEN36_HUGEPAGES", "0")
-    off = LLM(checkpoint("wide"), quantization="int4", enable_prefix_caching=False)
+    off = LLM(checkpoint("wide"), quantization="int4", enable_prefix_caching=False,
+              compute=ComputeConfig(hugepages=False))
     want, want_logits = off.generate(prompt, p), off.logits(prompt)
-    monkeypatch.delenv("QWEN36_HUGEPAGES")
-    on = LLM(checkpoint("wide"), quantization="int4", enable_prefix_caching=False)
+    on = LLM(checkpoint("wide"), quantization="int4", enable_prefix_caching=False, compute=ComputeConfig())
     got = on.generate(prompt, p)
     assert got.token_ids == want.token_ids and torch.equal(on.logits(prompt), want_logits)
     ranges = [(hugepages._address(mm), len(mm)) for mm in MAPPINGS]
@@ -149,7 +148,7 @@ def test_layer_plan_equals_the_module_path(wide, monkeypatch):
     p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=5)
 
     def run():
-        engine = Engine(wide.model, None, num_slots=2, max_model_len=128, enable_prefix_caching=False)
+        engine = Engine(wide.model, None, max_num_seqs=2, max_model_len=128, enable_prefix_caching=False)
         for ids in prompts:
             engine.add_request(ids, p)
         steps = []

@@ -28,7 +28,7 @@ def test_sixteen_concurrent_equal_alone(llm):
     ps = prompts(16)
     lens = [3 + (i * 5) % 17 for i in range(16)]
     alone = [llm.generate(p, greedy(n)).token_ids for p, n in zip(ps, lens)]
-    engine = Engine(llm.model, None, num_slots=5, token_budget=40, kv_cache_bytes=1 << 24)
+    engine = Engine(llm.model, None, max_num_seqs=5, max_num_batched_tokens=40, kv_cache_memory=1 << 24)
     rids = [engine.add_request(p, greedy(n)) for p, n in zip(ps, lens)]
     got = {r: [] for r in rids}
     steps = 0
@@ -48,7 +48,7 @@ def test_queue_when_cache_is_short(llm):
     alone = [llm.generate(p, greedy(6)).token_ids for p in ps]
     per_block = llm.engine().cache.bytes_per_block()
     blocks = -(-(max(map(len, ps)) + 6) // 64)
-    engine = Engine(llm.model, None, num_slots=4, kv_cache_bytes=per_block * blocks)
+    engine = Engine(llm.model, None, max_num_seqs=4, kv_cache_memory=per_block * blocks)
     assert engine.scheduler.num_blocks == blocks
     rids = [engine.add_request(p, greedy(6)) for p in ps]
     got = {r: [] for r in rids}
@@ -63,10 +63,10 @@ def test_preempted_requests_are_recomputed_to_the_same_output(llm):
     admitted together run out, the newest is preempted and recomputed later; outputs equal each alone."""
     ps = prompts(3, seed=2)
     alone = [llm.generate(p, greedy(40)).token_ids for p in ps]
-    engine = Engine(llm.model, None, num_slots=3, block_size=8, kv_cache_bytes=0)
+    engine = Engine(llm.model, None, max_num_seqs=3, block_size=8, kv_cache_memory=0)
     per_block = engine.cache.bytes_per_block()
     blocks = -(-(max(map(len, ps)) + 40) // 8) + 1
-    engine = Engine(llm.model, None, num_slots=3, block_size=8, kv_cache_bytes=per_block * blocks)
+    engine = Engine(llm.model, None, max_num_seqs=3, block_size=8, kv_cache_memory=per_block * blocks)
     rids = [engine.add_request(p, greedy(40)) for p in ps]
     got = {r: [] for r in rids}
     while engine.has_work():
@@ -78,7 +78,7 @@ def test_preempted_requests_are_recomputed_to_the_same_output(llm):
 
 
 def test_abort_frees_slot_and_blocks(llm):
-    engine = Engine(llm.model, None, num_slots=2, kv_cache_bytes=1 << 24)
+    engine = Engine(llm.model, None, max_num_seqs=2, kv_cache_memory=1 << 24)
     a = engine.add_request(list(range(1, 50)), greedy(30))
     b = engine.add_request(list(range(2, 20)), greedy(5))
     engine.step()
@@ -92,7 +92,7 @@ def test_abort_frees_slot_and_blocks(llm):
 
 
 def test_too_long_is_rejected_and_others_unaffected(llm):
-    engine = Engine(llm.model, None, num_slots=2, max_model_len=64, kv_cache_bytes=1 << 24)
+    engine = Engine(llm.model, None, max_num_seqs=2, max_model_len=64, kv_cache_memory=1 << 24)
     with pytest.raises(ValueError, match="exceeds the maximum context length of 64"):
         engine.add_request(list(range(60)), greedy(10))
     rid = engine.add_request([1, 2, 3], greedy(4))
@@ -103,7 +103,7 @@ def test_too_long_is_rejected_and_others_unaffected(llm):
 
 
 def test_logprobs(llm):
-    engine = Engine(llm.model, None, num_slots=1, kv_cache_bytes=1 << 24)
+    engine = Engine(llm.model, None, max_num_seqs=1, kv_cache_memory=1 << 24)
     engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=3, logprobs=3))
     outs = []
     while engine.has_work():
@@ -147,7 +147,7 @@ def test_forced_tokens_after_trigger(llm):
     """tool_choice forcing: once the trigger token is sampled, the forced ids follow, then sampling resumes."""
     free = llm.generate([4, 5, 6], greedy(8)).token_ids
     trigger, forced = free[1], [11, 12, 13]
-    engine = Engine(llm.model, None, num_slots=1, kv_cache_bytes=1 << 24)
+    engine = Engine(llm.model, None, max_num_seqs=1, kv_cache_memory=1 << 24)
     engine.add_request([4, 5, 6], greedy(8), force=(trigger, forced))
     got = []
     while engine.has_work():
@@ -168,7 +168,7 @@ def test_requests_arriving_while_others_run(llm):
     ps = prompts(6, seed=3)
     lens = [2, 12, 5, 9, 3, 7]
     alone = [llm.generate(p, greedy(n)).token_ids for p, n in zip(ps, lens)]
-    engine = Engine(llm.model, None, num_slots=3, kv_cache_bytes=1 << 24)
+    engine = Engine(llm.model, None, max_num_seqs=3, kv_cache_memory=1 << 24)
     got, rids, pending = {}, {}, list(range(6))
     for i in pending[:2]:
         rids[engine.add_request(ps[i], greedy(lens[i]))] = i

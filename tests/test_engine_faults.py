@@ -55,7 +55,7 @@ def assert_nothing_leaks(engine, slots):
 
 
 def new_engine(llm, slots=4, **kw):
-    e = Engine(llm.model, None, num_slots=slots, kv_cache_bytes=1 << 24, **kw)
+    e = Engine(llm.model, None, max_num_seqs=slots, kv_cache_memory=1 << 24, **kw)
     e.snapshots_total = len(e.prefix.free_slots) if e.prefix is not None else 0
     return e
 
@@ -97,7 +97,7 @@ def test_a_sampler_that_raises_fails_only_its_request(llm, alone):
 
 def test_a_stop_matcher_that_raises_fails_only_its_request(llm, alone):
     assert llm.tokenizer is not None
-    engine = Engine(llm.model, llm.tokenizer, num_slots=2, kv_cache_bytes=1 << 24)
+    engine = Engine(llm.model, llm.tokenizer, max_num_seqs=2, kv_cache_memory=1 << 24)
     good = engine.add_request(PROMPTS[0], greedy(LENS[0]))
     bad = engine.add_request(PROMPTS[1], greedy(LENS[1], stop=["zzz"]))
 
@@ -166,7 +166,7 @@ def test_forward_failure_with_prefix_cache_snapshots_leaks_no_snapshot_slot(llm,
     """A prefill chunk that reserved snapshot slots and failed gives them back; the retry is exact."""
     long = [(7 * i) % 500 + 1 for i in range(150)]
     want = llm.generate(long, greedy(5)).token_ids
-    engine = new_engine(llm, slots=2, token_budget=64, snapshot_every=32, prefix_cache_bytes=1 << 24)
+    engine = new_engine(llm, slots=2, max_num_batched_tokens=64, snapshot_every=32, prefix_cache_memory=1 << 24)
     assert engine.prefix is not None and engine.snapshots_total > 0
     rid = engine.add_request(long, greedy(5))
     n = {"calls": 0}
@@ -182,12 +182,13 @@ def test_forward_failure_with_prefix_cache_snapshots_leaks_no_snapshot_slot(llm,
 
 
 def test_an_mtp_head_that_fails_once_keeps_the_output(checkpoint, monkeypatch):
-    from qwen36.model import load_model
+    from qwen36.loader import load_model
     model = load_model(checkpoint("ratio2", seed=3), mtp=True)[1]
     prompts = [[9, 10, 11, 12], [200, 201, 202]]
-    plain = Engine(model, None, num_slots=2, kv_cache_bytes=1 << 24)
+    plain = Engine(model, None, max_num_seqs=2, kv_cache_memory=1 << 24)
     want = [llm_run(plain, p) for p in prompts]
-    engine = Engine(model, None, num_slots=2, kv_cache_bytes=1 << 24, num_speculative_tokens=2)
+    engine = Engine(model, None, max_num_seqs=2, kv_cache_memory=1 << 24,
+                    speculative_config={"method": "mtp", "num_speculative_tokens": 2})
     rids = [engine.add_request(p, greedy(8)) for p in prompts]
     real, n = model.draft, {"calls": 0}
 

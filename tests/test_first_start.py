@@ -80,12 +80,12 @@ def test_a_model_too_big_for_the_machine_is_refused_with_the_options():
 def test_kv_cache_and_context_from_the_memory_left():
     kv = 40 * 1024                                                               # fp32 KV of a real-geometry token
     p = plan_caches(23 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8)
-    assert p.prefix_cache_bytes <= GiB and p.kv_cache_bytes > 0
-    assert p.max_model_len == p.kv_cache_bytes // kv // 64 * 64 < 262144         # what the cache's blocks hold
+    assert p.prefix_cache_memory <= GiB and p.kv_cache_memory > 0
+    assert p.max_model_len == p.kv_cache_memory // kv // 64 * 64 < 262144         # what the cache's blocks hold
     roomy = plan_caches(200 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 1)
-    assert roomy.max_model_len == 262144 and roomy.kv_cache_bytes == 262144 * kv   # no more than one context
+    assert roomy.max_model_len == 262144 and roomy.kv_cache_memory == 262144 * kv   # no more than one context
     with pytest.raises(InsufficientMemory, match="--max-model-len 65536 needs"):
-        plan_caches(23 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8, kv_cache_bytes=GiB, max_model_len=65536)
+        plan_caches(23 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8, kv_cache_memory=GiB, max_model_len=65536)
     with pytest.raises(InsufficientMemory, match="KV cache would hold"):
         plan_caches(20 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8)
 
@@ -95,7 +95,7 @@ def test_the_default_context_fits_the_kv_cache(checkpoint):
     the context (the servers' default without max_tokens) is accepted."""
     path = checkpoint("ratio2")
     per_token = LLM(path, quantization=None).engine().cache.bytes_per_block() // 64
-    llm = LLM(path, quantization=None, kv_cache_bytes=per_token * 1000 + 17, max_num_seqs=2)
+    llm = LLM(path, quantization=None, kv_cache_memory=per_token * 1000 + 17, max_num_seqs=2)
     assert llm.max_model_len == 960 and llm.engine().max_model_len == 960
     llm.engine().add_request([1, 2, 3], SamplingParams(max_tokens=957))
 
@@ -121,7 +121,7 @@ def test_a_short_request_is_not_held_behind_a_long_one(checkpoint):
     arrives after it. Blocks are taken as sequences grow, so the short one finishes first."""
     llm = LLM(checkpoint("ratio2"), quantization=None)
     per_block = llm.engine().cache.bytes_per_block()
-    engine = Engine(llm.model, None, num_slots=2, max_model_len=256, kv_cache_bytes=per_block * 4)
+    engine = Engine(llm.model, None, max_num_seqs=2, max_model_len=256, kv_cache_memory=per_block * 4)
     long = engine.add_request(list(range(3, 13)), SamplingParams(temperature=0, max_tokens=246))
     short = engine.add_request(list(range(20, 30)), SamplingParams(temperature=0, max_tokens=4))
     done = []
@@ -134,7 +134,7 @@ def test_a_short_request_is_not_held_behind_a_long_one(checkpoint):
 def test_serve_with_no_flags(tmp_path):
     """`qwen36 serve DIR`: /health 503 while loading then 200; a request without max_tokens (the SDKs' default)
     answered 200, running to the end of the context; the converted weights reused on the next start."""
-    from qwen36.cli import demo_checkpoint
+    from qwen36.demo import demo_checkpoint
 
     from qwen36.paths import cache_dir
 
@@ -183,7 +183,7 @@ def test_serve_with_no_flags(tmp_path):
 
 
 def test_serve_checks_the_port_and_flags_before_loading(tmp_path):
-    from qwen36.cli import demo_checkpoint
+    from qwen36.demo import demo_checkpoint
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

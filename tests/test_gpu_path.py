@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import qwen36.ops.moe as moe_ops
-from qwen36 import LLM, SamplingParams, kernels
+from qwen36 import LLM, SamplingParams
 from qwen36.engine import Engine
 from qwen36.layers.rotary import MRotary
 from qwen36.loader import load_model
@@ -123,11 +123,9 @@ def test_decode_attention_equals_each_sequence_alone():
 
 
 @pytest.fixture
-def torch_ops_only(monkeypatch):
+def torch_ops_only():
     """No native CPU kernels: every layer takes the tensor-op path a GPU takes (set the returned backend on
     the model)."""
-    # (until the graph runner reads model.backend: it asks the environment's default backend)
-    monkeypatch.setattr(kernels, "native", lambda: None)
     return resolve_backend(ComputeConfig(native=False), "cpu")
 
 
@@ -147,9 +145,9 @@ def test_the_graph_runner_equals_plain_decode_steps(checkpoint, torch_ops_only):
     llm = LLM(checkpoint("ratio2"), enable_prefix_caching=False, quantization=None)
     llm.model.set_backend(torch_ops_only)
     prompts = [list(range(5, 40)), list(range(60, 71)), list(range(3, 250))]   # the last crosses 256 rows
-    plain = _decode_all(Engine(llm.model, None, num_slots=3, max_model_len=512, enable_prefix_caching=False),
+    plain = _decode_all(Engine(llm.model, None, max_num_seqs=3, max_model_len=512, enable_prefix_caching=False),
                         prompts, 12)
-    engine = Engine(llm.model, None, num_slots=3, max_model_len=512, enable_prefix_caching=False, cuda_graphs=True)
+    engine = Engine(llm.model, None, max_num_seqs=3, max_model_len=512, enable_prefix_caching=False, cuda_graphs=True)
     graphed = _decode_all(engine, prompts, 12)
     assert engine.graphs.replays >= 11 and not engine.graphs.capture
     assert {(4, 256), (4, 512)} <= set(engine.graphs.graphs)            # 3 padded to 4; both KV buckets

@@ -154,7 +154,7 @@ def test_max_num_batched_tokens_sets_the_step_budget(checkpoint):
     path = checkpoint("ratio2", seed=9)
     small = LLM(path, quantization=None, max_num_batched_tokens=32)
     s = small.engine().scheduler
-    assert (s.token_budget, s.busy_prefill) == (32, 16)
+    assert (s.max_num_batched_tokens, s.busy_prefill) == (32, 16)
     prompt = list(range(3, 100))
     params = SamplingParams(temperature=0, max_tokens=6)
     assert small.generate(prompt, params).token_ids == LLM(path, quantization=None).generate(prompt, params).token_ids

@@ -163,5 +163,5 @@ def test_batched_with_text_and_chunked_prefill_equals_alone(checkpoint):
 
     alone = run(LLM(path, quantization=None), False)
     chunked = LLM(path, quantization=None)
-    chunked.engine().scheduler.token_budget = 16        # the image's pads are split across steps
+    chunked.engine().scheduler.max_num_batched_tokens = 16       # the image's pads are split across steps
     assert run(chunked, True) == alone

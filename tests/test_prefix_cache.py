@@ -6,8 +6,10 @@ import torch
 
 from qwen36 import LLM, SamplingParams
 from qwen36.engine import Engine
-from qwen36.prefix_cache import PrefixCache, PrefixKey, snapshot_points
-from qwen36.scheduler import BlockAllocator, Scheduler, SeqState
+from qwen36.engine import output
+from qwen36.engine.blocks import BlockAllocator
+from qwen36.engine.prefix_cache import PrefixCache, PrefixKey, snapshot_points
+from qwen36.engine.scheduler import Scheduler, SeqState
 
 B = 4  # block size of the pure-Python tests
 
@@ -109,7 +111,7 @@ def test_snapshot_points():
 
 def test_boundary_flood_is_bounded_and_exact(llm):
     """Content full of the message-start token costs a bounded number of snapshots, and stays exact."""
-    on, off = engine(llm, token_budget=512), engine(llm, on=False)
+    on, off = engine(llm, max_num_batched_tokens=512), engine(llm, on=False)
     flood = rand(20, 40) + [BOUNDARY] * 1500 + rand(20, 41)
     got = run(on, [flood], n=3)[0]
     same(got, run(off, [flood], n=3)[0])
@@ -117,7 +119,7 @@ def test_boundary_flood_is_bounded_and_exact(llm):
 
 
 def test_scheduler_admits_from_the_cache():
-    s = Scheduler(num_slots=2, num_blocks=16, block_size=B, token_budget=64, max_model_len=64, snapshot_slots=4)
+    s = Scheduler(max_num_seqs=2, num_blocks=16, block_size=B, max_num_batched_tokens=64, max_model_len=64, snapshot_slots=4)
     ids = tuple(range(20))
     old = s.blocks.allocate(5)
     s.prefix.add(s.prefix.reserve_slot(), PrefixKey(ids[:10]), 10, old)
@@ -133,7 +135,7 @@ def test_scheduler_admits_from_the_cache():
 
 
 def test_background_prefill_only_when_idle():
-    s = Scheduler(num_slots=2, num_blocks=32, block_size=B, token_budget=64, max_model_len=64,
+    s = Scheduler(max_num_seqs=2, num_blocks=32, block_size=B, max_num_batched_tokens=64, max_model_len=64,
                   snapshot_slots=2, background_chunk=5)
     bg = SeqState(0, 30, 0, background=True)
     fg = SeqState(1, 6, 2)
@@ -147,7 +149,7 @@ def test_background_prefill_only_when_idle():
 
 
 def test_cache_needs_blocks_evicts_snapshots():
-    s = Scheduler(num_slots=2, num_blocks=6, block_size=B, token_budget=64, max_model_len=64, snapshot_slots=4)
+    s = Scheduler(max_num_seqs=2, num_blocks=6, block_size=B, max_num_batched_tokens=64, max_model_len=64, snapshot_slots=4)
     old = s.blocks.allocate(6)
     s.prefix.add(s.prefix.reserve_slot(), PrefixKey(tuple(range(24))), 24, old)
     s.blocks.free(old)
@@ -168,7 +170,7 @@ BOUNDARY = 7          # stands in for <|im_start|> in these small-vocabulary pro
 
 
 def engine(llm, on=True, **kw):
-    e = Engine(llm.model, None, num_slots=kw.pop("num_slots", 3), kv_cache_bytes=kw.pop("kv", 1 << 24),
+    e = Engine(llm.model, None, max_num_seqs=kw.pop("max_num_seqs", 3), kv_cache_memory=kw.pop("kv", 1 << 24),
                enable_prefix_caching=on, **kw)
     e.boundary_id = BOUNDARY
     return e
@@ -177,19 +179,21 @@ def engine(llm, on=True, **kw):
 def run(e, prompts, n=5):
     """Run prompts together; -> per prompt (tokens, logits of every sampled step [n, V], cached tokens)."""
     logs = {}
-    orig = e._pick
+    orig = output.pick
 
     def record(r, logits, draft):
         logs.setdefault(r.request_id, []).append(logits.clone())
         return orig(r, logits, draft)
-    e._pick = record
-    rids = [e.add_request(p, SamplingParams(temperature=0, max_tokens=n)) for p in prompts]
-    toks, cached = {r: [] for r in rids}, {}
-    while e.has_work():
-        for o in e.step():
-            toks[o.request_id] += o.token_ids
-            cached[o.request_id] = o.cached_tokens
-    e._pick = orig
+    output.pick = record                  # every position's choice goes through output.pick
+    try:
+        rids = [e.add_request(p, SamplingParams(temperature=0, max_tokens=n)) for p in prompts]
+        toks, cached = {r: [] for r in rids}, {}
+        while e.has_work():
+            for o in e.step():
+                toks[o.request_id] += o.token_ids
+                cached[o.request_id] = o.cached_tokens
+    finally:
+        output.pick = orig
     return [(toks[r], torch.stack(logs[r]), cached[r]) for r in rids]
 
 
@@ -204,7 +208,7 @@ def rand(n, seed):
 
 
 def test_cache_on_equals_cache_off_at_every_kind_of_boundary(llm):
-    on, off = engine(llm, token_budget=48, snapshot_every=40), engine(llm, on=False)
+    on, off = engine(llm, max_num_batched_tokens=48, snapshot_every=40), engine(llm, on=False)
     p1 = rand(150, 1)
     p1[30] = p1[97] = BOUNDARY
     (t1, *_), = run(on, [p1])
@@ -224,7 +228,7 @@ def test_cache_on_equals_cache_off_at_every_kind_of_boundary(llm):
 def test_cache_salt_hits_only_its_own_prefixes(llm):
     """Through the engine: a repeat with the same salt hits the cache, with another salt it computes everything,
     and the tokens are the same either way."""
-    e = engine(llm, token_budget=48, snapshot_every=40)
+    e = engine(llm, max_num_batched_tokens=48, snapshot_every=40)
     prompt = rand(100, 7)
 
     def go(salt):
@@ -242,7 +246,7 @@ def test_cache_salt_hits_only_its_own_prefixes(llm):
 
 
 def test_concurrent_sharing_abort_and_batching(llm):
-    on, off = engine(llm, token_budget=32), engine(llm, on=False)
+    on, off = engine(llm, max_num_batched_tokens=32), engine(llm, on=False)
     base = rand(120, 5)
     base[50] = BOUNDARY
     a, b, c = base + rand(9, 6), base + rand(13, 7), rand(40, 8)
@@ -263,7 +267,7 @@ def test_concurrent_sharing_abort_and_batching(llm):
 
 
 def test_eviction_under_pressure_stays_exact(llm):
-    small = engine(llm, token_budget=64, prefix_cache_bytes=2 * llm.engine().snapshot_bytes,
+    small = engine(llm, max_num_batched_tokens=64, prefix_cache_memory=2 * llm.engine().snapshot_bytes,
                    kv=llm.engine().cache.bytes_per_block() * 3)
     off = engine(llm, on=False)
     assert small.snapshots.num_slots == 2
@@ -276,7 +280,7 @@ def test_eviction_under_pressure_stays_exact(llm):
 
 
 def test_background_warm_and_preemption(llm):
-    on, off = engine(llm, token_budget=64), engine(llm, on=False)
+    on, off = engine(llm, max_num_batched_tokens=64), engine(llm, on=False)
     hist = rand(200, 30)
     assert on.warm(hist) is not None
     on.step()                                                # one background chunk (the 64-token budget)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from qwen36.scheduler import BlockAllocator, Scheduler, SeqState
+from qwen36.engine.blocks import BlockAllocator
+from qwen36.engine.scheduler import Scheduler, SeqState
 
 
 def seq(i, prompt, max_tokens):
@@ -20,7 +21,7 @@ def test_block_allocator():
 
 
 def test_prefill_chunks_within_budget_then_decode():
-    s = Scheduler(num_slots=2, num_blocks=16, block_size=4, token_budget=10, max_model_len=64)
+    s = Scheduler(max_num_seqs=2, num_blocks=16, block_size=4, max_num_batched_tokens=10, max_model_len=64)
     a = seq(0, 23, 5)
     s.add(a)
     work, admitted = s.schedule()
@@ -40,7 +41,7 @@ def test_prefill_chunks_within_budget_then_decode():
 def test_short_prompt_is_not_held_behind_a_long_prompts_chunks():
     """A long prompt arrives first; a short one arriving during its prefill takes its whole chunk at the next
     step (fewest tokens left first), and the long one keeps the rest of the budget."""
-    s = Scheduler(num_slots=2, num_blocks=64, block_size=4, token_budget=10, max_model_len=128)
+    s = Scheduler(max_num_seqs=2, num_blocks=64, block_size=4, max_num_batched_tokens=10, max_model_len=128)
     long, short = seq(0, 100, 2), seq(1, 4, 2)
     s.add(long)
     (w,), _ = s.schedule()
@@ -54,7 +55,7 @@ def test_short_prompt_is_not_held_behind_a_long_prompts_chunks():
 def test_prompt_chunks_shrink_while_others_decode():
     """While a sequence decodes (someone waits for each step), a prompt gets a quarter of the budget per step,
     so that step stays short; alone it gets the whole budget."""
-    s = Scheduler(num_slots=2, num_blocks=64, block_size=4, token_budget=64, max_model_len=256)
+    s = Scheduler(max_num_seqs=2, num_blocks=64, block_size=4, max_num_batched_tokens=64, max_model_len=256)
     a, b = seq(0, 4, 8), seq(1, 200, 2)
     s.add(a)
     s.schedule()
@@ -69,7 +70,7 @@ def test_prompt_chunks_shrink_while_others_decode():
 
 
 def test_decodes_first_and_share_budget():
-    s = Scheduler(num_slots=3, num_blocks=64, block_size=4, token_budget=8, max_model_len=64)
+    s = Scheduler(max_num_seqs=3, num_blocks=64, block_size=4, max_num_batched_tokens=8, max_model_len=64)
     a, b = seq(0, 2, 4), seq(1, 30, 4)
     s.add(a)
     s.add(b)
@@ -89,7 +90,7 @@ def run(work):
 
 
 def test_admission_waits_for_blocks_and_slots_in_order():
-    s = Scheduler(num_slots=2, num_blocks=6, block_size=4, token_budget=64, max_model_len=64)
+    s = Scheduler(max_num_seqs=2, num_blocks=6, block_size=4, max_num_batched_tokens=64, max_model_len=64)
     a, b, c = seq(0, 10, 6), seq(1, 4, 4), seq(2, 1, 1)      # a holds 3 blocks (11 rows), b 2 (5 rows), c 1
     for x in (a, b, c):
         s.add(x)
@@ -103,7 +104,7 @@ def test_admission_waits_for_blocks_and_slots_in_order():
 
 
 def test_no_overtaking_when_head_does_not_fit():
-    s = Scheduler(num_slots=4, num_blocks=4, block_size=4, token_budget=64, max_model_len=64)
+    s = Scheduler(max_num_seqs=4, num_blocks=4, block_size=4, max_num_batched_tokens=64, max_model_len=64)
     big, small1, small2 = seq(0, 8, 8), seq(1, 12, 4), seq(2, 1, 1)
     s.add(big)
     s.add(small1)
@@ -116,7 +117,7 @@ def test_no_overtaking_when_head_does_not_fit():
 
 
 def test_blocks_are_reserved_as_the_sequence_grows():
-    s = Scheduler(num_slots=1, num_blocks=8, block_size=4, token_budget=64, max_model_len=32)
+    s = Scheduler(max_num_seqs=1, num_blocks=8, block_size=4, max_num_batched_tokens=64, max_model_len=32)
     a = seq(0, 4, 10)
     s.add(a)
     held = []
@@ -133,7 +134,7 @@ def test_blocks_are_reserved_as_the_sequence_grows():
 def test_long_request_without_max_tokens_does_not_hold_short_ones():
     """A request that may run to the end of the context holds only what it has written: a short request
     arriving after it is admitted at once, not after the long one finishes."""
-    s = Scheduler(num_slots=4, num_blocks=8, block_size=4, token_budget=64, max_model_len=32)
+    s = Scheduler(max_num_seqs=4, num_blocks=8, block_size=4, max_num_batched_tokens=64, max_model_len=32)
     long, short = seq(0, 4, 28), seq(1, 4, 4)
     s.add(long)
     run(s.schedule()[0])
@@ -143,7 +144,7 @@ def test_long_request_without_max_tokens_does_not_hold_short_ones():
 
 
 def test_preemption_recomputes_the_newest():
-    s = Scheduler(num_slots=2, num_blocks=4, block_size=4, token_budget=64, max_model_len=16)
+    s = Scheduler(max_num_seqs=2, num_blocks=4, block_size=4, max_num_batched_tokens=64, max_model_len=16)
     a, b = seq(0, 4, 12), seq(1, 3, 9)
     s.add(a)
     s.add(b)
@@ -163,16 +164,16 @@ def test_preemption_recomputes_the_newest():
 
 
 def test_requests_that_can_never_fit_are_rejected():
-    s = Scheduler(num_slots=2, num_blocks=4, block_size=4, token_budget=64, max_model_len=20)
+    s = Scheduler(max_num_seqs=2, num_blocks=4, block_size=4, max_num_batched_tokens=64, max_model_len=20)
     with pytest.raises(ValueError, match=r"prompt \(18 tokens\) \+ max_tokens \(3\) = 21 exceeds .* 20 tokens"):
         s.add(seq(0, 18, 3))
-    s2 = Scheduler(num_slots=2, num_blocks=4, block_size=4, token_budget=64, max_model_len=100)
+    s2 = Scheduler(max_num_seqs=2, num_blocks=4, block_size=4, max_num_batched_tokens=64, max_model_len=100)
     with pytest.raises(ValueError, match="more KV cache"):
         s2.add(seq(0, 15, 2))
 
 
 def test_abort_waiting():
-    s = Scheduler(num_slots=1, num_blocks=8, block_size=4, token_budget=64, max_model_len=64)
+    s = Scheduler(max_num_seqs=1, num_blocks=8, block_size=4, max_num_batched_tokens=64, max_model_len=64)
     a, b = seq(0, 4, 4), seq(1, 4, 4)
     s.add(a)
     s.add(b)

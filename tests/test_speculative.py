@@ -8,7 +8,7 @@ import torch
 
 from qwen36 import LLM, SamplingParams
 from qwen36.engine import Engine
-from qwen36.mtp import parse_speculative_config, speculative_tokens
+from qwen36.engine.config import parse_speculative_config
 from qwen36.sampling import Sampler
 
 BOUNDARY = 7          # stands in for <|im_start|> in these small-vocabulary prompts
@@ -16,7 +16,7 @@ BOUNDARY = 7          # stands in for <|im_start|> in these small-vocabulary pro
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
-    from qwen36.model import load_model
+    from qwen36.loader import load_model
     return load_model(checkpoint("ratio2", seed=3), mtp=True)[1]
 
 
@@ -24,8 +24,15 @@ def rand(n, seed):
     return torch.randint(8, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def engine(model, k=0, **kw):
-    e = Engine(model, None, num_slots=kw.pop("num_slots", 4), kv_cache_bytes=1 << 24, num_speculative_tokens=k, **kw)
+def mtp(k, **extra):
+    """speculative_config for k drafts per step from the MTP head (None: no speculation)."""
+    return {"method": "mtp", "num_speculative_tokens": k, **extra} if k else None
+
+
+def engine(model, k=0, draft_vocab_size=None, **kw):
+    spec = mtp(k, **({"draft_vocab_size": draft_vocab_size} if draft_vocab_size else {}))
+    e = Engine(model, None, max_num_seqs=kw.pop("max_num_seqs", 4), kv_cache_memory=1 << 24, speculative_config=spec,
+               **kw)
     e.boundary_id = BOUNDARY
     return e
 
@@ -55,9 +62,9 @@ def oracle(want: dict, right: int | None):
 
 # ---------------------------------------------------------------- configuration
 def test_speculative_config_is_vllms_and_checked():
-    assert speculative_tokens(None) == 0
-    assert speculative_tokens({"method": "mtp", "num_speculative_tokens": 3}) == 3
-    assert speculative_tokens('{"method": "mtp", "num_speculative_tokens": 2}') == 2
+    assert parse_speculative_config(None)[0] == 0
+    assert parse_speculative_config({"method": "mtp", "num_speculative_tokens": 3})[0] == 3
+    assert parse_speculative_config('{"method": "mtp", "num_speculative_tokens": 2}')[0] == 2
     assert parse_speculative_config({"num_speculative_tokens": 2, "draft_vocab_size": 32768}) == (2, 32768)
     with pytest.raises(ValueError, match="draft_vocab_size"):
         parse_speculative_config({"num_speculative_tokens": 2, "draft_vocab_size": 3})
@@ -66,7 +73,7 @@ def test_speculative_config_is_vllms_and_checked():
                        ({"method": "mtp", "num_speculative_tokens": True}, "num_speculative_tokens"),
                        ({"method": "mtp", "model": "x"}, "model"), ("{nope", "JSON"), ([2], "object")]:
         with pytest.raises(ValueError, match=field):
-            speculative_tokens(bad)
+            parse_speculative_config(bad)[0]
 
 
 def test_a_checkpoint_without_mtp_weights_is_refused_by_name(checkpoint):
@@ -112,7 +119,7 @@ def test_mtp_drafts_equal_the_plain_reference(model):
     """The engine's drafts after every step (incremental head KV across prefill chunks, decode, rejected
     drafts and a prefix-cache hit) equal the head recomputed from the math over the whole sequence."""
     k = 3
-    e = engine(model, k, token_budget=16)
+    e = engine(model, k, max_num_batched_tokens=16)
     p1 = rand(40, 1)
     p1[20] = BOUNDARY
     seen = []
@@ -136,13 +143,13 @@ def test_greedy_tokens_identical_alone_and_batched(model, k):
     oracle drafts (all, or only the first, right), one request and three at once, prompts prefilled in
     chunks, outputs that run into max_tokens mid-verification."""
     prompts = [rand(37, 3), rand(5, 4), rand(70, 5)]
-    want, _ = run(engine(model, token_budget=24), prompts, n=13)
-    alone, _ = run(engine(model, k, token_budget=24), prompts[:1], n=13)
+    want, _ = run(engine(model, max_num_batched_tokens=24), prompts, n=13)
+    alone, _ = run(engine(model, k, max_num_batched_tokens=24), prompts[:1], n=13)
     assert alone == want[:1]
     by_prompt = {tuple(p): w for p, w in zip(prompts, want)}
     for right in (None, 1, 0):
-        e = engine(model, k, token_budget=24)
-        e.draft_override = oracle(by_prompt, right)
+        e = engine(model, k, max_num_batched_tokens=24)
+        e.speculator.drafter = oracle(by_prompt, right)
         got, _ = run(e, prompts, n=13)
         assert got == want, right
         assert e.stats.draft_tokens > 0
@@ -159,10 +166,10 @@ def test_preemption_with_speculation_keeps_the_output(model):
     want, _ = run(engine(model, block_size=8), prompts, n=30)
     e = engine(model, 2, block_size=8)
     blocks = -(-(30 + 30 + 5) // 8) + 1
-    e = Engine(model, None, num_slots=3, block_size=8, num_speculative_tokens=2,
-               kv_cache_bytes=e.cache.bytes_per_block() * blocks)
+    e = Engine(model, None, max_num_seqs=3, block_size=8, speculative_config=mtp(2),
+               kv_cache_memory=e.cache.bytes_per_block() * blocks)
     e.boundary_id = BOUNDARY
-    e.draft_override = oracle({tuple(p): w for p, w in zip(prompts, want)}, 1)
+    e.speculator.drafter = oracle({tuple(p): w for p, w in zip(prompts, want)}, 1)
     got, _ = run(e, prompts, n=30)
     assert e.scheduler.num_preemptions > 0 and e.stats.accepted_tokens > 0
     assert got == want
@@ -193,13 +200,13 @@ def test_prefix_cache_hits_with_speculation_equal_cache_off(model):
     p1[25] = BOUNDARY
     want1, _ = run(engine(model, enable_prefix_caching=False), [p1])
     e = engine(model, 2)
-    e.draft_override = oracle({tuple(p1): want1[0]}, 1)        # half the drafts rejected
+    e.speculator.drafter = oracle({tuple(p1): want1[0]}, 1)        # half the drafts rejected
     (t1,), _ = run(e, [p1])
     assert t1 == want1[0]
     p2 = p1 + t1 + [BOUNDARY] + rand(15, 7)
     p3 = p1[:25] + [BOUNDARY] + rand(12, 8)                    # an earlier message changed
     want, _ = run(engine(model, enable_prefix_caching=False), [p2, p3])
-    e.draft_override = None                                    # the head's own drafts now
+    e.speculator.drafter = None                                    # the head's own drafts now
     got, cached = run(e, [p2, p3])
     assert got == want and cached[0] >= len(p1) and cached[1] >= 25
 
@@ -210,7 +217,7 @@ def test_rejected_drafts_leave_the_caches_as_if_they_never_ran(model):
     p = rand(30, 9)
     want, _ = run(engine(model), [p], n=10)
     e = engine(model, 3, enable_prefix_caching=False)
-    e.draft_override = oracle({tuple(p): want[0]}, 1)
+    e.speculator.drafter = oracle({tuple(p): want[0]}, 1)
     checked = []
 
     def compare(e):
@@ -219,7 +226,7 @@ def test_rejected_drafts_leave_the_caches_as_if_they_never_ran(model):
             if seq.prefilling or not r.output_ids:
                 continue
             n = seq.num_computed
-            ref = engine(model, 3, enable_prefix_caching=False, token_budget=n)   # a first chunk of n tokens
+            ref = engine(model, 3, enable_prefix_caching=False, max_num_batched_tokens=n)   # a first chunk of n tokens
             ref.add_request((r.prompt_ids + r.output_ids)[:n + 1], SamplingParams(temperature=0, max_tokens=1))
             ref_seq = next(iter(ref.requests.values())).seq
             ref.step()
@@ -230,7 +237,7 @@ def test_rejected_drafts_leave_the_caches_as_if_they_never_ran(model):
                     if name in mine:
                         torch.testing.assert_close(mine[name][seq.slot], theirs[name][ref_seq.slot], rtol=1e-4, atol=1e-5)
                 if "k" in mine:
-                    lo = 1 if layer == e.mtp_layer else 0            # the head's row 0 is never used
+                    lo = 1 if layer == e.speculator.layer else 0            # the head's row 0 is never used
                     B = e.cache.block_size
                     pos = torch.arange(lo, n)
                     a = torch.tensor(seq.blocks)[pos // B] * B + pos % B
@@ -272,7 +279,7 @@ def test_sampled_outputs_keep_their_distribution_end_to_end(model):
     """Temperature 1, top-k 3, drafts = the most likely second token (accepted often): the joint frequencies
     of the first two tokens match the model's own probabilities."""
     prompt = rand(12, 10)
-    e = engine(model, 1, num_slots=16, enable_prefix_caching=False)
+    e = engine(model, 1, max_num_seqs=16, enable_prefix_caching=False)
     ref = LLMLike(model)
     first = ref.filtered(prompt)
     joint, best = {}, {}
@@ -281,7 +288,7 @@ def test_sampled_outputs_keep_their_distribution_end_to_end(model):
         best[a] = max(second, key=second.get)
         for b, pb in second.items():
             joint[(a, b)] = pa * pb
-    e.draft_override = lambda r, d: [best[r.output_ids[-1]]]
+    e.speculator.drafter = lambda r, d: [best[r.output_ids[-1]]]
     n = 600
     rids = [e.add_request(prompt, SamplingParams(temperature=1.0, top_k=3, max_tokens=3, seed=s)) for s in range(n)]
     toks = {r: [] for r in rids}

@@ -15,6 +15,7 @@ ops/norm.py, ops/attention.py, ops/gated_delta.py) calls them beside its referen
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import sys
 import threading
@@ -43,9 +44,15 @@ def _build(name: str, source: str, flags: list[str]):
     build.mkdir(parents=True, exist_ok=True)
     if not (build / f"{name}.so").exists():
         print(f"qwen36: compiling {source} into {build} (once, about a minute) ...", file=sys.stderr, flush=True)
-    return load(name=name, sources=[str(csrc / source)],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
-                build_directory=str(build), verbose=False)
+    # one build at a time, under a lock the OS releases when its holder dies: torch's own lock file stays
+    # behind when a build is interrupted (Ctrl-C during the first start), and every later start would wait on
+    # it forever; holding ours, any such file is stale
+    with open(build / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        return load(name=name, sources=[str(csrc / source)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *flags],
+                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
 
 
 def load():

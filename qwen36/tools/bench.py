@@ -48,7 +48,7 @@ def run(model: str | None, layers: int = 40, quantization: str | None = "int4", 
                                     max_ram=max_ram, enable_prefix_caching=False,   # repeated prompts
                                     speculative_config=spec))
     engine = llm.engine()
-    engine.spec_k = 0          # the plain figures first; speculative_decode_bench turns drafting on
+    engine.speculate(0)        # the plain figures first; speculative_decode_bench turns drafting on
     V = llm.config.text.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(V, 200000), (prompt_len,), generator=g).tolist()
@@ -149,7 +149,7 @@ def speculative_decode_bench(llm, short: list[int], n: int, k: int, rounds: int 
     estimate (labelled so) at the accepted length peers publish for this model."""
     engine = llm.engine()
     p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    engine.spec_k = 0
+    engine.speculate(0)
     want = llm.generate(short, p).token_ids
 
     def oracle(right):
@@ -167,7 +167,8 @@ def speculative_decode_bench(llm, short: list[int], n: int, k: int, rounds: int 
              # half of all drafts right: k/2 per step (odd k: alternately rounded up and down)
              "oracle_half": (k, oracle(lambda step: (k + step % 2) // 2)), "oracle_none": (k, oracle(lambda step: 0))}
     draft_time = [0.0, 0]
-    real_propose = engine._propose
+    speculator = engine.speculator
+    real_propose = speculator.propose
 
     def timed_propose(*a, **kw):                     # the head's rows and drafts, per step
         t = time.perf_counter()
@@ -178,11 +179,11 @@ def speculative_decode_bench(llm, short: list[int], n: int, k: int, rounds: int 
 
     runs: dict[str, list[float]] = {}
     info: dict[str, dict] = {}
-    engine._propose = timed_propose
+    speculator.propose = timed_propose              # an instance attribute over the method, removed below
     try:
         for _ in range(rounds):
             for label, (spec_k, override) in modes.items():
-                engine.spec_k, engine.draft_override = spec_k, override
+                engine.speculate(spec_k, override)
                 before = (engine.stats.spec_steps, engine.stats.draft_tokens, engine.stats.accepted_tokens)
                 out, t = timed(lambda: llm.generate(short, p))
                 steps, drafted, accepted = (a - b for a, b in zip(
@@ -192,10 +193,10 @@ def speculative_decode_bench(llm, short: list[int], n: int, k: int, rounds: int 
                                "acceptance": round(accepted / drafted, 3) if drafted else None,
                                "tokens_per_step": round(n / max(steps, 1), 2) if steps else 1.0}
     finally:
-        engine.spec_k, engine.draft_override = 0, None
-        del engine._propose
+        engine.speculate(0)
+        del speculator.propose
     med = {label: sorted(v)[len(v) // 2] for label, v in runs.items()}
-    out = {"k": k, "tokens": n, "draft_vocab_size": engine.draft_head.ids.numel() if engine.draft_head.ids is not None
+    out = {"k": k, "tokens": n, "draft_vocab_size": speculator.head.ids.numel() if speculator.head.ids is not None
            else None, "drafting_ms_per_step": round(draft_time[0] / max(draft_time[1], 1) * 1000, 2)}
     for label in modes:
         out[label] = {"tok_s": round(med[label], 2), **info[label]}

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels
 from ..config import parse_text_config
 from ..engine import Engine
 from ..layers.moe import Experts
-from ..model import KEEP_FP32, TextModel, prepare
-from ..quant import QuantConfig, offload_experts
+from ..loader import KEEP_FP32, prepare
+from ..model import TextModel
+from ..ops.backend import default_backend
+from ..ops.qformat import QuantConfig
+from ..quant import offload_experts
 from ..sampling import SamplingParams
 from ..synth import DEMO, REAL, random_quantized, random_weight, text_config
 from .measure import copy_bandwidth_gbs, decode_rate, synchronize, weight_bytes_per_token
@@ -80,8 +82,8 @@ def serve(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
 
 
 def _engine(model, slots: int, max_len: int, graphs: bool, budget: int = 8192) -> Engine:
-    return Engine(model, None, num_slots=slots, max_model_len=max_len, token_budget=budget,
-                  kv_cache_bytes=4 << 30, enable_prefix_caching=False, cuda_graphs=graphs)
+    return Engine(model, None, max_num_seqs=slots, max_model_len=max_len, max_num_batched_tokens=budget,
+                  kv_cache_memory=4 << 30, enable_prefix_caching=False, cuda_graphs=graphs)
 
 
 def decode_b1(model, graphs: bool, n: int = 128) -> dict:
@@ -170,7 +172,7 @@ def run(device: str = "cuda", dtype: str = "bfloat16", dry_run: bool = False, pa
         res["roofline_tok_s"] = round(bw * 1e9 / bpt, 1)
         # without a GPU (dry run) the graph runner's static-buffer step runs uncaptured where the CPU kernels
         # are off (QWEN36_NO_NATIVE=1): the tensor-op path a GPU takes
-        graphs_ok = graphs and (torch.device(device).type == "cuda" or kernels.native() is None)
+        graphs_ok = graphs and (torch.device(device).type == "cuda" or model.backend.native is None)
         part("decode_b1", lambda: decode_b1(model, graphs_ok))
         part("decode_b1_eager", lambda: decode_b1(model, False))
         for name in ("decode_b1", "decode_b1_eager"):
@@ -185,7 +187,7 @@ def run(device: str = "cuda", dtype: str = "bfloat16", dry_run: bool = False, pa
             torch.cuda.empty_cache()
     if "offload_b1" in wanted:
         def offload():
-            if kernels.native() is None:     # the reference int4 path dequantizes every expert per call: minutes
+            if default_backend("cpu").native is None:   # the reference int4 path dequantizes every expert per call: minutes
                 return {"skipped": "the CPU kernels did not build here (see the kernels log)"}
             m = random_model(geometry, dt, device, cpu_experts=geometry["num_hidden_layers"])
             assert not any(isinstance(x, Experts) for x in m.modules())

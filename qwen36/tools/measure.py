@@ -8,7 +8,7 @@ import time
 import torch
 
 from .. import hugepages
-from ..quant import QuantExperts, QuantLinear
+from ..layers.quant import QuantExperts, QuantLinear
 
 
 def timed(fn):

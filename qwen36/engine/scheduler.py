@@ -21,38 +21,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from .blocks import BlockAllocator
 from .prefix_cache import PrefixCache, PrefixKey, Snapshot
-
-
-class BlockAllocator:
-    """KV blocks with reference counts (a running sequence holds one on each block of its table, the prefix
-    cache one on each block it keeps); a block whose count drops to zero goes back to the free list."""
-
-    def __init__(self, num_blocks: int):
-        self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.count = [0] * num_blocks
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free_blocks)
-
-    def allocate(self, n: int) -> list[int] | None:
-        if n > len(self.free_blocks):
-            return None
-        out = [self.free_blocks.pop() for _ in range(n)]
-        for b in out:
-            self.count[b] = 1
-        return out
-
-    def ref(self, blocks: list[int]) -> None:
-        for b in blocks:
-            self.count[b] += 1
-
-    def free(self, blocks: list[int]) -> None:
-        for b in reversed(blocks):
-            self.count[b] -= 1
-            if self.count[b] == 0:
-                self.free_blocks.append(b)
 
 
 @dataclass
@@ -90,16 +60,17 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, num_blocks: int, block_size: int, token_budget: int, max_model_len: int,
-                 snapshot_slots: int = 0, background_chunk: int = 128, lookahead: int = 1):
-        self.block_size, self.token_budget, self.max_model_len = block_size, token_budget, max_model_len
+    def __init__(self, max_num_seqs: int, num_blocks: int, block_size: int, max_num_batched_tokens: int,
+                 max_model_len: int, snapshot_slots: int = 0, background_chunk: int = 128, lookahead: int = 1):
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens    # tokens per step
         self.num_blocks, self.background_chunk = num_blocks, background_chunk
-        self.busy_prefill = max(16, token_budget // 4)   # prompt tokens per step while others decode
+        self.busy_prefill = max(16, max_num_batched_tokens // 4)   # prompt tokens per step while others decode
         self.lookahead = lookahead            # KV rows a step may write past a sequence's known tokens
         self.num_preemptions = 0
         self.blocks = BlockAllocator(num_blocks)
         self.prefix = PrefixCache(self.blocks, block_size, snapshot_slots) if snapshot_slots > 0 else None
-        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.free_slots = list(range(max_num_seqs - 1, -1, -1))
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []
 
@@ -207,7 +178,7 @@ class Scheduler:
         """The next step's work, and the sequences newly given a slot (their state must be reset)."""
         self._grow()
         admitted = self._admit()
-        budget = self.token_budget
+        budget = self.max_num_batched_tokens
         work = []
         decoding = False
         for seq in self.running:                             # decodes first: one token each

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
-from .batch import ForwardBatch
-from .cache import HybridCache
+from ..batch import ForwardBatch
+from ..cache import HybridCache
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 MIN_L = 256
@@ -50,7 +49,7 @@ class _Graph:
 
 def obstacle(model) -> str | None:
     """Why the model's decode step cannot be recorded as a graph (None: it can)."""
-    if model.embed_tokens.weight.device.type == "cpu" and kernels.native() is not None:
+    if model.embed_tokens.weight.device.type == "cpu" and model.backend.native is not None:
         return "the CPU kernels read per-sequence host metadata that a static batch does not carry"
     if any(getattr(layer.mlp.experts, "offloaded", False) for layer in model.layers):
         return "the offloaded experts (cpu_experts) run on the CPU, outside a graph"

@@ -21,10 +21,9 @@ import hashlib
 import itertools
 from array import array
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-if TYPE_CHECKING:
-    from .scheduler import BlockAllocator
+from .blocks import BlockAllocator
 
 ROOT = b"qwen36-prefix-v1"
 
@@ -37,12 +36,14 @@ class PrefixKey:
     ids: tuple[int, ...]
     media: tuple[tuple[int, int, str], ...] = ()
     salt: str = ""
+    # the hash chain per block size, computed once per key (a cache, not part of the key's value)
+    _chain: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def chain(self, block_size: int):
         """Yield (j, key of blocks 0..j-1) for j = 0, 1, ...: the hash chain over full blocks, each hash
         computed once per key (lookups, `has` and `add` walk the same prompt several times)."""
         root = ROOT if not self.salt else hashlib.blake2b(ROOT + self.salt.encode(), digest_size=16).digest()
-        hashes = self.__dict__.setdefault("_chain", {}).setdefault(block_size, [root])  # frozen: bypass setattr
+        hashes = self._chain.setdefault(block_size, [root])
         yield 0, root
         for j in range(len(self.ids) // block_size):
             if j + 1 == len(hashes):
@@ -90,7 +91,7 @@ class CacheStats:
 
 
 class PrefixCache:
-    def __init__(self, blocks: "BlockAllocator", block_size: int, num_slots: int):
+    def __init__(self, blocks: BlockAllocator, block_size: int, num_slots: int):
         self.blocks, self.block_size = blocks, block_size
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.num_slots = num_slots
