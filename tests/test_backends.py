@@ -121,11 +121,8 @@ def reference_and_model(tmp_path_factory, geometry: dict, ckpt_seed: int):
     return _loaded[key]
 
 
-# the native prefill's experts still take f32_linear on their share of a large step (ops/moe.py
-# routed_experts); drop this mark with the change that sends a large step's float experts through F.linear
-PINNED_OPEN = pytest.mark.xfail(strict=True, reason="a large step's float experts go through f32_linear")
 CASES = [pytest.param(*case, id=f"case{c}-n{case[3]}") for c, case in enumerate(draw_cases(SEED))] + \
-    [pytest.param(*PINNED, id=f"pinned-n{PINNED[3]}", marks=PINNED_OPEN)]
+    [pytest.param(*PINNED, id=f"pinned-n{PINNED[3]}")]
 
 
 @pytest.mark.parametrize("geometry,ckpt_seed,prompt_seed,n", CASES)

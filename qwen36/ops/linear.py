@@ -13,7 +13,8 @@ Routes for a quantized W [N, K] (references: `qlinear_reference` dequantizes and
 Anything the kernels cannot take (no native build, not fp32, widths not a multiple of 32) takes the reference.
 Float weights: up to PREFILL_ROWS fp32 rows through `f32_linear`, whose every row is computed alike whatever
 the row count (MKL's gemv and gemm round differently), so verifying 1 + k tokens gives the logits decoding
-would, bit for bit; larger steps through F.linear.
+would, bit for bit; larger steps through F.linear. The step's row count decides, not a slice's: a large
+step's experts (ops/moe.py) take F.linear however few rows each expert gets, rounding as transformers does.
 """
 from __future__ import annotations
 

@@ -173,6 +173,8 @@ def routed_experts(x, topk_ids, topk_w, gate_up, down, backend: Backend) -> torc
         return moe(x, topk_ids, topk_w, gate_up, down, lambda xe, we: qlinear(xe, we, backend, prefill))
     if x.device.type != "cpu" and grouped_ok(x, gate_up):
         return moe_grouped(x, topk_ids, topk_w, gate_up, down)     # GPU: no host read, graph-safe
+    if N > PREFILL_ROWS:    # a large step rounds as transformers' GEMM does, however few rows each expert has
+        return moe(x, topk_ids, topk_w, gate_up, down)              # F.linear
     return moe(x, topk_ids, topk_w, gate_up, down, lambda xe, we: float_linear(xe, we, backend))
 
 
