@@ -1,19 +1,16 @@
 """Weights in anonymous memory backed by transparent huge pages (CPU decode reads them at full bandwidth).
 
-Why: a decode step streams every dense weight and each chosen expert once, and on this machine the read
-rate depends on where the bytes live. The int4 output head (286 MB) through `q4q8_gemv`, same kernel,
-caches flushed before each call (`python scripts/hugepage_read.py`, medians of 7, this machine):
-
-  the checkpoint's file mapping                               20.3 ms, or 11-12 ms (see below)
-  ordinary anonymous memory (torch.empty, 4 KiB pages)        14.2-15.0 ms
-  anonymous memory with MADV_HUGEPAGE (2 MiB pages)           9.9-10.5 ms
+Why: a decode step streams every dense weight and each chosen expert once, and the read rate depends on
+where the bytes live: the same kernel reads the int4 output head about 1.4x faster from huge pages than from
+ordinary memory, and the checkpoint's file mapping is slower still or as fast, by the page cache's history
+(`python scripts/hugepage_read.py`; figures in docs/performance.md).
 
 A 4 KiB page costs a TLB miss and a page walk every 4 KiB of a streaming read; a 2 MiB page, every 2 MiB.
 Linux gives huge pages to anonymous memory that asks (madvise) when THP is "madvise" (the usual default)
 or to any aligned anonymous memory when it is "always". A file mapping is as fast as the page cache's
-folios are large: 20.3 ms when the file's pages were in the cache as written (small pages), 11-12 ms
-after they were evicted and read back (large folios); which one a user gets depends on the machine's
-history, so the weights are copied.
+folios are large: slow when the file's pages were in the cache as written (small pages), fast after they
+were evicted and read back (large folios); which one a user gets depends on the machine's history, so the
+weights are copied.
 
 `place_weights` copies the weights into one such region (an arena) once, after loading. It leaves
 alone: the embedding table (one row is read per token), and experts that must stay in their file mapping

@@ -235,10 +235,6 @@ class MediaInputs:
         self.cache = EncoderCache(cache_bytes)
 
     # -------------------------------------------------------------------- media from messages
-    def normalize(self, messages: list[dict]) -> list[dict]:
-        """`video_url` parts -> `video` parts (see normalize_media_parts)."""
-        return normalize_media_parts(messages)
-
     @staticmethod
     def parts(messages: list[dict]) -> list[tuple[str, str, dict]]:
         """(where, kind, part) of every image / video part, in the order the template places them."""

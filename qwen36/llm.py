@@ -19,7 +19,7 @@ from .plan import CachePlan, check_fits, memory_available, plan_caches, plan_wei
 from .engine.cuda_graphs import obstacle as graph_obstacle
 from .engine import Engine, EngineConfig, StepOutput
 from .image import VisionPreprocess
-from .inputs import MediaInputs, MediaPolicy, PromptInputs
+from .inputs import MediaInputs, MediaPolicy, PromptInputs, render_chat_prompt
 from .loader import load_model
 from .multimodal import MultimodalPrompt
 from .parsers import ChatResult, parse_assistant
@@ -223,12 +223,10 @@ class LLM:
     def encode_chat(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = True,
                     preserve_thinking: bool = False, policy: MediaPolicy = MediaPolicy()) -> PromptInputs:
         """A conversation (content parts may hold images and videos) -> the generation prompt's inputs."""
-        messages = self.media.normalize(messages)
-        prompt = self.chat_template.render(messages, tools=tools, add_generation_prompt=True,
-                                           enable_thinking=enable_thinking, preserve_thinking=preserve_thinking,
-                                           escape=self.tokenizer.escape)
+        chat = render_chat_prompt(self.chat_template, self.tokenizer.escape, messages, tools,
+                                  enable_thinking=enable_thinking, preserve_thinking=preserve_thinking)
         # media planned from their headers, then decoded; message text never becomes control tokens
-        return self.media.prompt_inputs(prompt, messages, policy, None, escaped=True)
+        return self.media.prompt_inputs(chat.text, chat.messages, policy, None, escaped=True)
 
     def encode_prompt(self, prompt) -> PromptInputs:
         """str | list[int] | PromptInputs | {"prompt": str, "multi_modal_data": {"image": [...], "video": [...]}}

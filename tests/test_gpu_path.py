@@ -140,7 +140,7 @@ def _decode_all(engine, prompts, n):
 
 
 def test_the_graph_runner_equals_plain_decode_steps(checkpoint, torch_ops_only):
-    """The static-buffer decode step that CUDA graphs record (cuda_graphs.py), run without capture here:
+    """The static-buffer decode step that CUDA graphs record (engine/cuda_graphs.py), run without capture here:
     padded to a batch size of SIZES and a KV bucket, it gives the plain steps' tokens and logprobs."""
     llm = LLM(checkpoint("ratio2"), enable_prefix_caching=False, quantization=None)
     llm.model.set_backend(torch_ops_only)

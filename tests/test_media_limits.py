@@ -22,7 +22,7 @@ import qwen36.image as image_mod
 import qwen36.inputs as inputs_mod
 from qwen36.image import (IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, MediaCancelled, MediaError,
                           VisionPreprocess, smart_resize)
-from qwen36.inputs import ContextTooLong, MediaInputs, MediaPolicy
+from qwen36.inputs import ContextTooLong, MediaInputs, MediaPolicy, normalize_media_parts
 
 TINY = VisionPreprocess(patch_size=4, merge_size=2, temporal_patch_size=2, image_min_pixels=64,
                         image_max_pixels=4096, video_min_pixels=64, video_max_pixels=8192, video_max_frames=16)
@@ -191,7 +191,7 @@ def test_video_file_frames_resized_as_decoded(tmp_path):
             c.mux(p)
     messages = user({"type": "video_url", "video_url": {"url": url(path.read_bytes(), "video/mp4")}})
     m = media()
-    messages = m.normalize(messages)
+    messages = normalize_media_parts(messages)
     tracemalloc.start()
     out = m.prompt_inputs(text_for(messages), messages, SERVER, None)
     peak = tracemalloc.get_traced_memory()[1]
@@ -215,7 +215,7 @@ def test_video_payloads_that_reach_files_or_sockets_are_refused(payload, tmp_pat
     (tmp_path / "secret.nfo").write_text("TOP SECRET API_KEY=abcdef123456\n")
     messages = user({"type": "video_url", "video_url": {"url": url(payload, "video/mp4")}})
     m = media()
-    messages = m.normalize(messages)
+    messages = normalize_media_parts(messages)
     start = time.monotonic()
     with pytest.raises(MediaError, match=r"messages\[0\]\.content\[0\].*not a readable video in an accepted"):
         m.prompt_inputs(text_for(messages), messages, SERVER, None)

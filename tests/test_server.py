@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from qwen36 import LLM, SamplingParams
-from qwen36.bench_serve import stop_server
+from qwen36.tools.bench_serve import stop_server
 
 KEY = "sk-test-key"
 
@@ -394,9 +394,9 @@ def test_logit_bias_steers_greedy_output(client, offline):
 
 
 def test_fuzzed_requests_never_get_a_5xx(server):
-    """Mutation fuzzing (qwen36.fuzz, fixed seed): no 5xx, no engine error, the server stays up and
+    """Mutation fuzzing (qwen36.tools.fuzz, fixed seed): no 5xx, no engine error, the server stays up and
     still answers a good request the same as before."""
-    from qwen36.fuzz import run
+    from qwen36.tools.fuzz import run
 
     before = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 5, "temperature": 0}).json()
     report = run(server["base"], requests=300, seed=0, api_key=KEY)

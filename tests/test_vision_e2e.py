@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from qwen36 import LLM, SamplingParams
+from qwen36.inputs import normalize_media_parts
 from qwen36.image import VisionPreprocess
 
 from conftest import load_reference, rel_err
@@ -56,7 +57,7 @@ def _video_media(llm, inputs):
 
 
 def _encode(llm, messages):
-    llm._last_media = llm.media.media_of(llm.media.normalize(messages))
+    llm._last_media = llm.media.media_of(normalize_media_parts(messages))
     return llm.encode_chat(messages)
 
 
@@ -142,7 +143,7 @@ def test_generate_with_multi_modal_data_equals_chat(setup):
     _, _, llm = setup
     messages = _messages("image and video")
     chat = _encode(llm, messages)
-    text = llm.chat_template.render(llm.media.normalize(messages), add_generation_prompt=True)
+    text = llm.chat_template.render(normalize_media_parts(messages), add_generation_prompt=True)
     inputs = llm.encode_prompt({"prompt": text, "multi_modal_data": {"image": IMAGES[1], "video": FRAMES}})
     assert inputs.ids == chat.ids and torch.equal(inputs.mm.positions, chat.mm.positions)
     p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

@@ -37,9 +37,10 @@ def _build(name: str, source: str, flags: list[str]):
     from torch.utils.cpp_extension import load     # (imports a compiler toolchain helper: only when building)
 
     csrc = Path(__file__).parent.parent / "csrc"
-    # the sources and the shared header in the directory name: any change builds afresh (torch's own
-    # check looks at the .cpp files only)
-    digest = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(csrc.iterdir()) if f.suffix in (".cpp", ".h")))
+    # the sources, the shared header and their place in the directory name: any change builds afresh (torch's
+    # own check looks at the .cpp files only), and two installs (or checkouts) never rebuild each other's
+    digest = hashlib.sha1(str(csrc.resolve()).encode()
+                          + b"".join(f.read_bytes() for f in sorted(csrc.iterdir()) if f.suffix in (".cpp", ".h")))
     build = cache_dir() / "build" / f"{name}-torch{torch.__version__}-{digest.hexdigest()[:10]}"
     build.mkdir(parents=True, exist_ok=True)
     if not (build / f"{name}.so").exists():
