@@ -12,6 +12,14 @@ import torch
 GREEDY_BELOW = 1e-5
 
 
+class SamplingParamsError(ValueError):
+    """A SamplingParams field with a value it cannot take; `field` names it (a server's 400 says which)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0            # 0 (or below 1e-5) = greedy
@@ -34,7 +42,7 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(name: str, why: str):
-            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+            raise SamplingParamsError(name, f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
 
         for f in fields(self):
             v = getattr(self, f.name)

@@ -382,3 +382,19 @@ def test_store_is_bounded_by_bytes_and_count():
     rejects(lambda: counted.get("r1"), "previous_response_id")
     counted.put("r4", conversation("again"))                           # a re-put replaces, not doubles
     assert len(counted) == 3 and counted.bytes == sum(s for _, s in counted._items.values())
+
+
+def test_a_value_only_sampling_params_refuses_names_its_field():
+    """What passes the request schema but not SamplingParams (a non-finite penalty, a negative stop token id)
+    is a 400 whose param names the field, carried by the exception rather than parsed from its text."""
+    from types import SimpleNamespace
+
+    from qwen36.sampling import SamplingParams
+    from qwen36.server.generation import sampling_params
+
+    ctx = SimpleNamespace(sampling_params=lambda **kw: SamplingParams(**kw))
+    for fields, name in (({"repetition_penalty": float("inf")}, "repetition_penalty"),
+                         ({"stop_token_ids": [-1]}, "stop_token_ids")):
+        with pytest.raises(APIError) as e:
+            sampling_params(ctx, fields, 8, None, None)
+        assert e.value.param == name, e.value
