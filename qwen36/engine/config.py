@@ -9,6 +9,7 @@ run) live in `compute`; the environment only supplies their defaults (ops/backen
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field, fields, replace
 
 from ..ops.backend import ComputeConfig
@@ -62,7 +63,6 @@ class EngineConfig:
     def build(cls, config: EngineConfig | None = None, **settings) -> EngineConfig:
         """`config` (or the defaults) with `settings` applied; earlier names are mapped to today's, with a
         DeprecationWarning, and an unknown name is a TypeError naming it."""
-        import warnings
         known = {f.name for f in fields(cls)}
         for old, new in DEPRECATED_NAMES.items():
             if old in settings:

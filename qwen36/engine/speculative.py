@@ -27,8 +27,6 @@ Drafter = Callable[[Request, list[int]], list[int]]
 class Speculator:
     def __init__(self, model: TextModel, cache, k: int, draft_vocab_size: int | None, special_ids=(),
                  drafter: Drafter | None = None):
-        if k and model.mtp is None:
-            raise ValueError("speculative decoding needs the MTP head: load the model with mtp=True")
         self.model, self.cache, self.max_k, self.k = model, cache, k, k
         self.layer = len(model.layers)                   # the MTP head's index in the cache
         self.head = DraftHead(model.lm_head, model.cfg.vocab_size, draft_vocab_size, special_ids) if k else None
