@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from ..ops.backend import ComputeConfig
 
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 SPECULATIVE_METHODS = ("mtp",)                    # the checkpoint's own multi-token-prediction head
 MAX_SPECULATIVE_TOKENS = 8
 GiB = 1 << 30
@@ -37,10 +38,14 @@ class EngineConfig:
     max_model_len: int | None = None          # tokens of prompt + output; None: what the KV budget holds
     max_num_batched_tokens: int = 512         # tokens per step (a quarter of it for prompts while others decode)
     kv_cache_memory: int | None = None        # bytes for KV blocks; None: sized from the memory left
+    kv_cache_dtype: str = "auto"              # float32 / bfloat16 / int8 (per-token, per-head scales); auto: plan.py
     block_size: int = 64                      # KV rows per block
     enable_prefix_caching: bool = True        # reuse the state of earlier prompts' prefixes
     prefix_cache_memory: int | None = None    # bytes for prefix-cache state snapshots; None: 1 GiB or less
     snapshot_every: int = 4096                # prompt tokens between prefix-cache snapshots (besides messages)
+    # positions: YaRN (or other rope scaling) merged into the checkpoint's rope parameters, e.g.
+    # {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144}
+    rope_scaling: dict | str | None = None
     # decoding
     speculative_config: dict | str | None = None   # {"method": "mtp", "num_speculative_tokens": k}
     cuda_graphs: bool = False                 # replay plain decode steps as CUDA graphs (a GPU)
@@ -57,6 +62,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be a number of bytes >= 0, got {value}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         parse_speculative_config(self.speculative_config)      # said at construction, not at load
 
     @classmethod
