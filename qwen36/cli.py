@@ -348,6 +348,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="reuse the cached state of earlier prompts' prefixes")
     p.add_argument("--prefix-cache-memory", default="auto", metavar="SIZE",
                    help="memory for prefix-cache state snapshots, e.g. 512M, 4G (auto: 1G, less on a full machine)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
+                   help="how attention keys and values are stored: float32 is exact, bfloat16 halves it, int8 "
+                        "(per-token, per-head scales) quarters it; auto: float32 on a CPU while the full context "
+                        "fits the memory left, else the first smaller form that fits (bfloat16 on a GPU)")
+    p.add_argument("--yarn", type=float, default=None, metavar="FACTOR",
+                   help="YaRN long context: positions stretched FACTOR times past the native 262,144 (4: to "
+                        "~1M, 2: ~524K); costs some short-context quality, so use it only for longer contexts")
+    p.add_argument("--rope-scaling", default=None, metavar="JSON",
+                   help='rope parameters merged into the checkpoint\'s (its rope_theta and M-RoPE keys kept), '
+                        'e.g. \'{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144}\'')
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding with the checkpoint\'s MTP head, vLLM\'s spelling: '
                         '\'{"method": "mtp", "num_speculative_tokens": 2}\' (same output, more tokens per step)')
@@ -364,6 +374,14 @@ def _engine_config(args, **settings) -> EngineConfig:
         values["quantization"] = None
     if "cpu_experts" in values:
         values["cpu_experts"] = _cpu_experts(values["cpu_experts"])
+    yarn = getattr(args, "yarn", None)
+    if yarn is not None:
+        if values.get("rope_scaling") is not None:
+            raise SystemExit("qwen36: give --yarn or --rope-scaling, not both (--yarn F is --rope-scaling "
+                             '\'{"rope_type": "yarn", "factor": F}\')')
+        if not yarn >= 1:
+            raise SystemExit(f"qwen36: --yarn {yarn}: the factor must be at least 1 (4 reaches ~1M tokens)")
+        values["rope_scaling"] = {"rope_type": "yarn", "factor": yarn}
     return EngineConfig.build(None, **{**values, **settings})
 
 
@@ -422,7 +440,11 @@ SIMILAR = {"--ctx-size": "--max-model-len", "-c": "--max-model-len", "--n-predic
            "-n": "--max-tokens", "--threads": "(none: PyTorch uses every core; set OMP_NUM_THREADS)",
            "--n-gpu-layers": "--device cuda", "-ngl": "--device cuda", "--parallel": "--max-num-seqs",
            "--model": "MODEL (a positional argument)", "-m": "MODEL (a positional argument)",
-           "--gpu-memory-utilization": "--kv-cache-memory", "--num-ctx": "--max-model-len"}
+           "--gpu-memory-utilization": "--kv-cache-memory", "--num-ctx": "--max-model-len",
+           "--rope-scale": "--yarn FACTOR", "--yarn-orig-ctx":
+           "--rope-scaling '{\"original_max_position_embeddings\": N}'", "-ctk": "--kv-cache-dtype",
+           "-ctv": "--kv-cache-dtype", "--cache-type-k": "--kv-cache-dtype", "--cache-type-v": "--kv-cache-dtype",
+           "--hf-overrides": "--rope-scaling JSON (rope parameters) or --yarn FACTOR"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "checkpoint's name)")
     s.add_argument("--max-model-len", type=_int_in(1), default=None,
                    help="longest context (prompt + output) in tokens (default: what the KV cache holds, up to "
-                        "the model's 262,144)")
+                        "the model's 262,144, or with --yarn F up to F x 262,144)")
     s.add_argument("--max-num-seqs", type=_int_in(1, 1024), default=8, help="sequences decoded together")
     s.add_argument("--max-num-batched-tokens", type=_int_in(16), default=512, metavar="N",
                    help="tokens one step may run (prompt chunks + decodes); while others decode, a step takes at "

@@ -121,6 +121,21 @@ class TextConfig:
     shared_expert_intermediate_size: int
     tie_word_embeddings: bool
     mtp_num_hidden_layers: int
+    rope_scaling: RopeScaling | None = None     # YaRN; None: plain RoPE
+
+    @property
+    def rope_factor(self) -> float:
+        """How far rope scaling stretches the positions (1.0 without it)."""
+        return 1.0 if self.rope_scaling is None else self.rope_scaling.factor
+
+    @property
+    def max_context(self) -> int:
+        """The longest context the positions are meant for: max_position_embeddings, or with YaRN
+        factor x original_max_position_embeddings when that is longer (4 x 262,144 for the model card's block)."""
+        s = self.rope_scaling
+        if s is None:
+            return self.max_position_embeddings
+        return max(self.max_position_embeddings, int(self.rope_factor * s.original_max_position_embeddings))
 
     @property
     def rotary_dim(self) -> int:
@@ -193,17 +208,122 @@ def _layer_types(tc: dict, n_layers: int) -> tuple[str, ...]:
     return types
 
 
-def _rope(tc: dict) -> tuple[float, float, tuple[int, int, int]]:
-    rp = dict(tc.get("rope_parameters") or tc.get("rope_scaling") or {})
-    rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"config.json: rope_type {rope_type!r} is not supported yet; supported: ['default']")
-    theta = float(rp.get("rope_theta", tc.get("rope_theta", 10_000_000.0)))
-    partial = float(rp.get("partial_rotary_factor", tc.get("partial_rotary_factor", 0.25)))
+ROPE_TYPES = ("default", "yarn")
+ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved",
+             "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate", "attention_factor",
+             "mscale", "mscale_all_dim"}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN's parameters as the checkpoint (or --rope-scaling) states them; layers/rotary.py turns them into
+    frequencies exactly as transformers' `_compute_yarn_parameters` does. None where transformers fills a
+    default (factor: max_position_embeddings / original; attention_factor: 0.1 ln(factor) + 1, or the mscale
+    ratio; beta_fast 32, beta_slow 1 where missing or 0)."""
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    truncate: bool = True
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+
+
+def merge_rope_scaling(text_config: dict, scaling: dict | str | None) -> dict:
+    """text_config with `scaling` (a dict, or its JSON) merged into its rope parameters: the keys given replace
+    the checkpoint's, every other key (rope_theta, mrope_section, mrope_interleaved, partial_rotary_factor) is
+    kept. `{"rope_type": "default"}` switches scaling off again. Raises ConfigError naming a bad key."""
+    if scaling is None:
+        return text_config
+    if isinstance(scaling, str):
+        try:
+            scaling = json.loads(scaling)
+        except json.JSONDecodeError as e:
+            hint = " (for YaRN: --yarn FACTOR, or {\"rope_type\": \"yarn\", \"factor\": 4.0})" \
+                if scaling.strip().lower() == "yarn" else ""
+            raise ConfigError(f"not valid JSON ({e}){hint}") from None
+    if not isinstance(scaling, dict):
+        raise ConfigError('must be an object such as {"rope_type": "yarn", "factor": 4.0, '
+                          '"original_max_position_embeddings": 262144}')
+    unknown = sorted(set(scaling) - ROPE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown}; known: {sorted(ROPE_KEYS - {'type'})}")
+    params = _rope_parameters(text_config)
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": scaling["type"]}
+    if scaling.get("rope_type", params.get("rope_type")) == "default":     # off again: drop YaRN's keys
+        params = {k: v for k, v in params.items() if k in ("rope_theta", "partial_rotary_factor", "mrope_section",
+                                                           "mrope_interleaved")}
+    merged = dict(text_config)
+    merged.pop("rope_scaling", None)
+    merged["rope_parameters"] = {**params, **scaling}
+    return merged
+
+
+def _rope_parameters(tc: dict) -> dict:
+    """The rope parameters of a text config: `rope_parameters`, with the legacy `rope_scaling` key's entries
+    merged over them (transformers takes one or the other, and with only the legacy key present it loses
+    rope_theta and the M-RoPE keys; here both keep what they say), and the top-level rope_theta /
+    partial_rotary_factor where the dict has none. `type` is read as `rope_type`."""
+    params = dict(tc.get("rope_parameters") or {})
+    legacy = tc.get("rope_scaling")
+    for name, value in (("rope_parameters", params), ("rope_scaling", legacy)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config.json: {name} must be an object, got {type(value).__name__}")
+    params.update(legacy or {})
+    if "type" in params:
+        kind = params.pop("type")
+        params.setdefault("rope_type", kind)
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key not in params and key in tc:
+            params[key] = tc[key]
+    return params
+
+
+def _number(params: dict, key: str, where: str, positive: bool = True) -> float | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+            float("inf"), float("-inf")) or (positive and value <= 0):
+        raise ConfigError(f"config.json: {where}rope_parameters.{key} must be a {'positive ' if positive else ''}"
+                          f"number, got {value!r}")
+    return float(value)
+
+
+def _rope(tc: dict, where: str = "") -> tuple[float, float, tuple[int, int, int], RopeScaling | None]:
+    rp = _rope_parameters(tc)
+    rope_type = rp.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"config.json: {where}rope_type {rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
+    theta = _number(rp, "rope_theta", where)
+    theta = 10_000_000.0 if theta is None else theta
+    partial = _number(rp, "partial_rotary_factor", where)
+    partial = 0.25 if partial is None else partial
     section = tuple(int(s) for s in rp.get("mrope_section", (11, 11, 10)))
     if len(section) != 3:
-        raise ConfigError(f"config.json: mrope_section must have 3 entries, got {list(section)}")
-    return theta, partial, section
+        raise ConfigError(f"config.json: {where}mrope_section must have 3 entries, got {list(section)}")
+    scaling = None
+    if rope_type == "yarn":
+        native = int(tc.get("max_position_embeddings", 262144))
+        original = rp.get("original_max_position_embeddings", tc.get("original_max_position_embeddings", native))
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise ConfigError(f"config.json: {where}rope_parameters.original_max_position_embeddings must be a "
+                              f"positive integer, got {original!r}")
+        truncate = rp.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise ConfigError(f"config.json: {where}rope_parameters.truncate must be true or false, got {truncate!r}")
+        if rp.get("factor") is None:
+            raise ConfigError(f"config.json: {where}rope_parameters.factor is required with rope_type 'yarn' "
+                              "(4.0 reaches ~1M tokens from 262,144)")
+        scaling = RopeScaling("yarn", _number(rp, "factor", where), original,
+                              _number(rp, "beta_fast", where, positive=False),
+                              _number(rp, "beta_slow", where, positive=False), truncate,
+                              _number(rp, "attention_factor", where), _number(rp, "mscale", where, positive=False),
+                              _number(rp, "mscale_all_dim", where, positive=False))
+    return theta, partial, section, scaling
 
 
 def parse_text_config(tc: dict, where: str = "") -> TextConfig:
@@ -211,7 +331,7 @@ def parse_text_config(tc: dict, where: str = "") -> TextConfig:
     if act != "silu":
         raise ConfigError(f"config.json: {where}hidden_act {act!r} is not supported; qwen3_5_moe uses 'silu'")
     n_layers = int(_get(tc, "num_hidden_layers", 40, where))
-    theta, partial, section = _rope(tc)
+    theta, partial, section, scaling = _rope(tc, where)
     cfg = TextConfig(
         vocab_size=int(_get(tc, "vocab_size", 248320, where)),
         hidden_size=int(_get(tc, "hidden_size", 2048, where)),
@@ -226,6 +346,7 @@ def parse_text_config(tc: dict, where: str = "") -> TextConfig:
         partial_rotary_factor=partial,
         mrope_section=section,
         max_position_embeddings=int(tc.get("max_position_embeddings", 262144)),
+        rope_scaling=scaling,
         linear_conv_kernel_dim=int(tc.get("linear_conv_kernel_dim", 4)),
         linear_num_key_heads=int(tc.get("linear_num_key_heads", 16)),
         linear_key_head_dim=int(tc.get("linear_key_head_dim", 128)),
@@ -277,7 +398,8 @@ def parse_vision_config(vc: dict) -> VisionConfig:
     )
 
 
-def parse_config(raw: dict) -> ModelConfig:
+def parse_config(raw: dict, rope_scaling: dict | str | None = None) -> ModelConfig:
+    """rope_scaling: merged into the text config's rope parameters first (merge_rope_scaling)."""
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
@@ -287,11 +409,11 @@ def parse_config(raw: dict) -> ModelConfig:
         tc = raw.get("text_config")
         if not isinstance(tc, dict):
             raise ConfigError("config.json: model_type 'qwen3_5_moe' needs a 'text_config' object")
-        text = parse_text_config(tc, "text_config.")
+        text = parse_text_config(merge_rope_scaling(tc, rope_scaling), "text_config.")
         vc = raw.get("vision_config")
         vision = parse_vision_config(vc) if isinstance(vc, dict) else None
     else:
-        text = parse_text_config(raw)
+        text = parse_text_config(merge_rope_scaling(raw, rope_scaling))
         vision = None
     q = raw.get("quantization_config")
     fp8 = None
@@ -310,9 +432,10 @@ def parse_config(raw: dict) -> ModelConfig:
     )
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Parse `path/config.json` (or `path` itself if it is the file). A GGUF file, or a directory of them
-    without config.json, raises GGUFError at once (its first 4 bytes are all that is read)."""
+def load_config(path: str | Path, rope_scaling: dict | str | None = None) -> ModelConfig:
+    """Parse `path/config.json` (or `path` itself if it is the file), with `rope_scaling` merged into its rope
+    parameters (merge_rope_scaling). A GGUF file, or a directory of them without config.json, raises
+    GGUFError at once (its first 4 bytes are all that is read)."""
     path = Path(path)
     check_not_gguf(path)
     file = path / "config.json" if path.is_dir() else path
@@ -327,4 +450,4 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a JSON object")
-    return parse_config(raw)
+    return parse_config(raw, rope_scaling)

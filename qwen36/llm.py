@@ -78,7 +78,7 @@ class LLM:
         # the checkpoint's MTP head; the output is the same as without it (greedy tokens, sampled distribution)
         k = config.num_speculative_tokens
         self.path = resolve_model(path, progress)       # a local directory, or a repo id from the HF cache
-        model_config, ckpt = load_config(self.path), Checkpoint(self.path)
+        model_config, ckpt = load_config(self.path, config.rope_scaling), Checkpoint(self.path)
         self.plan = plan_weights(model_config, ckpt, str(self.device), config.dtype, config.quantization,
                                  mtp=k > 0, cpu_experts=config.cpu_experts)
         self.available = memory_available(str(self.device))       # before loading: the budget for everything
@@ -91,7 +91,8 @@ class LLM:
         self.weights_source = source            # what was loaded: the checkpoint, or its converted copy
         self.config, self.model = load_model(source, DTYPES[self.plan.dtype], self.device,
                                              quantization=self.plan.quantization, mtp=k > 0,
-                                             cpu_experts=config.cpu_experts or 0, compute=config.compute)
+                                             cpu_experts=config.cpu_experts or 0, compute=config.compute,
+                                             rope_scaling=config.rope_scaling)
         if config.cuda_graphs and (why := graph_obstacle(self.model)) is not None:   # said now, not at a step
             raise ValueError(f"cuda_graphs=True: {why}")
         if self.device.type == "cpu":   # decode reads weights ~1.4x faster from huge pages (hugepages.py)
@@ -122,7 +123,7 @@ class LLM:
         # with max_ram, experts leave memory as needed: what is left cannot be told, the KV cache gets 1 GiB
         available = self.available if config.max_ram is None else None
         return plan_caches(available, self.plan.bytes, str(self.device), meta.bytes_per_block() // 64, states,
-                           self.config.text.max_position_embeddings, config.max_num_seqs, config.kv_cache_memory,
+                           self.config.text.max_context, config.max_num_seqs, config.kv_cache_memory,
                            config.max_model_len, config.prefix_cache_memory)
 
     def describe(self) -> str:
@@ -191,7 +192,7 @@ class LLM:
     def warm_up(self, n: int = 128) -> None:
         """One forward of n tokens through a throwaway cache: the first real request then does not pay for
         first-touch allocations and kernel set-up (llama.cpp's server does the same at load)."""
-        n = min(n, self.config.text.max_position_embeddings)
+        n = min(n, self.config.text.max_context)
         cache = self.model.new_cache(1, n)
         ids = torch.arange(n, device=self.device) % min(self.config.text.vocab_size, 1000)
         self.model(self.model.embed(ids), cache.batch([0], [0], [n]), cache)

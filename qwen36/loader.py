@@ -32,7 +32,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
                compute_dtype: torch.dtype | None = None, quantization: str | None = None,
                group_size: int = DEFAULT_GROUP, mtp: bool = False,
                cpu_experts: int | str = 0, progress: bool = False,
-               compute: ComputeConfig | None = None) -> tuple[ModelConfig, TextModel]:
+               compute: ComputeConfig | None = None,
+               rope_scaling: dict | str | None = None) -> tuple[ModelConfig, TextModel]:
     """Build the text model on the meta device and fill it from the checkpoint, one tensor at a time.
 
     quantization="int8"|"int4" quantizes each weight as it is read (the model never exists in fp32 as a
@@ -42,9 +43,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
     mtp=True also loads the MTP head (`model.mtp`, for speculative decoding). cpu_experts=N keeps the routed
     experts of the last N layers ("all": every layer) in CPU memory, int4, run by the CPU kernels
     (quant.offload_experts). compute: the compute paths asked for (None: ComputeConfig.from_env()); the
-    model's backend (`model.backend`) is resolved from it once, here.
+    model's backend (`model.backend`) is resolved from it once, here. rope_scaling: merged into the
+    checkpoint's rope parameters (config.merge_rope_scaling; e.g. YaRN).
     """
-    cfg = load_config(path)
+    cfg = load_config(path, rope_scaling)
     ckpt = Checkpoint(path, fp8_block=cfg.fp8.block if cfg.fp8 else None)
     device = torch.device(device)
     qcfg = quant_config(cfg, quantization, group_size)

@@ -12,6 +12,7 @@ import json
 import warnings
 from dataclasses import dataclass, field, fields, replace
 
+from ..config import ConfigError, merge_rope_scaling, parse_text_config
 from ..ops.backend import ComputeConfig
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -65,6 +66,11 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         parse_speculative_config(self.speculative_config)      # said at construction, not at load
+        if self.rope_scaling is not None:
+            try:
+                parse_text_config(merge_rope_scaling({}, self.rope_scaling))
+            except ConfigError as e:
+                raise ConfigError(f"rope_scaling: {str(e).removeprefix('config.json: ')}") from None
 
     @classmethod
     def build(cls, config: EngineConfig | None = None, **settings) -> EngineConfig:
