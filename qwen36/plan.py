@@ -217,6 +217,10 @@ def plan_caches(available: int | None, weights: int, device: str, kv_per_token: 
     prefix_cache_memory None: 1 GiB, or a quarter of what is left if that is less."""
     if max_model_len is not None and max_model_len < 1 or kv_cache_memory is not None and kv_cache_memory < 0:
         raise ValueError(f"max_model_len={max_model_len}, kv_cache_memory={kv_cache_memory}: give positive sizes")
+    if max_model_len is not None and max_model_len > native_len:
+        raise ValueError(f"--max-model-len {max_model_len} is past the {native_len:,} positions this model's rope "
+                         f"parameters cover; --yarn FACTOR (or --rope-scaling) stretches them FACTOR times (YaRN, "
+                         "as the model card describes for contexts past 262,144)")
     left = None if available is None else available - weights - state_bytes - margin(device)
     if prefix_cache_memory is None:
         prefix_cache_memory = GiB if left is None else max(0, min(GiB, left // 4))

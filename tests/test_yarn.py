@@ -145,12 +145,12 @@ def test_logits_and_greedy_tokens_at_large_positions(checkpoint, tmp_path, offse
 
 
 def test_engine_serves_yarn_past_the_native_length(checkpoint, tmp_path):
-    """--yarn on the command line's path (EngineConfig.rope_scaling) over a checkpoint without it: the context
-    limit moves to factor x native, and generation is transformers' with the same merged config."""
+    """--yarn's path (EngineConfig.rope_scaling) over a checkpoint without YaRN: the context limit moves to
+    factor x native; without it a longer --max-model-len is refused, naming the way out."""
     src = checkpoint("ratio2", seed=21)
     native = json.loads((src / "config.json").read_text())["text_config"]["max_position_embeddings"]
     llm = LLM(src, quantization=None, rope_scaling={"rope_type": "yarn", "factor": 2.0}, kv_cache_memory=1 << 30,
               max_model_len=native + 1000, max_num_seqs=1)
     assert llm.max_model_len == native + 1000 and llm.config.text.max_context == 2 * native
-    with pytest.raises(Exception, match="max-model-len"):
+    with pytest.raises(ValueError, match="--yarn"):
         LLM(src, quantization=None, kv_cache_memory=1 << 30, max_model_len=native + 1000, max_num_seqs=1)
