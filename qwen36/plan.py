@@ -206,12 +206,42 @@ class CachePlan:
     max_model_len: int
     prefix_cache_memory: int
     reason: str
+    kv_cache_dtype: str = "float32"
+    kv_per_token: int = 0              # bytes of KV per token, all attention layers (scales included)
+
+    @property
+    def longest_context(self) -> int:
+        """The most tokens one sequence can reach in this KV cache (alone in it), up to max_model_len."""
+        fits = self.kv_cache_memory // self.kv_per_token if self.kv_per_token else self.max_model_len
+        return min(fits, self.max_model_len)
+
+
+def plan_kv(asked: str, device: str, compute_dtype: str, per_token: dict[str, int], target: int, plan) -> CachePlan:
+    """The KV cache's dtype and sizes. asked: EngineConfig.kv_cache_dtype; per_token: bytes per token of each
+    storage; plan(dtype, per_token) -> CachePlan (plan_caches with the rest fixed). "auto": on a GPU the
+    compute dtype (as vLLM); on a CPU the first of float32 (exact), bfloat16, int8 whose cache holds `target`
+    tokens (the model's whole context, or --max-model-len) for one sequence in the memory left, else int8,
+    which holds the most."""
+    if asked != "auto":
+        return plan(asked, per_token[asked])
+    if not str(device).startswith("cpu"):
+        name = compute_dtype if compute_dtype in per_token else "bfloat16"
+        return plan(name, per_token[name])
+    last = None
+    for name in ("float32", "bfloat16", "int8"):
+        try:
+            last = plan(name, per_token[name])
+        except InsufficientMemory:
+            continue
+        if last.longest_context >= target:
+            return last
+    return last if last is not None else plan("int8", per_token["int8"])
 
 
 def plan_caches(available: int | None, weights: int, device: str, kv_per_token: int, state_bytes: int,
                 native_len: int, max_num_seqs: int, kv_cache_memory: int | None = None,
                 max_model_len: int | None = None, prefix_cache_memory: int | None = None,
-                block_size: int = 64) -> CachePlan:
+                block_size: int = 64, kv_cache_dtype: str = "float32") -> CachePlan:
     """Size the KV cache (None: what is left after weights, DeltaNet states (state_bytes for all slots), the
     prefix cache and a margin) and the context (None: what that KV cache holds, up to native_len).
     prefix_cache_memory None: 1 GiB, or a quarter of what is left if that is less."""
@@ -244,4 +274,5 @@ def plan_caches(available: int | None, weights: int, device: str, kv_per_token: 
                 f"after the weights (~{size(weights)}) only {size(max(left or 0, 0))} is left: the "
                 f"KV cache would hold {fits} tokens. Free memory, use a smaller weight form, or set "
                 "--kv-cache-memory and --max-model-len yourself")
-    return CachePlan(kv_cache_memory, min(max_model_len, native_len), prefix_cache_memory, why)
+    return CachePlan(kv_cache_memory, min(max_model_len, native_len), prefix_cache_memory, why, kv_cache_dtype,
+                     kv_per_token)

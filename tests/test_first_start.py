@@ -19,7 +19,7 @@ from qwen36.checkpoint import Checkpoint
 from qwen36.config import load_config
 from qwen36.engine import Engine
 from qwen36.export import quantize_checkpoint
-from qwen36.plan import GiB, InsufficientMemory, WeightsPlan, check_fits, plan_caches, plan_weights
+from qwen36.plan import plan_kv, GiB, InsufficientMemory, WeightsPlan, check_fits, plan_caches, plan_weights
 from qwen36.sampling import SamplingParams
 
 from test_server import free_port
@@ -88,6 +88,25 @@ def test_kv_cache_and_context_from_the_memory_left():
         plan_caches(23 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8, kv_cache_memory=GiB, max_model_len=65536)
     with pytest.raises(InsufficientMemory, match="KV cache would hold"):
         plan_caches(20 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8)
+
+
+def test_kv_dtype_auto_picks_the_first_form_that_holds_the_context():
+    """kv_cache_dtype "auto" on a CPU: float32 (exact) while one sequence's whole context fits the memory left,
+    else bfloat16, else int8 (which holds the most); on a GPU the compute dtype; an asked dtype is kept."""
+    per_token = {"float32": 40 * 1024, "bfloat16": 20 * 1024, "int8": 10 * 1024 + 80}    # real geometry's KV
+
+    def plan_on(gib: int, context: int = 262144, asked: str = "auto", device: str = "cpu"):
+        return plan_kv(asked, device, "float32" if device == "cpu" else "bfloat16", per_token, context,
+                       lambda dtype, kv: plan_caches(gib * GiB, 19 * GiB, "cpu", kv, GiB // 2, context, 1,
+                                                     kv_cache_dtype=dtype))
+    chosen = {gib: plan_on(gib) for gib in (40, 28, 24)}
+    assert [chosen[g].kv_cache_dtype for g in (40, 28, 24)] == ["float32", "bfloat16", "int8"]
+    assert chosen[40].longest_context == chosen[28].longest_context == 262144
+    assert chosen[24].longest_context < 262144                              # the most any form holds here
+    assert chosen[24].longest_context == chosen[24].kv_cache_memory // per_token["int8"] // 64 * 64   # whole blocks
+    assert plan_on(24, asked="float32").kv_cache_dtype == "float32"
+    assert plan_on(40, device="cuda:0").kv_cache_dtype == "bfloat16"
+    assert plan_on(40, context=4 * 262144).kv_cache_dtype == "int8"         # YaRN's 1M: only int8 comes close
 
 
 def test_the_default_context_fits_the_kv_cache(checkpoint):
