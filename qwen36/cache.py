@@ -1,6 +1,8 @@
 """Hybrid cache: plain preallocated tensors.
 
-  attention layers: k, v   [num_blocks * block_size, Hkv, D]   KV rows in fixed-size blocks (compute dtype)
+  attention layers: k, v   [num_blocks * block_size, Hkv, D]   KV rows in fixed-size blocks (the KV dtype:
+                                                                 the compute dtype, fp32, bf16 or int8)
+                    k_scale, v_scale [rows, Hkv] fp32           int8 only: per-token, per-head scales
   DeltaNet layers:  conv   [slots, W-1, conv_dim]               last W-1 pre-conv inputs (compute dtype)
                     state  [slots, Hv, Dk, Dv]                  recurrent state (fp32, as the reference keeps it)
 A sequence owns one state slot and a list of KV blocks (its block table). The layout is declared by the
@@ -18,6 +20,30 @@ from .batch import ForwardBatch
 # name -> (shape, dtype or None for the compute dtype); "per_token" tensors get num_blocks*block_size rows,
 # "per_slot" tensors get one row per sequence slot.
 Layout = dict[int, dict[str, tuple[str, tuple[int, ...], torch.dtype | None]]]
+
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+KV_NAMES = ("k", "v", "k_scale", "v_scale")       # an attention layer's per-token rows
+
+
+def kv_storage(name: str | None, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype KV rows are stored in for EngineConfig.kv_cache_dtype `name` ("auto" or None: the compute
+    dtype). int8 rows come with per-token, per-head fp32 scales (symmetric absmax/127, ops/attention.py)."""
+    if name in (None, "auto"):
+        return compute_dtype
+    if name not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(KV_DTYPES)}; got {name!r}")
+    return KV_DTYPES[name]
+
+
+def kv_layout(shape: tuple[int, int], dtype: torch.dtype | None) -> dict:
+    """An attention layer's layout entries: k, v [Hkv, D] rows in `dtype` (None: the compute dtype), and
+    their scales [Hkv] where the rows are int8."""
+    kv = ("per_token", shape, dtype)
+    entries = {"k": kv, "v": kv}
+    if dtype == torch.int8:
+        entries |= {"k_scale": ("per_token", shape[:1], torch.float32),
+                    "v_scale": ("per_token", shape[:1], torch.float32)}
+    return entries
 
 
 class HybridCache:
@@ -62,11 +88,12 @@ class HybridCache:
     def bytes_per_slot(self) -> int:
         """The DeltaNet conv and recurrent states (and any other per-slot rows) of one sequence slot."""
         return sum(t[0].numel() * t.element_size()
-                   for tensors in self.layers.values() for name, t in tensors.items() if name not in ("k", "v"))
+                   for tensors in self.layers.values() for name, t in tensors.items() if name not in KV_NAMES)
 
     def bytes_per_block(self) -> int:
+        """The KV rows of one block over all attention layers, their scales included (int8)."""
         return sum(t[: self.block_size].numel() * t.element_size()
-                   for tensors in self.layers.values() for name, t in tensors.items() if name in ("k", "v"))
+                   for tensors in self.layers.values() for name, t in tensors.items() if name in KV_NAMES)
 
 
 class SnapshotStore:
@@ -74,6 +101,7 @@ class SnapshotStore:
 
       DeltaNet layers:  conv [S, W-1, C], state [S, Hv, Dk, Dv] (fp32)     the recurrent state at position P
       attention layers: k, v [S, block_size - 1, Hkv, D]                   KV rows of the partial last block
+                        (int8: k_scale, v_scale [S, block_size - 1, Hkv], their scales)
       MTP head (when speculating): its k, v tail as above, and hidden [S, H] (the state at position P - 1)
     Allocated untouched (hugepages.zeros): pages are touched (and count in resident memory) only once a slot is written.
     A DeltaNet layer's rows are also in its cache dict as "snap_conv" / "snap_state", so the layer can write a
@@ -89,7 +117,7 @@ class SnapshotStore:
             for name, t in list(tensors.items()):
                 if name not in STATE_NAMES:
                     continue
-                rows = (B - 1,) if name in ("k", "v") else ()
+                rows = (B - 1,) if name in KV_NAMES else ()
                 self.layers[layer][name] = hugepages.zeros((num_slots, *rows, *t.shape[1:]), t.dtype, t.device)
                 if name in ("conv", "state"):
                     tensors["snap_" + name] = self.layers[layer][name]
@@ -97,7 +125,7 @@ class SnapshotStore:
     @staticmethod
     def bytes_per_slot(cache: HybridCache) -> int:
         B = cache.block_size
-        return sum((B - 1 if name in ("k", "v") else 1) * t[0].numel() * t.element_size()
+        return sum((B - 1 if name in KV_NAMES else 1) * t[0].numel() * t.element_size()
                    for tensors in cache.layers.values() for name, t in tensors.items() if name in STATE_NAMES)
 
     def save(self, snap: int, slot: int, tail_rows: torch.Tensor) -> None:
@@ -116,7 +144,7 @@ class SnapshotStore:
         n = len(tail_rows)
         for layer, tensors in self.cache.layers.items():
             for name, stored_all in self.layers[layer].items():
-                kv = name in ("k", "v")
+                kv = name in KV_NAMES
                 if not kv and slot is None:
                     continue
                 t = tensors[name]
@@ -128,4 +156,4 @@ class SnapshotStore:
                     t[where] = stored
 
 
-STATE_NAMES = ("k", "v", "conv", "state", "hidden")     # "hidden": the MTP head's per-slot input (mtp.py)
+STATE_NAMES = ("k", "v", "k_scale", "v_scale", "conv", "state", "hidden")     # "hidden": the MTP head's per-slot input (mtp.py)

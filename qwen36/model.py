@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch import ForwardBatch
-from .cache import HybridCache, Layout
+from .cache import HybridCache, Layout, kv_layout, kv_storage
 from .checkpoint import Checkpoint
 from .config import TextConfig
 from .layers.attention import GatedAttention
@@ -73,18 +73,18 @@ class TextModel(UsesBackend, nn.Module):
             if isinstance(module, UsesBackend):
                 module.backend = backend
 
-    def cache_layout(self, mtp: bool = False) -> Layout:
+    def cache_layout(self, mtp: bool = False, kv_dtype: str | None = None) -> Layout:
         """Per layer: name -> (kind, shape of one row, dtype or None for the compute dtype). mtp: add the MTP
-        head's attention layer (index num_hidden_layers) and its per-slot last hidden state (mtp.py)."""
+        head's attention layer (index num_hidden_layers) and its per-slot last hidden state (mtp.py). kv_dtype:
+        the KV rows' storage (EngineConfig.kv_cache_dtype; None or "auto": the compute dtype; cache.kv_storage)."""
         c = self.cfg
+        kv = kv_layout((c.num_key_value_heads, c.head_dim), kv_storage(kv_dtype, self.compute_dtype))
         layout = {}
         if mtp:
-            kv = ("per_token", (c.num_key_value_heads, c.head_dim), None)
-            layout[len(self.layers)] = {"k": kv, "v": kv, "hidden": ("per_slot", (c.hidden_size,), torch.float32)}
+            layout[len(self.layers)] = {**kv, "hidden": ("per_slot", (c.hidden_size,), torch.float32)}
         for i, layer in enumerate(self.layers):
             if layer.full_attention:
-                kv = ("per_token", (c.num_key_value_heads, c.head_dim), None)
-                layout[i] = {"k": kv, "v": kv}
+                layout[i] = dict(kv)
             else:
                 layout[i] = {
                     "conv": ("per_slot", (c.linear_conv_kernel_dim - 1, c.linear_conv_dim), None),
@@ -93,9 +93,9 @@ class TextModel(UsesBackend, nn.Module):
                 }
         return dict(sorted(layout.items()))
 
-    def new_cache(self, num_slots: int, max_len: int) -> HybridCache:
+    def new_cache(self, num_slots: int, max_len: int, kv_dtype: str | None = None) -> HybridCache:
         """A cache where each slot owns room for max_len tokens (offline use; the engine pages blocks)."""
-        return HybridCache.contiguous(self.cache_layout(), num_slots, max_len, self.compute_dtype,
+        return HybridCache.contiguous(self.cache_layout(kv_dtype=kv_dtype), num_slots, max_len, self.compute_dtype,
                                       self.embed_tokens.weight.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

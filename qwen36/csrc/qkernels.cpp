@@ -14,6 +14,7 @@
 #include <vector>
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <atomic>
 
 #include "qcommon.h"
@@ -657,9 +658,18 @@ torch::Tensor delta_decode(torch::Tensor m, torch::Tensor a, torch::Tensor b, to
 //   rot * cos + rotate_half(rot) * sin, each product rounded as the tensor ops do), k and v written to their
 //   cache rows; per query head: softmax(scale * q.K) over the sequence's rows up to its own, times V, times
 //   sigmoid(gate). qg [n, Hq, 2D] (per head: query D | gate D), k, v [n, Hkv, D], cos, sin [n, rd];
-//   kc, vc [R, Hkv, D]; rows: every sequence's cache rows (rcu [B+1] offsets), tcu [B+1]: its tokens in n.
+//   kc, vc [R, Hkv, D] in fp32, bf16 or int8; ks, vs [R, Hkv] fp32: the int8 rows' scales (row = scale * code;
+//   written here as absmax / 127, round to nearest even, as ops/attention.py quantize_kv), empty otherwise;
+//   rows: every sequence's cache rows (rcu [B+1] offsets), tcu [B+1]: its tokens in n.
 //   Returns [n, Hq * D]. References: layers/attention.py (tensor ops), ops/attention.py.
+// Memory traffic: per (token, KV head) the rep = Hq / Hkv query heads that share the KV head score one pass
+// over its K rows and accumulate each V row once (K and V dequantized in registers). A query's keys are
+// split into blocks of kKeyBlock rows counted from the sequence's first row (fixed: independent of threads
+// and of the other tokens of the call); the (token, KV head, block) tasks run in parallel, each leaving its
+// max, sum and unnormalised accumulator, merged per query head in block order. One block: the plain softmax.
 // ------------------------------------------------------------------------------------
+static const int64_t kKeyBlock = 512;
+
 __attribute__((optimize("-ffp-contract=off")))
 static void norm_rope(const float* x, const float* w, float eps, const float* cs, const float* sn, int64_t D,
                       int64_t rd, float* n, float* out) {
@@ -671,20 +681,261 @@ static void norm_rope(const float* x, const float* w, float eps, const float* cs
   for (int64_t d = rd; d < D; ++d) out[d] = n[d];
 }
 
-static inline float dot_f32(const float* a, const float* b, int64_t n) {
-  float r;
-  float* o[1] = {&r};
-  const float* xs[1] = {a};
-  f32_dot_rows<1>(xs, b, n, o);
-  return r;
+// 8 KV elements as fp32 lanes
+static inline __m256 kv_load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 kv_load8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+static inline __m256 kv_load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+static inline float kv_float(float x) { return x; }
+static inline float kv_float(c10::BFloat16 x) { return (float)x; }
+static inline float kv_float(int8_t x) { return (float)x; }
+
+static inline float hsum8(__m256 a) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// R query rows against one key row w: one FMA chain per row (two below 4 rows, to hide the FMA latency),
+// the key's 8 lanes loaded (and dequantized) once for all R
+template <int R, typename T>
+static inline void kv_dot_rows(const float* const* xs, const T* w, int64_t K, float* outs) {
+  constexpr int C = R < 4 ? 2 : 1;
+  __m256 a[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) a[c][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * C <= K; k += 8 * C)
+    for (int c = 0; c < C; ++c) {
+      const __m256 wv = kv_load8(w + k + 8 * c);
+      for (int r = 0; r < R; ++r) a[c][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[r] + k + 8 * c), wv, a[c][r]);
+    }
+  for (int r = 0; r < R; ++r) {
+    float sum = hsum8(C == 2 ? _mm256_add_ps(a[0][r], a[C - 1][r]) : a[0][r]);
+    for (int64_t j = k; j < K; ++j) sum += xs[r][j] * kv_float(w[j]);
+    outs[r] = sum;
+  }
+}
+
+// e^x for x <= 0 (softmax weights), 8 lanes: x = n ln2 + r, Cephes' degree-5 polynomial for e^r (~1 ulp)
+static inline __m256 exp256_neg(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static inline void prefetch_row(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char*)p + o, _MM_HINT_T0);
+}
+
+struct KvView {                 // one KV head's rows of a cache: row i of head g at base + (i * Hkv + g) * D
+  const void* k; const void* v; const float* ks; const float* vs; int64_t Hkv, D;
+};
+
+// One (token, KV head, key block) task for R query heads: scores of keys rp[0..nb) for each head, their max
+// mx[h] and exp-sum sum[h], and acc[h][D] = sum_i exp(s_hi - mx_h) * V_i (unnormalised).
+template <int R, typename T>
+static void attend_block(const float* const* qs, const KvView& kv, int64_t g, const int64_t* rp, int64_t nb,
+                         float scale, float* sc, float* mx, float* sum, float* const* acc) {
+  const int64_t D = kv.D, Hkv = kv.Hkv;
+  const T *kb = (const T*)kv.k, *vb = (const T*)kv.v;
+  const bool q8 = kv.ks != nullptr;
+  float s[R];
+  for (int h = 0; h < R; ++h) mx[h] = -INFINITY;
+  const int64_t ahead = 4, rb = D * (int64_t)sizeof(T);      // rows prefetched ahead, bytes per row
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t off = rp[i] * Hkv + g;
+    if (i + ahead < nb) {                 // this row's K and V a few rows ahead (V: for the pass below)
+      const int64_t o2 = (rp[i + ahead] * Hkv + g) * D;
+      prefetch_row(kb + o2, rb);
+      prefetch_row(vb + o2, rb);
+    }
+    kv_dot_rows<R, T>(qs, kb + off * D, D, s);
+    const float f = q8 ? kv.ks[off] : 1.f;
+    for (int h = 0; h < R; ++h) {
+      const float x = (q8 ? s[h] * f : s[h]) * scale;
+      sc[h * nb + i] = x;
+      mx[h] = std::max(mx[h], x);
+    }
+  }
+  for (int h = 0; h < R; ++h) {
+    float t = 0.f;
+    float* p = sc + h * nb;
+    int64_t i = 0;
+    for (; i + 8 <= nb; i += 8)
+      _mm256_storeu_ps(p + i, exp256_neg(_mm256_sub_ps(_mm256_loadu_ps(p + i), _mm256_set1_ps(mx[h]))));
+    for (; i < nb; ++i) p[i] = std::exp(p[i] - mx[h]);
+    for (i = 0; i < nb; ++i) t += p[i];
+    sum[h] = t;
+    if (q8)
+      for (int64_t i = 0; i < nb; ++i) p[i] *= kv.vs[rp[i] * Hkv + g];   // V's scale folded into the weight
+  }
+  // V once per row for all R heads: 8 dims x R heads in registers over sub-blocks of rows (L2-resident)
+  const int64_t SUB = 64;
+  int64_t d = 0;
+  for (int h = 0; h < R; ++h) std::fill(acc[h], acc[h] + D, 0.f);
+  for (int64_t i0 = 0; i0 < nb; i0 += SUB) {
+    const int64_t i1 = std::min(nb, i0 + SUB);
+    for (d = 0; d + 8 <= D; d += 8) {
+      __m256 a[R];
+      for (int h = 0; h < R; ++h) a[h] = _mm256_loadu_ps(acc[h] + d);
+      for (int64_t i = i0; i < i1; ++i) {
+        const __m256 vv = kv_load8(vb + (rp[i] * Hkv + g) * D + d);
+        for (int h = 0; h < R; ++h) a[h] = _mm256_fmadd_ps(_mm256_set1_ps(sc[h * nb + i]), vv, a[h]);
+      }
+      for (int h = 0; h < R; ++h) _mm256_storeu_ps(acc[h] + d, a[h]);
+    }
+    for (int64_t dd = d; dd < D; ++dd)
+      for (int64_t i = i0; i < i1; ++i)
+        for (int h = 0; h < R; ++h) acc[h][dd] += sc[h * nb + i] * kv_float(vb[(rp[i] * Hkv + g) * D + dd]);
+  }
+}
+
+template <typename T>
+static void attend_heads(int R, const float* const* qs, const KvView& kv, int64_t g, const int64_t* rp,
+                         int64_t nb, float scale, float* sc, float* mx, float* sum, float* const* acc) {
+  switch (R) {
+#define QCASE(N) case N: attend_block<N, T>(qs, kv, g, rp, nb, scale, sc, mx, sum, acc); break;
+    QCASE(1) QCASE(2) QCASE(3) QCASE(4) QCASE(5) QCASE(6) QCASE(7) QCASE(8)
+#undef QCASE
+    default: TORCH_CHECK(false, "attend_heads: 1..8 heads");
+  }
+}
+
+// a normed, rotated key row (or a value row) into a cache row of type T; int8: its scale into *s
+static inline void kv_store(const float* x, int64_t D, float* out, float*) { std::copy(x, x + D, out); }
+static inline void kv_store(const float* x, int64_t D, c10::BFloat16* out, float*) {
+  for (int64_t d = 0; d < D; ++d) out[d] = c10::BFloat16(x[d]);
+}
+static inline void kv_store(const float* x, int64_t D, int8_t* out, float* s) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+  const float sc = amax / 127.f, div = std::max(sc, std::numeric_limits<float>::min());
+  for (int64_t d = 0; d < D; ++d) out[d] = (int8_t)std::nearbyint(x[d] / div);
+  *s = sc;
+}
+
+template <typename T>
+static torch::Tensor attention_short_impl(torch::Tensor qg, torch::Tensor k, torch::Tensor v, torch::Tensor qw,
+                                          torch::Tensor kw, double eps, torch::Tensor cos, torch::Tensor sin,
+                                          torch::Tensor kc, torch::Tensor vc, float* ksp, float* vsp,
+                                          torch::Tensor rows, torch::Tensor rcu, torch::Tensor tcu, double scale) {
+  const int64_t n = qg.size(0), Hq = qg.size(1), D = qg.size(2) / 2, Hkv = k.size(1), rd = cos.size(1);
+  const int64_t B = rcu.numel() - 1;
+  const int64_t *rp = rows.data_ptr<int64_t>(), *rc = rcu.data_ptr<int64_t>(), *tc = tcu.data_ptr<int64_t>();
+  std::vector<int64_t> seq(n);                              // the sequence of each token
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = tc[b]; r < tc[b + 1]; ++r) seq[r] = b;
+  const float *qp = qg.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *qwp = qw.data_ptr<float>(), *kwp = kw.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  T *kcp = (T*)kc.data_ptr(), *vcp = (T*)vc.data_ptr();
+  // the new keys (normed, rotated) and values into their rows: token r of sequence b is row S_b - T_b + j
+  auto row_of = [&](int64_t r) { const int64_t b = seq[r]; return rc[b + 1] - (tc[b + 1] - r); };
+  {
+    std::vector<float> tmp(D), kn(D);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t row = rp[row_of(r)];
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t o = row * Hkv + h;
+        norm_rope(kp + (r * Hkv + h) * D, kwp, (float)eps, cp + r * rd, sp + r * rd, D, rd, tmp.data(), kn.data());
+        kv_store(kn.data(), D, kcp + o * D, ksp ? ksp + o : nullptr);
+        kv_store(vp + (r * Hkv + h) * D, D, vcp + o * D, vsp ? vsp + o : nullptr);
+      }
+    }
+  }
+  // normed, rotated queries [n, Hq, D]
+  std::vector<float> qn(n * Hq * D);
+  at::parallel_for(0, n * Hq, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> tmp(D);
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t r = it / Hq;
+      norm_rope(qp + it * 2 * D, qwp, (float)eps, cp + r * rd, sp + r * rd, D, rd, tmp.data(), qn.data() + it * D);
+    }
+  });
+  // tasks (token, KV head, key block); task_of[r]: the first task of token r
+  std::vector<int64_t> task_of(n + 1, 0), nblk(n);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t S = row_of(r) - rc[seq[r]] + 1;
+    nblk[r] = (S + kKeyBlock - 1) / kKeyBlock;
+    task_of[r + 1] = task_of[r] + Hkv * nblk[r];
+  }
+  const int64_t rep = Hq / Hkv, W = D + 2;                  // per head of a task: max, sum, acc[D]
+  std::vector<float> part(task_of[n] * rep * W);
+  const KvView kv{kcp, vcp, ksp, vsp, Hkv, D};
+  at::parallel_for(0, task_of[n], 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> sc(std::min<int64_t>(8, rep) * kKeyBlock);
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t r = std::upper_bound(task_of.begin(), task_of.end(), t) - task_of.begin() - 1;
+      const int64_t g = (t - task_of[r]) / nblk[r], j = (t - task_of[r]) % nblk[r];
+      const int64_t first = rc[seq[r]] + j * kKeyBlock, last = std::min(row_of(r), first + kKeyBlock - 1);
+      for (int64_t h0 = 0; h0 < rep; h0 += 8) {
+        const int R = (int)std::min<int64_t>(8, rep - h0);
+        const float* qs[8];
+        float mx[8], sum[8];
+        float* acc[8];
+        for (int h = 0; h < R; ++h) {
+          qs[h] = qn.data() + (r * Hq + g * rep + h0 + h) * D;
+          acc[h] = part.data() + (t * rep + h0 + h) * W + 2;
+        }
+        attend_heads<T>(R, qs, kv, g, rp + first, last - first + 1, (float)scale, sc.data(), mx, sum, acc);
+        for (int h = 0; h < R; ++h) {
+          float* ph = part.data() + (t * rep + h0 + h) * W;
+          ph[0] = mx[h];
+          ph[1] = sum[h];
+        }
+      }
+    }
+  });
+  // merge each query head's blocks in block order, normalise, gate
+  auto out = torch::empty({n, Hq * D}, qg.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n * Hq, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> acc(D);
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t r = it / Hq, h = it % Hq, g = h / rep, nb = nblk[r];
+      const float* p0 = part.data() + ((task_of[r] + g * nb) * rep + h % rep) * W;   // block j at p0 + j*rep*W
+      float M = -INFINITY;
+      for (int64_t j = 0; j < nb; ++j) M = std::max(M, p0[j * rep * W]);
+      float sum = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < nb; ++j) {
+        const float* pj = p0 + j * rep * W;
+        const float f = std::exp(pj[0] - M);
+        sum += pj[1] * f;
+        for (int64_t d = 0; d < D; ++d) acc[d] += pj[2 + d] * f;
+      }
+      float* o = op + (r * Hq + h) * D;
+      const float* gate = qp + (r * Hq + h) * 2 * D + D;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] / sum * (1.f / (1.f + std::exp(-gate[d])));
+    }
+  });
+  return out;
 }
 
 torch::Tensor gated_attention_short(torch::Tensor qg, torch::Tensor k, torch::Tensor v, torch::Tensor qw,
                                     torch::Tensor kw, double eps, torch::Tensor cos, torch::Tensor sin,
-                                    torch::Tensor kc, torch::Tensor vc, torch::Tensor rows, torch::Tensor rcu,
-                                    torch::Tensor tcu, double scale) {
-  for (auto* t : {&qg, &k, &v, &qw, &kw, &cos, &sin, &kc, &vc})
+                                    torch::Tensor kc, torch::Tensor vc, torch::Tensor ks, torch::Tensor vs,
+                                    torch::Tensor rows, torch::Tensor rcu, torch::Tensor tcu, double scale) {
+  for (auto* t : {&qg, &k, &v, &qw, &kw, &cos, &sin})
     TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous(), "gated_attention_short: contiguous fp32");
+  const auto kvt = kc.scalar_type();
+  TORCH_CHECK((kvt == torch::kFloat32 || kvt == torch::kBFloat16 || kvt == torch::kInt8) && vc.scalar_type() == kvt &&
+              kc.is_contiguous() && vc.is_contiguous(), "gated_attention_short: contiguous fp32, bf16 or int8 kc, vc");
   for (auto* t : {&rows, &rcu, &tcu})
     TORCH_CHECK(t->dtype() == torch::kInt64 && t->is_contiguous(), "rows, rcu, tcu int64");
   TORCH_CHECK(qg.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && kc.dim() == 3 && vc.sizes() == kc.sizes(),
@@ -694,63 +945,25 @@ torch::Tensor gated_attention_short(torch::Tensor qg, torch::Tensor k, torch::Te
               Hkv > 0 && Hq % Hkv == 0 && qw.numel() == D && kw.numel() == D && cos.size(0) == n &&
               sin.sizes() == cos.sizes() && rd % 2 == 0 && rd <= D, "gated_attention_short: shapes");
   const int64_t B = rcu.numel() - 1, R = kc.size(0);
+  float *ksp = nullptr, *vsp = nullptr;
+  if (kvt == torch::kInt8) {
+    for (auto* t : {&ks, &vs})
+      TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous() && t->dim() == 2 && t->size(0) == R &&
+                  t->size(1) == Hkv, "int8 kc, vc: scales ks, vs fp32 [R, Hkv]");
+    ksp = ks.data_ptr<float>();
+    vsp = vs.data_ptr<float>();
+  }
   TORCH_CHECK(tcu.numel() == B + 1, "rcu, tcu [B+1]");
   const int64_t *rp = rows.data_ptr<int64_t>(), *rc = rcu.data_ptr<int64_t>(), *tc = tcu.data_ptr<int64_t>();
   TORCH_CHECK(tc[0] == 0 && tc[B] == n && rc[0] == 0 && rc[B] == rows.numel(), "offsets");
-  std::vector<int64_t> seq(n);                              // the sequence of each token
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(tc[b + 1] >= tc[b] && rc[b + 1] - rc[b] >= tc[b + 1] - tc[b], "each sequence's rows cover its tokens");
-    for (int64_t r = tc[b]; r < tc[b + 1]; ++r) seq[r] = b;
-  }
   for (int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < R, "cache row out of range");
-  const float *qp = qg.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *qwp = qw.data_ptr<float>(), *kwp = kw.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  float *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>();
-  // the new keys (normed, rotated) and values into their rows: token r of sequence b is row S_b - T_b + j
-  auto row_of = [&](int64_t r) { const int64_t b = seq[r]; return rc[b + 1] - (tc[b + 1] - r); };
-  {
-    std::vector<float> tmp(D);
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t row = rp[row_of(r)];
-      for (int64_t h = 0; h < Hkv; ++h) {
-        norm_rope(kp + (r * Hkv + h) * D, kwp, (float)eps, cp + r * rd, sp + r * rd, D, rd, tmp.data(),
-                  kcp + (row * Hkv + h) * D);
-        std::copy(vp + (r * Hkv + h) * D, vp + (r * Hkv + h + 1) * D, vcp + (row * Hkv + h) * D);
-      }
-    }
-  }
-  auto out = torch::empty({n, Hq * D}, qg.options());
-  float* op = out.data_ptr<float>();
-  const int64_t rep = Hq / Hkv;
-  at::parallel_for(0, n * Hq, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> tmp(D), qn(D), acc(D), sc;
-    for (int64_t it = lo; it < hi; ++it) {
-      const int64_t r = it / Hq, h = it % Hq, g = h / rep, b = seq[r];
-      const float* qh = qp + (r * Hq + h) * 2 * D;
-      norm_rope(qh, qwp, (float)eps, cp + r * rd, sp + r * rd, D, rd, tmp.data(), qn.data());
-      const int64_t first = rc[b], last = row_of(r);          // keys first .. last (inclusive)
-      const int64_t S = last - first + 1;
-      sc.resize(S);
-      float mx = -INFINITY;
-      for (int64_t i = 0; i < S; ++i) {
-        sc[i] = dot_f32(qn.data(), kcp + (rp[first + i] * Hkv + g) * D, D) * (float)scale;
-        mx = std::max(mx, sc[i]);
-      }
-      float sum = 0.f;
-      for (int64_t i = 0; i < S; ++i) { sc[i] = std::exp(sc[i] - mx); sum += sc[i]; }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t i = 0; i < S; ++i) {
-        const float* vr = vcp + (rp[first + i] * Hkv + g) * D;
-        const float p = sc[i];
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += p * vr[d];
-      }
-      float* o = op + (r * Hq + h) * D;
-      const float* gate = qh + D;
-      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] / sum * (1.f / (1.f + std::exp(-gate[d])));
-    }
-  });
-  return out;
+  if (kvt == torch::kFloat32)
+    return attention_short_impl<float>(qg, k, v, qw, kw, eps, cos, sin, kc, vc, ksp, vsp, rows, rcu, tcu, scale);
+  if (kvt == torch::kBFloat16)
+    return attention_short_impl<c10::BFloat16>(qg, k, v, qw, kw, eps, cos, sin, kc, vc, ksp, vsp, rows, rcu, tcu, scale);
+  return attention_short_impl<int8_t>(qg, k, v, qw, kw, eps, cos, sin, kc, vc, ksp, vsp, rows, rcu, tcu, scale);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -25,11 +25,12 @@ class ModelRunner:
         self.model, self.device = model, model.embed_tokens.weight.device
         cfg, num_slots, block_size = model.cfg, config.max_num_seqs, config.block_size
         kv_cache_memory = GiB if config.kv_cache_memory is None else config.kv_cache_memory
-        layout = model.cache_layout(mtp=spec_k > 0)
+        # KV rows in config.kv_cache_dtype ("auto": the compute dtype; int8 adds per-token, per-head scales)
+        layout = model.cache_layout(mtp=spec_k > 0, kv_dtype=config.kv_cache_dtype)
         per_block = HybridCache(layout, 0, 1, block_size, model.compute_dtype, "meta").bytes_per_block()
-        # no max_model_len: what the KV budget holds, up to the model's native context
+        # no max_model_len: what the KV budget holds, up to the model's context (native, or as rope scaling extends it)
         capacity = max(1, kv_cache_memory // max(per_block, 1)) * block_size
-        self.max_model_len = min(config.max_model_len or capacity, cfg.max_position_embeddings)
+        self.max_model_len = min(config.max_model_len or capacity, cfg.max_context)
         self.num_blocks = max(1, min(kv_cache_memory // max(per_block, 1),
                                      num_slots * -(-self.max_model_len // block_size)))
         # cuda_graphs: plain decode steps replay CUDA graphs (cuda_graphs.py), whose padding rows use one slot and

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..batch import SHORT, ForwardBatch
 from ..config import TextConfig
-from ..ops.attention import attention, decode_attention, gated_attention_short, short_native
+from ..ops.attention import (decode_attention, gated_attention_short, kv_scales, kv_write, prefill_attention,
+                             short_native)
 from ..ops.backend import UsesBackend
 from .linear import Linear, int4_parts, project
 from .norm import RMSNorm
@@ -32,8 +33,7 @@ class GatedAttention(UsesBackend, nn.Module):
     def forward(self, x: torch.Tensor, rope, batch: ForwardBatch, cache: dict[str, torch.Tensor]) -> torch.Tensor:
         N = x.shape[0]
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
-        kc, vc = cache["k"], cache["v"]                                        # [rows, Hkv, D]
-        native = short_native(x, kc, self.backend)
+        native = short_native(x, cache["k"], self.backend)
         short = [i for i, n in enumerate(batch.lens) if n <= SHORT] if native is not None else []
         if len(short) == len(batch.lens):      # decode or verification only: every query in the native call
             return self.o_proj(self._short(q, k, v, rope, batch, cache, short, None))
@@ -57,16 +57,14 @@ class GatedAttention(UsesBackend, nn.Module):
         at = 0
         for i in long:
             rows, T = batch.kv_rows[i], batch.lens[i]
-            kc[rows[-T:]] = kl[at:at + T]
-            vc[rows[-T:]] = vl[at:at + T]
-            K, V = kc[rows].transpose(0, 1), vc[rows].transpose(0, 1)
+            kv_write(cache, rows[-T:], kl[at:at + T], vl[at:at + T])
+            qi = ql[at:at + T].transpose(0, 1)                                 # [Hq, T, D]
             if 1 < T <= SHORT:   # (no native kernels) one query at a time, as decoding runs it
-                S = K.shape[1] - T
+                S = len(rows) - T
                 for j in range(T):
-                    o = attention(ql[at + j:at + j + 1].transpose(0, 1), K[:, :S + j + 1], V[:, :S + j + 1], self.scale)
-                    o_long[at + j] = o[:, 0]
+                    o_long[at + j] = prefill_attention(qi[:, j:j + 1], cache, rows[:S + j + 1], self.scale)[:, 0]
             else:
-                o_long[at:at + T] = attention(ql[at:at + T].transpose(0, 1), K, V, self.scale).transpose(0, 1)
+                o_long[at:at + T] = prefill_attention(qi, cache, rows, self.scale).transpose(0, 1)
             at += T
         gated = o_long.reshape(n, -1) * torch.sigmoid(gate.reshape(n, -1))
         if idx is None:
@@ -84,9 +82,8 @@ class GatedAttention(UsesBackend, nn.Module):
         kl = apply_rotary(self.k_norm(k.view(B, self.n_kv, self.d)), *rope)
         table, lens = batch.kv_table, batch.kv_lens
         last = table.gather(1, (lens - 1)[:, None])[:, 0]
-        cache["k"][last] = kl.to(cache["k"].dtype)
-        cache["v"][last] = v.view(B, self.n_kv, self.d).to(cache["v"].dtype)
-        o = decode_attention(ql, cache["k"], cache["v"], table, lens, self.scale)
+        kv_write(cache, last, kl, v.view(B, self.n_kv, self.d))
+        o = decode_attention(ql, cache["k"], cache["v"], table, lens, self.scale, *kv_scales(cache))
         return o.reshape(B, -1) * torch.sigmoid(gate.reshape(B, -1))
 
     def _short(self, q, k, v, rope, batch: ForwardBatch, cache, members: list[int], idx) -> torch.Tensor:
@@ -98,8 +95,8 @@ class GatedAttention(UsesBackend, nn.Module):
         rows, rcu, tcu = batch.kv_rows_flat if idx is None else batch.kv_rows_of(members)
         return gated_attention_short(sub(q).view(n, self.n_q, 2 * self.d), sub(k).view(n, self.n_kv, self.d),
                                      sub(v).view(n, self.n_kv, self.d), *self.norm_weights(), self.q_norm.eps,
-                                     sub(rope[0]).contiguous(), sub(rope[1]).contiguous(), cache["k"], cache["v"],
-                                     rows, rcu, tcu, self.scale, self.backend)
+                                     sub(rope[0]).contiguous(), sub(rope[1]).contiguous(), cache, rows, rcu, tcu,
+                                     self.scale, self.backend)
 
     def norm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The q and k norms' weights as the native calls take them (fp32, contiguous)."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..batch import ForwardBatch
+from ..ops.attention import gated_attention_short
 from ..ops.backend import GROUPED_ROWS, PREFILL_ROWS, Backend
 from ..ops.gated_delta import EMPTY
 from ..ops.linear import kernel_args
@@ -60,9 +61,8 @@ class DecodePlan:
             n_q, n_kv, d, scale = a.dims
             q, k, v = e5.multi_linear(h, a.qkv, [], a.group)
             rows, rcu, tcu = batch.kv_rows_flat
-            y = ext.gated_attention_short(q.view(B, n_q, 2 * d), k.view(B, n_kv, d), v.view(B, n_kv, d), a.q_norm,
-                                          a.k_norm, a.eps, rope[0], rope[1], cache["k"], cache["v"], rows, rcu, tcu,
-                                          scale)
+            y = gated_attention_short(q.view(B, n_q, 2 * d), k.view(B, n_kv, d), v.view(B, n_kv, d), a.q_norm,
+                                      a.k_norm, a.eps, rope[0], rope[1], cache, rows, rcu, tcu, scale, self.backend)
             h = e5.q4q8_gemv(y, *a.out, a.group)
         else:
             dn = self.delta
