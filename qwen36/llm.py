@@ -15,7 +15,7 @@ from .config import load_config
 from .export import cached_conversion
 from .hub import resolve_model
 from . import hugepages
-from .plan import CachePlan, check_fits, memory_available, plan_caches, plan_weights, size
+from .plan import CachePlan, check_fits, memory_available, plan_caches, plan_kv, plan_weights, size
 from .engine.cuda_graphs import obstacle as graph_obstacle
 from .engine import Engine, EngineConfig, StepOutput
 from .image import VisionPreprocess
@@ -109,29 +109,39 @@ class LLM:
         # KV cache, context and prefix cache: as given, else from the memory left; the engine gets the result
         self.caches = self._plan_caches(config)
         self.engine_config = replace(config, max_model_len=self.caches.max_model_len,
+                                     kv_cache_dtype=self.caches.kv_cache_dtype,
                                      kv_cache_memory=self.caches.kv_cache_memory,
                                      prefix_cache_memory=self.caches.prefix_cache_memory)
         self._engine: Engine | None = None
         self._chat_template: ChatTemplate | None = None
 
     def _plan_caches(self, config: EngineConfig) -> CachePlan:
-        """KV cache, context and prefix-cache sizes: as given, else from the memory left (plan.plan_caches)."""
+        """KV cache dtype and sizes, context and prefix cache: as given, else from the memory left
+        (plan.plan_kv, plan.plan_caches)."""
         k = config.num_speculative_tokens
-        layout = self.model.cache_layout(mtp=k > 0)
-        meta = HybridCache(layout, 1, 1, 64, self.model.compute_dtype, "meta")
-        states = meta.bytes_per_slot() * config.max_num_seqs * (1 + k)
-        # with max_ram, experts leave memory as needed: what is left cannot be told, the KV cache gets 1 GiB
-        available = self.available if config.max_ram is None else None
-        return plan_caches(available, self.plan.bytes, str(self.device), meta.bytes_per_block() // 64, states,
-                           self.config.text.max_context, config.max_num_seqs, config.kv_cache_memory,
-                           config.max_model_len, config.prefix_cache_memory)
+        compute = {v: n for n, v in DTYPES.items()}[self.model.compute_dtype]
+        metas = {name: HybridCache(self.model.cache_layout(mtp=k > 0, kv_dtype=name), 1, 1, 64,
+                                   self.model.compute_dtype, "meta") for name in ("float32", "bfloat16", "int8")}
+        per_token = {name: meta.bytes_per_block() // 64 for name, meta in metas.items()}
+        states = metas["float32"].bytes_per_slot() * config.max_num_seqs * (1 + k)
+        # with max_ram, experts leave memory as needed: the weights take at most that much
+        weights = self.plan.bytes if config.max_ram is None else min(self.plan.bytes, config.max_ram)
+        context = self.config.text.max_context
+
+        def plan(dtype: str, kv_per_token: int) -> CachePlan:
+            return plan_caches(self.available, weights, str(self.device), kv_per_token, states, context,
+                               config.max_num_seqs, config.kv_cache_memory, config.max_model_len,
+                               config.prefix_cache_memory, kv_cache_dtype=dtype)
+
+        return plan_kv(config.kv_cache_dtype, str(self.device), compute, per_token, config.max_model_len or context,
+                       plan, memory_given=config.kv_cache_memory is not None)
 
     def describe(self) -> str:
         """What was chosen for this machine (weights, KV cache, context), for the start-up banner."""
         c = self.caches
-        return (f"{self.plan.describe()}\n  KV cache {size(c.kv_cache_memory)} ({c.reason}): max context "
-                f"{c.max_model_len} tokens, {self.engine_config.max_num_seqs} sequence(s) at once; prefix cache "
-                f"{size(c.prefix_cache_memory)}")
+        return (f"{self.plan.describe()}\n  KV cache {size(c.kv_cache_memory)} {c.kv_cache_dtype} ({c.reason}): max "
+                f"context {c.max_model_len} tokens, {self.engine_config.max_num_seqs} sequence(s) at once, one alone up "
+                f"to {c.longest_context} tokens; prefix cache {size(c.prefix_cache_memory)}")
 
     @property
     def max_model_len(self) -> int:

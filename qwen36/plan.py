@@ -216,15 +216,16 @@ class CachePlan:
         return min(fits, self.max_model_len)
 
 
-def plan_kv(asked: str, device: str, compute_dtype: str, per_token: dict[str, int], target: int, plan) -> CachePlan:
+def plan_kv(asked: str, device: str, compute_dtype: str, per_token: dict[str, int], target: int, plan,
+            memory_given: bool = False) -> CachePlan:
     """The KV cache's dtype and sizes. asked: EngineConfig.kv_cache_dtype; per_token: bytes per token of each
     storage; plan(dtype, per_token) -> CachePlan (plan_caches with the rest fixed). "auto": on a GPU the
-    compute dtype (as vLLM); on a CPU the first of float32 (exact), bfloat16, int8 whose cache holds `target`
+    compute dtype (as vLLM); on a CPU, with the KV memory left to the plan, the first of float32 (exact), bfloat16, int8 whose cache holds `target`
     tokens (the model's whole context, or --max-model-len) for one sequence in the memory left, else int8,
-    which holds the most."""
+    which holds the most. memory_given (--kv-cache-memory set): "auto" is the compute dtype, the sizes as given."""
     if asked != "auto":
         return plan(asked, per_token[asked])
-    if not str(device).startswith("cpu"):
+    if memory_given or not str(device).startswith("cpu"):
         name = compute_dtype if compute_dtype in per_token else "bfloat16"
         return plan(name, per_token[name])
     last = None
@@ -258,7 +259,7 @@ def plan_caches(available: int | None, weights: int, device: str, kv_per_token: 
     if auto:
         want = max_num_seqs * (max_model_len or native_len) * kv_per_token        # more is never used
         if left is None:
-            kv_cache_memory, why = min(want, GiB), "1 GiB: free memory unknown, or --max-ram"
+            kv_cache_memory, why = min(want, GiB), "1 GiB: free memory unknown"
         else:
             kv_cache_memory, why = max(0, min(want, left - prefix_cache_memory)), "what is left after the weights"
     fits = kv_cache_memory // kv_per_token // block_size * block_size if kv_per_token else native_len

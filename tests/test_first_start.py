@@ -107,6 +107,10 @@ def test_kv_dtype_auto_picks_the_first_form_that_holds_the_context():
     assert plan_on(24, asked="float32").kv_cache_dtype == "float32"
     assert plan_on(40, device="cuda:0").kv_cache_dtype == "bfloat16"
     assert plan_on(40, context=4 * 262144).kv_cache_dtype == "int8"         # YaRN's 1M: only int8 comes close
+    sized = plan_kv("auto", "cpu", "float32", per_token, 262144, lambda dtype, kv: plan_caches(
+        24 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 1, kv_cache_memory=GiB, kv_cache_dtype=dtype),
+        memory_given=True)
+    assert sized.kv_cache_dtype == "float32"                                # a KV size given: auto stays exact
 
 
 def test_the_default_context_fits_the_kv_cache(checkpoint):
