@@ -7,7 +7,9 @@ import torch
 
 from qwen36 import SamplingParams
 from qwen36.cache import HybridCache, kv_storage
-from qwen36.engine import Engine, output
+from qwen36.engine import Engine
+
+from test_prefix_cache import run as run_logged
 
 BOUNDARY = 7          # stands in for <|im_start|> in these small-vocabulary prompts
 # logits of bf16 / int8 KV against fp32 KV, relative to the largest logit: bf16 rounds each stored K/V
@@ -27,24 +29,8 @@ def rand(n, seed):
 
 
 def run(e, prompts, n=8):
-    """Run prompts together -> per prompt (tokens, logits of each sampled position [n, V], cached tokens)."""
-    logs = {}
-    orig = output.pick
-
-    def record(r, logits, draft):
-        logs.setdefault(r.request_id, []).append(logits.clone())
-        return orig(r, logits, draft)
-    output.pick = record
-    try:
-        rids = [e.add_request(p, SamplingParams(temperature=0, max_tokens=n)) for p in prompts]
-        toks, cached = {r: [] for r in rids}, {}
-        while e.has_work():
-            for o in e.step():
-                toks[o.request_id] += o.token_ids
-                cached[o.request_id] = o.cached_tokens
-    finally:
-        output.pick = orig
-    return [(toks[r], torch.stack(logs[r]), cached[r]) for r in rids]
+    """test_prefix_cache's run (tokens, logits of every sampled step, cached tokens per prompt), n tokens each."""
+    return run_logged(e, prompts, n)
 
 
 def engine(model, kv="auto", k=0, **kw):
