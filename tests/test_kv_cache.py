@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen36 import SamplingParams
 from qwen36.cache import HybridCache, kv_storage
 from qwen36.engine import Engine
 
