@@ -81,7 +81,7 @@ def run_native(c, cache):
 def run_reference(c, cache):
     """Tensor ops: the new rows written (kv_write), each query alone against its prefix (attention_reference
     over the dequantized rows), the gate."""
-    Hq, D = c["q"].shape[1], c["k"].shape[2]
+    D = c["k"].shape[2]
     q, gate = c["q"].chunk(2, -1)
     qn = norm_rope(q, c["qw"], 1e-6, c["cos"], c["sin"])
     kn = norm_rope(c["k"], c["kw"], 1e-6, c["cos"], c["sin"])
