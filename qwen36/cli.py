@@ -256,6 +256,9 @@ def cmd_bench(args) -> int:
 
     if args.agent:
         return _bench_agent(args)
+    if args.context or args.kv_error:
+        from .tools.bench_context import command
+        return command(args)
     if args.serve:
         from .tools.bench_serve import run
         result = run(args.model or str(demo_checkpoint()), args.clients, args.duration, args.max_tokens or 32)
@@ -271,7 +274,7 @@ def cmd_bench(args) -> int:
     result = run_bench(BenchOptions(
         model=args.model, layers=args.layers, experts=args.experts,
         quantization=None if args.quantization == "none" else args.quantization, prompt_len=args.prompt_len,
-        decode_tokens=args.decode_tokens, max_ram=parse_size(args.max_ram) if args.max_ram else None,
+        decode_tokens=args.decode_tokens or 128, max_ram=parse_size(args.max_ram) if args.max_ram else None,
         image=not args.no_image, structured=args.structured, speculative=args.speculative,
         draft_vocab=args.draft_vocab, vs_transformers=args.vs_transformers, vs_llamacpp=args.vs_llamacpp,
         per_layer=per_layer))
@@ -289,7 +292,9 @@ def _bench_agent(args) -> int:
     from .tools.bench_serve import start_server, stop_server
 
     preserve = {"on": (True,), "off": (False,), "both": (True, False)}[args.preserve_thinking]
-    session = {"tasks": args.tasks, "turns_per_task": args.turns_per_task, "file_lines": args.file_lines}
+    session = (bench_agent.LONG_SESSION if args.long_session else
+               {"tasks": args.tasks, "turns_per_task": args.turns_per_task, "file_lines": args.file_lines})
+    context = bench_agent.LONG_SESSION_CONTEXT if args.long_session else 32768
     server = None
     url = args.url
     if url is None:
@@ -298,7 +303,8 @@ def _bench_agent(args) -> int:
         from .tools.checkpoints import synthetic_checkpoint
         model = args.model or str(synthetic_checkpoint(args.layers, None if args.quantization == "none"
                                                        else args.quantization))
-        server, port = start_server(model, ["--max-model-len", "32768", *shlex.split(args.server_args)])
+        kv = ["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else []
+        server, port = start_server(model, ["--max-model-len", str(context), *kv, *shlex.split(args.server_args)])
         url = f"http://127.0.0.1:{port}"
     log = (lambda *a: None) if args.json else print
     try:
@@ -567,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--experts", type=int, default=256)
     b.add_argument("--quantization", default="int4", choices=["int8", "int4", "none"])
     b.add_argument("--prompt-len", type=int, default=512)
-    b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded (default 128; --context: 32)")
     b.add_argument("--max-ram", default=None, help="as for serve: keep resident memory under SIZE")
     b.add_argument("--no-image", action="store_true", help="skip the 1024x768 image encode timing")
     b.add_argument("--structured", action="store_true",
@@ -588,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tasks", type=int, default=3)
     b.add_argument("--turns-per-task", type=int, default=4)
     b.add_argument("--file-lines", type=int, default=120, help="--agent: lines of each file a tool returns")
+    b.add_argument("--long-session", action="store_true",
+                   help="--agent: the long-context preset (6 tasks x 6 requests, 320-line files: the last prompt "
+                        "past 100K tokens), a started server with --max-model-len 131072")
     b.add_argument("--server-args", default="", help="--agent: extra `qwen36 serve` options, e.g. "
                                                      "'--no-enable-prefix-caching'")
     b.add_argument("--per-layer", default=None, metavar="A,B",
@@ -598,6 +607,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "make-demo --dtype bfloat16 and llama.cpp's convert_hf_to_gguf.py) and print both")
     b.add_argument("--vs-transformers", action="store_true",
                    help="also time HF transformers and our fp32 path on the same (unquantized) checkpoint")
+    b.add_argument("--context", default=None, metavar="DEPTHS",
+                   help="long context, e.g. 8K,32K,128K: prefill to each depth (--prompt-len P: the rate of its last "
+                        "P tokens) and decode --decode-tokens after it; with --vs-llamacpp GGUF, ours and "
+                        "llama-bench -d DEPTH alternated, each a fresh process (tools/bench_context.py)")
+    b.add_argument("--filled", action="store_true",
+                   help="--context: decode at depth only, the KV cache and states filled with random values (no "
+                        "prefill): 128K in seconds")
+    b.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "int8"],
+                   help="--context: the KV cache's storage (default int8); --agent: the started server's")
+    b.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="--context: tokens per engine step (default: the engine's)")
+    b.add_argument("--rounds", type=int, default=2, help="--context --vs-llamacpp: interleaved rounds")
+    b.add_argument("--out", default=None, metavar="FILE",
+                   help="--context --vs-llamacpp: write every round's figures and commands here (JSON)")
+    b.add_argument("--kv-error", default=None, metavar="DEPTHS",
+                   help="KV-cache error, e.g. 8K,32K: logits of a prompt's last 64 positions with bf16 and int8 KV "
+                        "against fp32 KV (KL, top-1); with --vs-llamacpp GGUF also llama-perplexity's KL of q8_0 "
+                        "against f16 KV")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("device-bench", formatter_class=_Help, help="[dev] GPU benchmarks at the real geometry, random weights made on the "

@@ -7,6 +7,10 @@ Each request asks for one token (max_tokens=1), so the time of a request is its 
 the next request carries the transcript's own assistant message, not the engine's: every engine sees the
 same prompts. Reported per turn: time, prompt tokens, cached prompt tokens (usage.prompt_tokens_details,
 or llama.cpp's timings.cache_n), and totals; with preserve_thinking on and off.
+
+LONG_SESSION (`qwen36 bench --agent --long-session`) is the long-context preset: 6 tasks of 6 requests with
+320-line files, 36 requests whose last prompt is 103,211 tokens with preserve_thinking on (101,191 off), by the
+real tokenizer and the default chat template with the six tools.
 """
 from __future__ import annotations
 
@@ -22,6 +26,11 @@ SYSTEM = ("You are a coding agent working in a Python repository. You can read a
           "matters before changing it, keep changes small, run the tests after each change, and report what "
           "you changed and why. Never invent file contents; read them. Prefer the project's existing helpers "
           "over new code. When a command fails, read its output and fix the cause.\n\n")
+
+
+# the long-context preset: the last request past 100K tokens (module docstring; tests/test_bench_context.py)
+LONG_SESSION = {"tasks": 6, "turns_per_task": 6, "file_lines": 320}
+LONG_SESSION_CONTEXT = 131072            # --max-model-len of the server the bench starts for it
 
 
 def _source_file(rng: random.Random, name: str, lines: int) -> str:

@@ -3,7 +3,6 @@ implementation) and llama.cpp's llama-bench on a GGUF of the same model."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..reference import reference_classes
+from .bench_context import llama_tool
 from .measure import decode_rate, timed
 
 
@@ -47,12 +47,7 @@ def llamacpp_bench(gguf: str, prompt_len: int, decode_tokens: int, threads: int)
     """llama.cpp's llama-bench on a GGUF of the same model, same prompt and decode lengths and threads (the
     binary from $LLAMA_BENCH, else ~/.cache/llamacpp-anchor/build/bin/llama-bench; docs/performance.md says how
     to build it)."""
-    exe = os.environ.get("LLAMA_BENCH") or str(Path(os.environ.get("ANCHOR", Path.home() / ".cache/llamacpp-anchor"))
-                                               / "build/bin/llama-bench")
-    if not Path(exe).exists():
-        raise FileNotFoundError(f"{exe}: no llama-bench; build llama.cpp (docs/performance.md) and set "
-                                "LLAMA_BENCH to its build/bin/llama-bench")
-    cmd = [exe, "-m", gguf, "-t", str(threads), "-p", str(prompt_len), "-n", str(decode_tokens), "-r", "2", "-o", "json"]
+    cmd = [llama_tool("llama-bench"), "-m", gguf, "-t", str(threads), "-p", str(prompt_len), "-n", str(decode_tokens), "-r", "2", "-o", "json"]
     runs = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     out = {"command": " ".join(cmd)}
     for r in runs:
