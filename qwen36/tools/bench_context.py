@@ -131,6 +131,8 @@ def prefill_and_decode(llm, prompt: list[int], n: int, window: int) -> dict:
         outs = engine.step()
         for o in outs:
             if o.request_id == rid:
+                if o.finish_reason == "error":
+                    raise RuntimeError(f"the request failed in the engine at step {len(marks)}")
                 produced += len(o.token_ids)
                 done = done or o.finished
         marks.append((time.perf_counter(), engine.stats.prompt_tokens_computed - base, produced))
