@@ -257,7 +257,8 @@ def plan_caches(available: int | None, weights: int, device: str, kv_per_token: 
         prefix_cache_memory = GiB if left is None else max(0, min(GiB, left // 4))
     why, auto = "as asked", kv_cache_memory is None
     if auto:
-        want = max_num_seqs * (max_model_len or native_len) * kv_per_token        # more is never used
+        blocks = -(-(max_model_len or native_len) // block_size)                   # whole blocks of one context
+        want = max_num_seqs * blocks * block_size * kv_per_token                  # more is never used
         if left is None:
             kv_cache_memory, why = min(want, GiB), "1 GiB: free memory unknown"
         else:

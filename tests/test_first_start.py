@@ -88,6 +88,8 @@ def test_kv_cache_and_context_from_the_memory_left():
         plan_caches(23 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8, kv_cache_memory=GiB, max_model_len=65536)
     with pytest.raises(InsufficientMemory, match="KV cache would hold"):
         plan_caches(20 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 8)
+    odd = plan_caches(200 * GiB, 19 * GiB, "cpu", kv, GiB // 2, 262144, 2, max_model_len=2060)   # not whole blocks
+    assert odd.max_model_len == 2060 and odd.kv_cache_memory == 2 * 2112 * kv
 
 
 def test_kv_dtype_auto_picks_the_first_form_that_holds_the_context():
