@@ -409,13 +409,6 @@ def random_text(path: Path, words: int, seed: int = 0) -> Path:
     return path
 
 
-def _meminfo_kb(field: str) -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def llamacpp_kv_error(gguf: str, ctx: int, n_threads: int, workdir: Path, n_vocab: int = 248320,
                       batch: int = 2048, floor: bool = True) -> dict:
     """llama.cpp's KV error at context `ctx`: llama-perplexity on one chunk of random text with f16 KV writing
@@ -423,12 +416,14 @@ def llamacpp_kv_error(gguf: str, ctx: int, n_threads: int, workdir: Path, n_voca
     maximum KL and "same top p". floor: also f16 KV against the same base, the measurement's own floor (the
     base stores log-probabilities in 16 bits). Skipped (said why) where llama-perplexity's buffers (ctx x
     vocabulary fp32 logits reserved, half of them and the saved log-probabilities touched) cannot fit."""
+    from ..hugepages import meminfo
+
     exe = llama_tool("llama-perplexity")
     need = ctx * n_vocab * 4 // 2 + ctx * (n_vocab + 4) * 2
-    if ctx * n_vocab * 4 > _meminfo_kb("MemTotal") * 1024 or need > _meminfo_kb("MemAvailable") * 1024 * 0.9:
+    total, available = meminfo("MemTotal") or 0, meminfo("MemAvailable") or 0
+    if ctx * n_vocab * 4 > total or need > available * 0.9:
         return {"skipped": f"llama-perplexity at c={ctx} reserves {ctx * n_vocab * 4 / 2**30:.0f} GiB of logits and "
-                           f"touches ~{need / 2**30:.0f} GiB; this machine has "
-                           f"{_meminfo_kb('MemAvailable') / 2**20:.0f} GiB available"}
+                           f"touches ~{need / 2**30:.0f} GiB; this machine has {available / 2**30:.0f} GiB available"}
     workdir.mkdir(parents=True, exist_ok=True)
     text = random_text(workdir / f"random-words-{ctx}.txt", 3 * ctx)
     base = workdir / f"kl-base-f16-{ctx}.bin"
