@@ -218,8 +218,8 @@ ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_
 class RopeScaling:
     """YaRN's parameters as the checkpoint (or --rope-scaling) states them; layers/rotary.py turns them into
     frequencies exactly as transformers' `_compute_yarn_parameters` does. None where transformers fills a
-    default (factor: max_position_embeddings / original; attention_factor: 0.1 ln(factor) + 1, or the mscale
-    ratio; beta_fast 32, beta_slow 1 where missing or 0)."""
+    default (attention_factor: 0.1 ln(factor) + 1, or the mscale ratio; beta_fast 32, beta_slow 1 where missing
+    or 0). factor is required; original_max_position_embeddings defaults to max_position_embeddings."""
     rope_type: str
     factor: float
     original_max_position_embeddings: int
