@@ -209,6 +209,7 @@ def _layer_types(tc: dict, n_layers: int) -> tuple[str, ...]:
 
 
 ROPE_TYPES = ("default", "yarn")
+MAX_POSITIONS = 1 << 24              # the largest position an fp32 holds exactly with every integer below it
 ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved",
              "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate", "attention_factor",
              "mscale", "mscale_all_dim"}
@@ -240,7 +241,7 @@ def merge_rope_scaling(text_config: dict, scaling: dict | str | None) -> dict:
     if isinstance(scaling, str):
         try:
             scaling = json.loads(scaling)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             hint = " (for YaRN: --yarn FACTOR, or {\"rope_type\": \"yarn\", \"factor\": 4.0})" \
                 if scaling.strip().lower() == "yarn" else ""
             raise ConfigError(f"not valid JSON ({e}){hint}") from None
@@ -318,7 +319,12 @@ def _rope(tc: dict, where: str = "") -> tuple[float, float, tuple[int, int, int]
         if rp.get("factor") is None:
             raise ConfigError(f"config.json: {where}rope_parameters.factor is required with rope_type 'yarn' "
                               "(4.0 reaches ~1M tokens from 262,144)")
-        scaling = RopeScaling("yarn", _number(rp, "factor", where), original,
+        factor = _number(rp, "factor", where)
+        if factor * original > MAX_POSITIONS:
+            raise ConfigError(f"config.json: {where}rope_parameters: factor {factor:g} x original_max_position_embeddings "
+                              f"{original:,} is past {MAX_POSITIONS:,} positions, beyond which fp32 positions (and so "
+                              "the rotary angles) are no longer exact")
+        scaling = RopeScaling("yarn", factor, original,
                               _number(rp, "beta_fast", where, positive=False),
                               _number(rp, "beta_slow", where, positive=False), truncate,
                               _number(rp, "attention_factor", where), _number(rp, "mscale", where, positive=False),

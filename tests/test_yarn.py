@@ -82,7 +82,8 @@ def test_flag_merges_into_the_checkpoint_rope_parameters():
     both = parse_text_config({**tc, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     assert both.rope_theta == 1e7 and both.rope_factor == 2.0 and both.max_context == 2 * 262144
     for bad, field in (('{"rope_type": "linear"}', "rope_type"), ('{"factor": "x", "rope_type": "yarn"}', "factor"),
-                       ('{"fctor": 2}', "fctor"), ("yarn", "--yarn"), ('{"rope_type": "yarn"}', "factor")):
+                       ('{"fctor": 2}', "fctor"), ("yarn", "--yarn"), ('{"rope_type": "yarn"}', "factor"),
+                       ('{"rope_type": "yarn", "factor": 1e308}', "fp32 positions"), ("[" * 100000, "JSON")):
         with pytest.raises(ConfigError, match=field):
             EngineConfig(rope_scaling=bad)
 
